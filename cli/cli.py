@@ -1,0 +1,52 @@
+"""The `deqguard` command.
+
+Each part of the package contributes its subcommands through a `register(subparsers)` function in
+its own `cli` module, so this file never grows and the client's commands never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from deqguard import __version__
+
+# Modules that contribute subcommands; one missing (a partial install) only hides its commands.
+_COMMAND_MODULES = (
+    "deqguard.models.cli",
+    "deqguard.training.cli",
+    "deqguard.serving.cli",
+    "deqguard.clients.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deqguard", description="Adversarially robust Deep Equilibrium classifiers.")
+    parser.add_argument("--version", action="version", version=f"deqguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from deqguard.models.errors import DeqguardError
+
+    try:
+        return int(args.func(args) or 0)
+    except DeqguardError as exc:
+        print(f"deqguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

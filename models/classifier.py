@@ -1,0 +1,191 @@
+"""The classifier interface every deqguard model implements, and the DEQ solve logic.
+
+`model(x)` returns logits so that standard attack libraries can wrap any model. `model.solve(x)`
+returns the prediction plus the per-iterate entropy and residual trajectories that serving and
+detection use. A DEQ subclass only supplies four pieces: the input injection u = inject(x), the
+layer f(z, u), the initial state, and the head decode(z).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .config import DEQConfig, GradConfig, SolverConfig
+from .entropy import prediction_entropy
+from .errors import InputError
+from .grad import attach_gradient
+from .layers import VariationalDropout2d
+from .solvers import SolverOutput, get_solver
+
+Readout = Literal["state", "unrolled"]
+
+
+@dataclass
+class SolveResult:
+    """Prediction and trajectory of one solve.
+
+    `entropy[t]` is the entropy (nats) of the head's prediction at the state after step t+1;
+    `residual[t]` the relative residual ||f(z)-z||/||f(z)|| of the state step t+1 started from.
+    Both are [T, B]; a sample that stopped early repeats its last value.
+    """
+
+    logits: Tensor
+    residual: Tensor
+    iterations: Tensor
+    converged: Tensor
+    entropy: Tensor | None = None
+    z: Tensor | None = field(default=None, repr=False)
+    states: list[Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def final_entropy(self) -> Tensor:
+        return prediction_entropy(self.logits)
+
+
+@dataclass
+class Equilibrium:
+    """Everything training-time code needs from one equilibrium solve."""
+
+    z: Tensor  # the state carrying the requested gradient path
+    z_star: Tensor  # the solver's answer, detached
+    f: Callable[[Tensor], Tensor]
+    output: SolverOutput
+    entropy: Tensor | None
+
+
+class Classifier(nn.Module):
+    """Base of every deqguard model: logits from `forward`, trajectories from `solve`."""
+
+    is_deq: bool = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def check_input(self, x: Tensor) -> None:
+        """Refuse inputs the model cannot have been trained on, with a message saying why."""
+        c, s = self.config.in_channels, self.config.image_size
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
+            raise InputError(f"expected input of shape [N, {c}, {s}, {s}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise InputError(f"expected a floating-point tensor, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("input contains NaN or infinite values")
+
+    def solve(self, x: Tensor, **_: object) -> SolveResult:
+        raise NotImplementedError
+
+
+class FeedForwardClassifier(Classifier):
+    """An explicit network seen through the DEQ interface: one step, nothing to converge."""
+
+    def solve(self, x: Tensor, *, trajectory: bool = True, **_: object) -> SolveResult:
+        logits = self(x)
+        b = x.shape[0]
+        ent = prediction_entropy(logits.detach()).unsqueeze(0) if trajectory else None
+        return SolveResult(
+            logits=logits, entropy=ent, residual=logits.new_zeros(1, b),
+            iterations=torch.ones(b, dtype=torch.long, device=x.device),
+            converged=torch.ones(b, dtype=torch.bool, device=x.device))
+
+
+class DEQClassifier(Classifier):
+    """A classifier whose features are the fixed point z* = f(z*, inject(x))."""
+
+    is_deq = True
+    config: DEQConfig
+
+    # -- the four pieces a DEQ architecture supplies -------------------------------------------
+    def inject(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def layer(self, z: Tensor, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def initial_state(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- solving --------------------------------------------------------------------------------
+    def _reset_noise(self) -> None:
+        for m in self.modules():
+            if isinstance(m, VariationalDropout2d):
+                m.reset()
+
+    def equilibrium(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
+                    tol: float | None = None, grad: GradConfig | str | None = None,
+                    readout: Readout = "state", trajectory: bool = False,
+                    keep_states: bool = False, z0: Tensor | None = None) -> Equilibrium:
+        """Solve for z* and attach the requested gradient path.
+
+        `readout="state"` returns a value equal to the solver's z* (gradient straight through the
+        path); `"unrolled"` returns the path's own output, as the paper's training does.
+        """
+        cfg: SolverConfig = self.config.solver
+        grad_cfg = self._grad_config(grad)
+        options = cfg.model_dump()
+        name = options.pop("solver") if solver is None else solver
+        options.pop("solver", None)
+        options["max_iter"] = cfg.max_iter if max_iter is None else int(max_iter)
+        options["tol"] = cfg.tol if tol is None else float(tol)
+        solve_fn = get_solver(name)
+        self._reset_noise()
+        entropies: list[Tensor] = []
+
+        def record_entropy(_t: int, z_t: Tensor, _active: Tensor) -> None:
+            with torch.no_grad():
+                entropies.append(prediction_entropy(self.decode(z_t.detach())))
+
+        with parametrize.cached():
+            u = self.inject(x)
+            z_init = self.initial_state(u) if z0 is None else z0
+
+            def f(z: Tensor) -> Tensor:
+                return self.layer(z, u)
+
+            hook = record_entropy if trajectory else None
+            exact = grad_cfg.mode == "exact" and torch.is_grad_enabled()
+            if exact:
+                out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
+                z = out.z
+            else:
+                with torch.no_grad():
+                    out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
+                z = attach_gradient(f, out.z, grad_cfg, straight_through=readout == "state")
+        ent = torch.stack(entropies) if trajectory and entropies else None
+        return Equilibrium(z=z, z_star=out.z.detach(), f=f, output=out, entropy=ent)
+
+    def _grad_config(self, grad: GradConfig | str | None) -> GradConfig:
+        if grad is None:
+            return self.config.grad
+        if isinstance(grad, str):
+            return self.config.grad.model_copy(update={"mode": grad})
+        return grad
+
+    def solve(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
+              tol: float | None = None, trajectory: bool = True, grad: GradConfig | str | None = None,
+              keep_states: bool = False) -> SolveResult:
+        """Run the solver with a per-call budget and decode the trajectory (serving, eval)."""
+        eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
+                              trajectory=trajectory, keep_states=keep_states)
+        out = eq.output
+        return SolveResult(logits=self.decode(eq.z), entropy=eq.entropy, residual=out.residual,
+                           iterations=out.iterations, converged=out.converged, z=eq.z_star,
+                           states=out.states)
+
+    def forward(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
+                tol: float | None = None, grad: GradConfig | str | None = None,
+                readout: Readout = "state") -> Tensor:
+        eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
+                              readout=readout)
+        return self.decode(eq.z)

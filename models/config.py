@@ -1,0 +1,127 @@
+"""Typed configuration for deqguard models.
+
+Every knob that changes what a checkpoint computes lives here, so that it can be written into the
+checkpoint's metadata and rebuilt exactly by `build_model`. Pydantic gives JSON round trips and
+clear validation errors for free.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SolverName = Literal["naive", "anderson", "broyden"]
+GradMode = Literal["phantom", "implicit", "exact"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SolverConfig(_Strict):
+    """Forward fixed-point solver defaults; every one can be overridden per call."""
+
+    solver: SolverName = "anderson"
+    max_iter: int = Field(30, ge=1, le=1000)
+    tol: float = Field(1e-3, gt=0)
+    stop_mode: Literal["rel", "abs"] = "rel"
+    damping: float = Field(1.0, gt=0, le=1.0, description="naive iteration: z <- (1-d) z + d f(z)")
+    anderson_m: int = Field(5, ge=1, le=50)
+    anderson_lam: float = Field(1e-4, ge=0)
+    broyden_memory: int = Field(30, ge=1, le=1000)
+
+
+class GradConfig(_Strict):
+    """How gradients flow back through the equilibrium (paper.md 2.2).
+
+    `phantom`: f(z*) then `phantom_steps` damped steps z <- (1-tau) z + tau f(z) (the paper's
+    training gradient). `implicit`: implicit-function-theorem adjoint solved by
+    `backward_solver`. `exact`: backprop through every solver iteration (attacks, checks).
+    """
+
+    mode: GradMode = "phantom"
+    phantom_steps: int = Field(5, ge=0, le=100)
+    phantom_tau: float = Field(0.5, gt=0, le=1.0)
+    backward_solver: SolverName = "anderson"
+    backward_max_iter: int = Field(40, ge=1, le=1000)
+    backward_tol: float = Field(1e-6, gt=0)
+
+
+class _ClassifierBase(_Strict):
+    num_classes: int = Field(10, ge=2)
+    in_channels: int = Field(1, ge=1)
+    image_size: int = Field(28, ge=8)
+
+
+class TinyDEQConfig(_ClassifierBase):
+    """Single-scale DEQ: a strided stem injects the image, one residual block is iterated."""
+
+    arch: Literal["tiny-deq"] = "tiny-deq"
+    width: int = Field(32, ge=4)
+    expansion: int = Field(2, ge=1)
+    stem_stride: Literal[1, 2, 4] = 4
+    num_groups: int = Field(4, ge=1)
+    head_width: int = Field(128, ge=4)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    weight_norm: bool = True
+    solver: SolverConfig = SolverConfig()
+    grad: GradConfig = GradConfig()
+
+
+class MDEQConfig(_ClassifierBase):
+    """Multiscale DEQ (MDEQ); defaults are the paper's DEQ-Large (paper.md 2.1)."""
+
+    arch: Literal["mdeq"] = "mdeq"
+    in_channels: int = Field(3, ge=1)
+    image_size: int = Field(32, ge=8)
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    expansion: int = Field(5, ge=1)
+    num_groups: int = Field(8, ge=1)
+    head_channels: tuple[int, ...] = (14, 28, 56, 112)
+    final_channels: int = Field(1680, ge=8)
+    dropout: float = Field(0.22, ge=0, lt=1)
+    weight_norm: bool = True
+    solver: SolverConfig = SolverConfig(solver="broyden", max_iter=8)
+    grad: GradConfig = GradConfig()
+
+
+class CNNConfig(_ClassifierBase):
+    """Feedforward baseline of about the tiny DEQ's parameter count."""
+
+    arch: Literal["cnn"] = "cnn"
+    widths: tuple[int, ...] = (32, 64, 64)
+    head_width: int = Field(128, ge=4)
+
+
+class ResNetConfig(_ClassifierBase):
+    """torchvision ResNet-18 with a CIFAR stem (3x3 conv, no max-pool): the paper's baseline."""
+
+    arch: Literal["resnet18"] = "resnet18"
+    in_channels: int = Field(3, ge=1)
+    image_size: int = Field(32, ge=8)
+
+
+ModelConfig = Annotated[
+    TinyDEQConfig | MDEQConfig | CNNConfig | ResNetConfig, Field(discriminator="arch")
+]
+DEQConfig = TinyDEQConfig | MDEQConfig
+
+_MODEL_CONFIG_ADAPTER: TypeAdapter = TypeAdapter(ModelConfig)
+
+
+def parse_model_config(data: dict | str) -> TinyDEQConfig | MDEQConfig | CNNConfig | ResNetConfig:
+    """Rebuild a model config from its JSON form (as stored in checkpoint metadata)."""
+    if isinstance(data, str):
+        return _MODEL_CONFIG_ADAPTER.validate_json(data)
+    return _MODEL_CONFIG_ADAPTER.validate_python(data)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": TinyDEQConfig(),
+    "large": MDEQConfig(),
+    "xl": MDEQConfig(channels=(72, 144, 288, 576), head_channels=(20, 40, 80, 160),
+                     final_channels=1800),
+    "cnn": CNNConfig(),
+    "resnet18": ResNetConfig(),
+}

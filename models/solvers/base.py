@@ -1,0 +1,101 @@
+"""What every solver shares: the result type, residuals and per-sample stopping.
+
+Solvers work on batched states of any shape [B, ...]. Each sample stops on its own: once its
+residual is under `tol` its state is frozen (masked updates), so a sample's result does not depend
+on its batch mates. Statistics are recorded per step without keeping the states themselves unless
+`keep_states` is asked for.
+
+Step t (1-based) evaluates f at z_{t-1}; `residual[t-1]` is the residual of z_{t-1}, and the step
+produces z_t. A sample whose residual passes `tol` at step t ends with z_t = f(z_{t-1}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+Fn = Callable[[Tensor], Tensor]
+# Called after each step with (t, z_t, active) where `active` marks samples still iterating before
+# the step; the model uses it to decode every iterate without the solver keeping them.
+IterateHook = Callable[[int, Tensor, Tensor], None]
+
+_EPS = 1e-9
+
+
+@dataclass
+class SolverOutput:
+    """Final states and per-step statistics of one solve.
+
+    `residual` is [T, B] where T is the number of steps the batch ran (the largest per-sample
+    count); a sample that stopped early repeats its last value. `iterations` [B] counts the steps
+    each sample took and `converged` [B] says whether it reached `tol`.
+    """
+
+    z: Tensor
+    residual: Tensor
+    iterations: Tensor
+    converged: Tensor
+    states: list[Tensor] | None = field(default=None, repr=False)
+
+
+def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
+    """Per-sample fixed-point residual ||f(z) - z||, relative to ||f(z)|| when stop_mode='rel'."""
+    diff = (fz - z).flatten(1).norm(dim=1)
+    if stop_mode == "rel":
+        return diff / (fz.flatten(1).norm(dim=1) + _EPS)
+    return diff
+
+
+def batch_where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """torch.where with a per-sample mask [B] broadcast over the state's trailing dimensions."""
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+class StepRecorder:
+    """Tracks per-sample stopping and statistics across steps (shared by all solvers)."""
+
+    def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str,
+                 on_iterate: IterateHook | None, keep_states: bool):
+        b = z0.shape[0]
+        self.tol, self.stop_mode, self.max_iter = tol, stop_mode, max_iter
+        self.on_iterate = on_iterate
+        self.active = torch.ones(b, dtype=torch.bool, device=z0.device)
+        self.iterations = torch.zeros(b, dtype=torch.long, device=z0.device)
+        self.last_residual = torch.full((b,), float("inf"), device=z0.device)
+        self.residuals: list[Tensor] = []
+        self.states: list[Tensor] | None = [] if keep_states else None
+        self.t = 0
+
+    def check(self, fz: Tensor, z: Tensor) -> Tensor:
+        """Record the residual of z (the state this step started from); return samples now done."""
+        self.t += 1
+        with torch.no_grad():
+            r = residual(fz.detach(), z.detach(), self.stop_mode)
+        r = torch.where(self.active, r, self.last_residual)
+        self.last_residual = r
+        self.residuals.append(r)
+        self.iterations = torch.where(self.active, self.iterations + 1, self.iterations)
+        return self.active & (r < self.tol)
+
+    def commit(self, z_next: Tensor, z: Tensor, done_now: Tensor, fz: Tensor) -> Tensor:
+        """Apply the step to active samples only; finished samples end on f(z)."""
+        stepped = batch_where(done_now, fz, z_next)
+        z_new = batch_where(self.active, stepped, z)
+        if self.on_iterate is not None:
+            self.on_iterate(self.t, z_new, self.active)
+        if self.states is not None:
+            self.states.append(z_new)
+        self.active = self.active & ~done_now
+        return z_new
+
+    @property
+    def finished(self) -> bool:
+        return self.t >= self.max_iter or not bool(self.active.any())
+
+    def output(self, z: Tensor) -> SolverOutput:
+        res = torch.stack(self.residuals) if self.residuals else z.new_zeros(0, z.shape[0])
+        return SolverOutput(z=z, residual=res, iterations=self.iterations,
+                            converged=self.last_residual < self.tol, states=self.states)

@@ -1,0 +1,49 @@
+"""Single-scale DEQ small enough to adversarially train on two CPU cores.
+
+A strided stem brings the image to a quarter of its size, so that each of the many solver
+iterations (times attack steps) stays cheap; one MDEQ-style residual block is iterated there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .classifier import DEQClassifier
+from .config import TinyDEQConfig
+from .layers import ResidualCell, conv1x1, conv3x3
+
+
+def _stem(cfg: TinyDEQConfig) -> nn.Sequential:
+    w, g = cfg.width, cfg.num_groups
+    half = max(w // 2, g)
+    strides = {1: (1, 1), 2: (2, 1), 4: (2, 2)}[cfg.stem_stride]
+    return nn.Sequential(
+        conv3x3(cfg.in_channels, half), nn.GroupNorm(g, half), nn.ReLU(),
+        conv3x3(half, w, stride=strides[0]), nn.GroupNorm(g, w), nn.ReLU(),
+        conv3x3(w, w, stride=strides[1]), nn.GroupNorm(g, w),
+    )
+
+
+class TinyDEQ(DEQClassifier):
+    def __init__(self, config: TinyDEQConfig):
+        super().__init__(config)
+        c = config
+        self.stem = _stem(c)
+        self.cell = ResidualCell(c.width, c.expansion, c.num_groups, c.dropout, c.weight_norm)
+        self.head = nn.Sequential(
+            conv1x1(c.width, c.head_width), nn.GroupNorm(c.num_groups, c.head_width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c.head_width, c.num_classes),
+        )
+
+    def inject(self, x: Tensor) -> Tensor:
+        return self.stem(x)
+
+    def layer(self, z: Tensor, u: Tensor) -> Tensor:
+        return self.cell(z, u)
+
+    def initial_state(self, u: Tensor) -> Tensor:
+        return torch.zeros_like(u)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.head(z)
