@@ -1,0 +1,71 @@
+"""Shared fixtures: small generated data and a tiny checkpoint trained here, in seconds.
+
+Threads are pinned to one per process: on a 2-core machine a server and a client that both use two
+intra-op threads have been seen to run 70x slower.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = [f"shape{i}" for i in range(4)]
+
+
+def make_pattern_images(n: int, num_classes: int = 4, size: int = 28, channels: int = 1,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy images whose class is the position of a bright square: learnable in seconds."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n)
+    x = rng.uniform(0.0, 0.3, (n, channels, size, size)).astype(np.float32)
+    half = size // 2
+    for i, k in enumerate(y):
+        r, c = divmod(int(k) % 4, 2)
+        x[i, :, r * half + 3: r * half + half - 3, c * half + 3: c * half + half - 3] += 0.6
+    return np.clip(x, 0, 1), y.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def pattern_data():
+    return make_pattern_images(512)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, pattern_data) -> Path:
+    """A tiny DEQ trained for a few dozen steps on the pattern data, saved as a checkpoint."""
+    import torch
+    import torch.nn.functional as F
+
+    from deqguard.models import build_model, save_checkpoint
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = (torch.from_numpy(a) for a in pattern_data)
+    model = build_model("tiny", num_classes=len(CLASSES), width=16, head_width=32)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    model.train()
+    for step in range(60):
+        idx = torch.arange(step * 32, step * 32 + 32) % len(x)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(model, path, {
+        "name": "tiny-test", "classes": CLASSES,
+        "training": {"command": "tests/conftest.py::tiny_checkpoint", "steps": 60},
+        "metrics": {"train_clean_accuracy": acc},
+    })
+    return path
