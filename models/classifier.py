@@ -122,6 +122,18 @@ class DEQClassifier(Classifier):
             if isinstance(m, VariationalDropout2d):
                 m.reset()
 
+    def _materialise_parametrizations(self) -> None:
+        """Compute parametrized weights (weight norm) now, under the caller's grad mode.
+
+        `parametrize.cached()` keeps the first value it computes. Were that first value computed
+        inside the solver's `no_grad`, the gradient path would reuse a weight without a graph
+        and the weight-normed convolutions would get no gradient at all.
+        """
+        for m in self.modules():
+            if parametrize.is_parametrized(m):
+                for name in m.parametrizations:
+                    getattr(m, name)
+
     def equilibrium(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
                     tol: float | None = None, grad: GradConfig | str | None = None,
                     readout: Readout = "state", trajectory: bool = False,
@@ -147,6 +159,7 @@ class DEQClassifier(Classifier):
                 entropies.append(prediction_entropy(self.decode(z_t.detach())))
 
         with parametrize.cached():
+            self._materialise_parametrizations()
             u = self.inject(x)
             z_init = self.initial_state(u) if z0 is None else z0
 
@@ -173,8 +186,8 @@ class DEQClassifier(Classifier):
         return grad
 
     def solve(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
-              tol: float | None = None, trajectory: bool = True, grad: GradConfig | str | None = None,
-              keep_states: bool = False) -> SolveResult:
+              tol: float | None = None, trajectory: bool = True,
+              grad: GradConfig | str | None = None, keep_states: bool = False) -> SolveResult:
         """Run the solver with a per-call budget and decode the trajectory (serving, eval)."""
         eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
                               trajectory=trajectory, keep_states=keep_states)

@@ -18,5 +18,6 @@ def _info(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata as JSON")
-    p.add_argument("checkpoint", help="path to a .safetensors checkpoint, or a shipped name (default)")
+    p.add_argument("checkpoint",
+                   help="path to a .safetensors checkpoint, or a shipped name (default)")
     p.set_defaults(func=_info)

@@ -53,7 +53,7 @@ def attach_gradient(f: Fn, z_star: Tensor, cfg: GradConfig, *, straight_through:
     `exact` is not handled here: it needs the solver itself to run under autograd.
     """
     z_star = z_star.detach()
-    if not torch.is_grad_enabled():
+    if straight_through and not torch.is_grad_enabled():
         return z_star
     if cfg.mode == "phantom":
         path = phantom_unroll(f, z_star, cfg.phantom_steps, cfg.phantom_tau)
