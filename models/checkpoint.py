@@ -29,6 +29,8 @@ _META_KEY = "deqguard"
 _MAX_HEADER = 64 * 1024 * 1024
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 NAMED_CHECKPOINTS = {"default": WEIGHTS_DIR / "default.safetensors"}
+# Written by save_checkpoint from the model itself; update_metadata must not touch them.
+_WRITER_FIELDS = frozenset({"format_version", "deqguard_version", "model", "sha256"})
 
 
 class InputSpec(BaseModel):
@@ -82,10 +84,22 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return NAMED_CHECKPOINTS.get(key, Path(key))
 
 
+def _file_mode(path: Path) -> int:
+    """The existing file's mode, else what a plain open() would give (mkstemp makes 0600)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -113,9 +127,13 @@ def default_metadata(model: Classifier) -> dict[str, Any]:
 
 
 def save_checkpoint(model: Classifier, path: str | os.PathLike,
-                    metadata: dict[str, Any] | CheckpointMetadata | None = None) -> CheckpointMetadata:
+                    metadata: dict[str, Any] | CheckpointMetadata | None = None
+                    ) -> CheckpointMetadata:
     """Write the model's weights and metadata atomically; returns the metadata as written."""
-    given = metadata.model_dump() if isinstance(metadata, CheckpointMetadata) else dict(metadata or {})
+    if isinstance(metadata, CheckpointMetadata):
+        given = metadata.model_dump()
+    else:
+        given = dict(metadata or {})
     from deqguard import __version__
 
     fields = {**default_metadata(model), **given}
@@ -126,9 +144,15 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike,
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fields["sha256"] = tensor_sha256(tensors)
     meta = CheckpointMetadata.model_validate(fields)
-    if len(meta.classes) != model.config.num_classes:
+    c = model.config
+    if len(meta.classes) != c.num_classes:
         raise CheckpointError(
-            f"{len(meta.classes)} class names for a model with {model.config.num_classes} classes")
+            f"{len(meta.classes)} class names for a model with {c.num_classes} classes")
+    spec = meta.input
+    if (spec.channels, spec.height, spec.width) != (c.in_channels, c.image_size, c.image_size):
+        raise CheckpointError(
+            f"input spec {spec.channels}x{spec.height}x{spec.width} does not match the model's "
+            f"{c.in_channels}x{c.image_size}x{c.image_size} inputs")
     _atomic_write(Path(path), _serialise(tensors, meta))
     return meta
 
@@ -156,12 +180,17 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file (header is not a JSON object)")
-    ends = [v["data_offsets"][1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(
+            f"{path} is not a safetensors file (a tensor entry lacks valid data_offsets)") from None
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise CheckpointError(f"{path} is not a safetensors file (__metadata__ is not an object)")
     need, have = max(ends, default=0), size - 8 - n
     if have < need:
-        raise CheckpointError(
-            f"{path} is truncated: the header needs {need} bytes of tensor data, the file has {have}")
+        raise CheckpointError(f"{path} is truncated: the header needs {need} bytes of tensor "
+                              f"data, the file has {have}")
     return header
 
 
@@ -208,14 +237,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
         tensors = load_file(str(p), device="cpu")
     except SafetensorError as exc:
         raise CheckpointError(f"{p}: unreadable tensors: {exc}") from None
-    digest = tensor_sha256(tensors)
-    if digest != meta.sha256:
-        raise CheckpointError(f"{p}: sha256 of the tensors is {digest[:16]}..., the metadata says "
-                              f"{meta.sha256[:16]}...: the file was altered or corrupted")
     try:
         model = build_model(parse_model_config(meta.model))
     except (ValidationError, ValueError) as exc:
         raise CheckpointError(f"{p}: the model config in its metadata is invalid: {exc}") from None
+    # Structure first, then the hash: a missing tensor or a wrong shape is named as such even
+    # when the hash (rightly) fails too.
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -227,6 +254,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
              for k, v in expected.items() if tensors[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{p}: tensor shapes do not match the model: {wrong[:5]}")
+    wrong = [f"{k}: file {tensors[k].dtype} vs model {v.dtype}"
+             for k, v in expected.items() if tensors[k].dtype != v.dtype]
+    if wrong:
+        raise CheckpointError(f"{p}: tensor dtypes do not match the model: {wrong[:5]}")
+    digest = tensor_sha256(tensors)
+    if digest != meta.sha256:
+        raise CheckpointError(f"{p}: sha256 of the tensors is {digest[:16]}..., the metadata says "
+                              f"{meta.sha256[:16]}...: the file was altered or corrupted")
     model.load_state_dict(tensors, strict=True)
     return model.to(_default_device() if device is None else torch.device(device)).eval(), meta
 
@@ -235,11 +270,18 @@ def update_metadata(path: str | os.PathLike, **fields: Any) -> CheckpointMetadat
     """Rewrite a checkpoint's metadata fields (e.g. detection calibration), tensors untouched."""
     from safetensors.torch import load_file
 
+    fixed = sorted(set(fields) & _WRITER_FIELDS)
+    if fixed:
+        raise CheckpointError(f"update_metadata cannot change {fixed}: they describe the tensors "
+                              "and the format; save a new checkpoint instead")
     p = resolve_checkpoint(path)
     meta = read_metadata(p)
     tensors = load_file(str(p), device="cpu")
     if tensor_sha256(tensors) != meta.sha256:
         raise CheckpointError(f"{p}: refusing to update a checkpoint whose tensors fail their hash")
-    new = CheckpointMetadata.model_validate({**meta.model_dump(), **fields})
+    try:
+        new = CheckpointMetadata.model_validate({**meta.model_dump(), **fields})
+    except ValidationError as exc:
+        raise CheckpointError(f"invalid metadata update: {exc}") from None
     _atomic_write(p, _serialise(tensors, new))
     return new

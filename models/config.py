@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 SolverName = Literal["naive", "anderson", "broyden"]
 GradMode = Literal["phantom", "implicit", "exact"]
@@ -84,6 +84,17 @@ class MDEQConfig(_ClassifierBase):
     weight_norm: bool = True
     solver: SolverConfig = SolverConfig(solver="broyden", max_iter=8)
     grad: GradConfig = GradConfig()
+
+    @model_validator(mode="after")
+    def _branches_fit(self) -> MDEQConfig:
+        # Nearest upsampling between branches only lines up when every halving is exact.
+        k = 2 ** (len(self.channels) - 1)
+        if self.image_size % k:
+            raise ValueError(f"image_size {self.image_size} must be divisible by {k} for "
+                             f"{len(self.channels)} branches")
+        if len(self.head_channels) != len(self.channels):
+            raise ValueError("head_channels needs one entry per branch in channels")
+        return self
 
 
 class CNNConfig(_ClassifierBase):

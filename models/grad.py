@@ -33,7 +33,10 @@ def _implicit(f: Fn, z_star: Tensor, cfg: GradConfig) -> Tensor:
         f_leaf = f(z_leaf)
     solver = get_solver(cfg.backward_solver)
 
-    def adjoint(grad: Tensor) -> Tensor:
+    def adjoint(grad: Tensor | None) -> Tensor | None:
+        if grad is None:  # an undefined incoming gradient stays undefined
+            return None
+
         def vjp_step(y: Tensor) -> Tensor:
             (jt_y,) = torch.autograd.grad(f_leaf, z_leaf, y, retain_graph=True)
             return jt_y + grad
