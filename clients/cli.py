@@ -1,0 +1,82 @@
+"""`deqguard score`: batch scoring of an image folder (locally, on Ray, or through the service).
+
+Nothing heavy is imported here: `--url` scoring works on the client-only install (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .client import ClientError
+    from .output import ScoreError
+    from .score import ScoreConfig, score_folder
+
+    if args.url and args.checkpoint:
+        print("deqguard score: error: give --checkpoint or --url, not both", file=sys.stderr)
+        return 2
+    if args.url and args.engine != "local":
+        print("deqguard score: error: --engine applies to local scoring, not --url",
+              file=sys.stderr)
+        return 2
+    options = {k: v for k, v in {"max_iter": args.max_iter, "tol": args.tol,
+                                 "solver": args.solver, "defense": args.defense}.items()
+               if v is not None}
+    cfg = ScoreConfig(
+        input_dir=args.input_dir, out=args.out, checkpoint=args.checkpoint, url=args.url,
+        engine=args.engine, batch_size=args.batch_size, workers=args.workers, options=options,
+        chunk_rows=args.chunk_rows, concurrency=args.concurrency, overwrite=args.overwrite,
+        progress=not args.quiet, device=args.device)
+    try:
+        summary = score_folder(cfg)
+    except (ScoreError, ClientError, FileNotFoundError) as exc:
+        print(f"deqguard score: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad options or output suffix, said before any work is done
+        print(f"deqguard score: error: {exc}", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="score every image of a folder into a Parquet/CSV/JSONL table",
+        description="One row per image file (found recursively, sorted): prediction, entropy "
+        "trajectory, detection flag. Class subfolders named like the checkpoint's classes give "
+        "labels and an accuracy. An interrupted run resumes when started again with the same "
+        "arguments.")
+    p.add_argument("input_dir", help="folder of images (optionally INPUT_DIR/<class>/...)")
+    p.add_argument("--out", required=True, help="output table: .parquet, .csv or .jsonl")
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--checkpoint", help="checkpoint path or shipped name (default: default)")
+    src.add_argument("--url", help="score through a running service, e.g. http://127.0.0.1:3000")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: Ray Data (RAY_ADDRESS or a local cluster)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (local) or model actors (ray); default: automatic")
+    p.add_argument("--concurrency", type=_positive, default=16,
+                   help="requests in flight with --url")
+    p.add_argument("--max-iter", type=_positive, default=None, help="solver iterations")
+    p.add_argument("--tol", type=float, default=None, help="relative residual to stop at")
+    p.add_argument("--solver", choices=["naive", "anderson", "broyden"], default=None)
+    p.add_argument("--defense", choices=["none", "entropy-reduction"], default=None)
+    p.add_argument("--device", default=None, help="torch device for local scoring "
+                   "(default: cuda when present, else cpu)")
+    p.add_argument("--chunk-rows", type=_positive, default=512,
+                   help="rows per flushed part file (what a killed run can lose at most)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing output or unfinished run instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_score)

@@ -1,0 +1,166 @@
+"""`deqguard score`: one row per image file of a folder, through any engine, resumable.
+
+Engines share one small protocol (`info()`, `run(items)` yielding row chunks in order, `close()`):
+`local` (this process, torch), `ray` (Ray Data actors, one machine or a cluster) and `http` (the
+service, through `Client`). This module holds what they share: file discovery and labels, the
+resumable output, progress and the summary. It imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .files import Item, build_items
+from .output import ResumableOutput, ScoreError
+from .rows import Row, output_format
+
+
+@dataclass
+class EngineInfo:
+    """What a run needs to know about the model: class names for labels, the sha for rows."""
+
+    classes: list[str]
+    sha256: str
+    name: str = ""
+    input: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    def info(self) -> EngineInfo: ...
+
+    def run(self, items: list[Item]) -> Iterator[list[Row]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Summary:
+    rows: int
+    errors: int
+    suspicious: int
+    labelled: int
+    correct: int
+    scored_now: int
+    seconds: float
+    out: str
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    def lines(self) -> list[str]:
+        rate = self.scored_now / self.seconds if self.seconds > 0 else 0.0
+        out = [f"rows: {self.rows} ({self.scored_now} scored in this run, {rate:.1f} images/s)",
+               f"errors: {self.errors}", f"suspicious: {self.suspicious}"]
+        if self.accuracy is not None:
+            out.append(f"accuracy: {self.accuracy:.4f} ({self.correct}/{self.labelled} labelled "
+                       "images without error)")
+        out.append(f"output: {self.out}")
+        return out
+
+
+def summarise(rows: list[Row], *, scored_now: int, seconds: float, out: str) -> Summary:
+    ok = [r for r in rows if r["error"] is None]
+    labelled = [r for r in ok if r["label"] is not None]
+    return Summary(rows=len(rows), errors=len(rows) - len(ok),
+                   suspicious=sum(bool(r["suspicious"]) for r in ok), labelled=len(labelled),
+                   correct=sum(r["label"] == r["pred"] for r in labelled),
+                   scored_now=scored_now, seconds=seconds, out=out)
+
+
+@dataclass
+class ScoreConfig:
+    """Everything `deqguard score` was asked; `options` are ClassifyOptions fields."""
+
+    input_dir: str
+    out: str
+    checkpoint: str | None = None
+    url: str | None = None
+    engine: str = "local"
+    batch_size: int = 64
+    workers: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    chunk_rows: int = 512
+    concurrency: int = 16
+    overwrite: bool = False
+    progress: bool = True
+    device: str | None = None
+
+
+def make_engine(cfg: ScoreConfig) -> Engine:
+    if cfg.url:
+        from .remote import HttpEngine
+
+        return HttpEngine(cfg.url, cfg.options, concurrency=cfg.concurrency)
+    checkpoint = cfg.checkpoint or "default"
+    if cfg.engine == "local":
+        from .local import LocalEngine
+
+        return LocalEngine(checkpoint, cfg.options, batch_size=cfg.batch_size,
+                           workers=cfg.workers, device=cfg.device)
+    if cfg.engine == "ray":
+        from .ray_engine import RayEngine
+
+        return RayEngine(checkpoint, cfg.options, batch_size=cfg.batch_size, workers=cfg.workers)
+    raise ScoreError(f"unknown engine {cfg.engine!r}: use local or ray")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the client-only install has no tqdm: no bar, the summary still prints
+        enabled = False
+        tqdm = None
+    if not enabled or tqdm is None:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True, smoothing=0.1,
+                desc="scoring")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def score_folder(cfg: ScoreConfig) -> Summary:
+    """Score every image under `cfg.input_dir` into `cfg.out`, resuming an interrupted run."""
+    output_format(cfg.out)  # fail on a bad suffix before loading a model
+    if not Path(cfg.input_dir).is_dir():
+        raise ScoreError(f"input folder not found: {cfg.input_dir}")
+    engine = make_engine(cfg)
+    try:
+        info = engine.info()
+        items, _ = build_items(cfg.input_dir, info.classes)
+        fingerprint = {
+            "input_dir": os.path.abspath(cfg.input_dir), "model_sha256": info.sha256,
+            "options": dict(sorted(cfg.options.items())),
+        }
+        output = ResumableOutput(cfg.out, fingerprint, chunk_rows=cfg.chunk_rows,
+                                 overwrite=cfg.overwrite)
+        done = {r["path"] for r in output.open()}
+        todo = [it for it in items if it.path not in done]
+        bar = _progress(len(items), len(items) - len(todo), cfg.progress)
+        start, scored = time.perf_counter(), 0
+        try:
+            for rows in engine.run(todo):
+                output.add(rows)
+                scored += len(rows)
+                bar.update(len(rows))
+        except BaseException:
+            output.flush()  # keep every finished row (Ctrl-C, a server gone away) for the rerun
+            raise
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        rows = output.finish([it.path for it in items])
+    finally:
+        engine.close()
+    return summarise(rows, scored_now=scored, seconds=seconds, out=cfg.out)
