@@ -3,7 +3,7 @@
 Imports torch, so only the `local` and `ray` engines load this module. Each file goes through
 `deqguard.serving.images.decode_image` (the server's preprocessing) in DataLoader worker
 processes, so the model is not starved by PNG decoding; batches are solved on CUDA when present.
-Answers are produced by `ModelScorer`, shared with the Ray engine's actors.
+Answers come from the service's engine through `ModelScorer`, shared with the Ray actors.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from .files import Item
 from .rows import Row, error_row, result_row
 from .score import EngineInfo
+
+MAX_ITER = 1000  # SolverConfig's bound; the server applies its own, lower, cap
 
 
 def default_workers() -> int:
@@ -71,31 +73,37 @@ def _one_thread(_: int) -> None:
 
 
 class ModelScorer:
-    """A checkpoint plus request options: decoded arrays in, `ClassifyResult`s out."""
+    """A checkpoint plus request options: decoded arrays in, rows out, as the server answers.
+
+    The answers come from the service's own engine (`deqguard.serving.engine.TorchEngine`), so
+    the solve call, option defaults, trajectory cut and detection are the server's, not a copy.
+    """
 
     def __init__(self, checkpoint: str, options: dict[str, Any], device: str | None = None):
         from deqguard.models import load_checkpoint
+        from deqguard.serving.engine import TorchEngine
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
-        self.options = ClassifyOptions.model_validate(options)
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.meta = load_checkpoint(checkpoint, device=dev)
+        # No server cap offline: the checkpoint config's own bound (SolverConfig) still applies.
+        self.engine = TorchEngine(model, self.meta, device=dev, max_iter_cap=MAX_ITER)
+        opts = ClassifyOptions.model_validate(options)
+        self.solve_options = self.engine.resolve(max_iter=opts.max_iter, tol=opts.tol,
+                                                 solver=opts.solver, defense=opts.defense)
 
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(classes=list(self.meta.classes), sha256=self.meta.sha256,
                           name=self.meta.name, input=self.meta.input.model_dump())
 
-    def classify(self, x: torch.Tensor) -> list[ClassifyResult]:
-        return classify_tensors(self.model, self.meta, x.to(self.device, non_blocking=True),
-                                self.options)
-
     def rows(self, items: list[Item], decoded: list[Decoded]) -> list[Row]:
         """Rows for `items` in order: decoded files are solved as one batch, others are errors."""
         good = [d for d in decoded if d.array is not None]
         answers: dict[int, ClassifyResult] = {}
         if good:
-            x = torch.from_numpy(np.stack([d.array for d in good]))
-            answers = dict(zip([d.index for d in good], self.classify(x), strict=True))
+            x = np.stack([d.array for d in good])
+            results = self.engine.classify(x, self.solve_options, trajectory=True)
+            answers = dict(zip([d.index for d in good], results, strict=True))
         sha = self.meta.sha256
         return [result_row(it, answers[d.index]) if d.array is not None
                 else error_row(it, d.error or "undecodable", sha)
@@ -129,50 +137,3 @@ class LocalEngine:
 
     def close(self) -> None:
         pass
-
-
-# -- SolveResult -> answer ---------------------------------------------------------------------
-def classify_tensors(model: Any, meta: Any, x: torch.Tensor, options: ClassifyOptions
-                     ) -> list[ClassifyResult]:
-    """The answers the service gives for a batch of preprocessed images."""
-    from deqguard.models.detection import detection_score, flag
-
-    if options.defense == "entropy-reduction":
-        from deqguard.models.defense import entropy_reduction_solve
-
-        result = entropy_reduction_solve(model, x, solver=options.solver,
-                                         max_iter=options.max_iter, tol=options.tol,
-                                         trajectory=options.trajectory)
-    else:
-        with torch.no_grad():
-            result = model.solve(x, solver=options.solver, max_iter=options.max_iter,
-                                 tol=options.tol, trajectory=options.trajectory)
-    cal = meta.detection
-    if cal:
-        score, suspicious = flag(result, cal)
-        score_name, threshold = cal["score"], float(cal["threshold"])
-    else:
-        score_name, threshold = "final_entropy", None
-        score = detection_score(result, score_name)
-        suspicious = torch.zeros_like(score, dtype=torch.bool)
-    probs = torch.softmax(result.logits.detach().float(), dim=-1).cpu()
-    iters = result.iterations.cpu().tolist()
-    conv = result.converged.cpu().tolist()
-    ent = result.entropy.detach().float().cpu().T if result.entropy is not None else None
-    res = result.residual.detach().float().cpu().T
-    score_l, susp_l = score.detach().float().cpu().tolist(), suspicious.cpu().tolist()
-    out = []
-    for i in range(x.shape[0]):
-        n = max(1, int(iters[i]))
-        label = int(probs[i].argmax())
-        out.append(ClassifyResult.model_validate({
-            "label": label, "class_name": meta.classes[label],
-            "probabilities": probs[i].tolist(),
-            "entropy": ent[i, :n].tolist() if ent is not None else [],
-            "residual": res[i, :n].tolist() if res.numel() else [],
-            "iterations": int(iters[i]), "converged": bool(conv[i]),
-            "detection": {"score_name": score_name, "score": score_l[i],
-                          "threshold": threshold, "suspicious": bool(susp_l[i])},
-            "model": {"name": meta.name, "sha256": meta.sha256},
-        }))
-    return out
