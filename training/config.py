@@ -1,0 +1,251 @@
+"""Typed training configuration, loaded from a preset file and overridden from the command line.
+
+A run is fully described by one `TrainConfig`: the preset gives defaults, `--set a.b=value`
+overrides any field (the value is parsed as YAML: numbers, booleans, lists, null), and
+`resolve` fills the fields left to the model (training solver) or to the objective (validation
+eps), so the metadata and the resume file store every value that was actually used.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..models.config import PRESETS as MODEL_PRESETS
+from ..models.config import GradConfig, SolverName
+from ..models.errors import DeqguardError
+
+
+class ConfigError(DeqguardError):
+    """A preset or an override does not make a valid training configuration."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["fashion-mnist", "cifar10", "imagefolder"] = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    val_size: int = Field(5000, ge=1, description="images carved from train for validation")
+    split_seed: int = 0
+    augment: bool = True
+    limit: int | None = Field(None, ge=1, description="use the first N training images")
+    image_size: int | None = Field(None, ge=8, description="resize an imagefolder")
+
+
+class ModelSection(_Strict):
+    preset: str = "tiny"
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="model config fields, deep-merged over the preset")
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> ModelSection:
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(
+                f"unknown model preset {self.preset!r}; known: {sorted(MODEL_PRESETS)}")
+        return self
+
+
+class SolverSection(_Strict):
+    """The forward solver used in training forwards; None = the model's own default."""
+
+    solver: SolverName | None = None
+    max_iter: int | None = Field(None, ge=1, le=1000)
+    tol: float | None = Field(None, gt=0)
+
+
+class RegulationConfig(_Strict):
+    """Paper Sec 3.3: every training forward uses n ~ Uniform{1..solver.max_iter} iterations."""
+
+    enabled: bool = False
+
+
+class ObjectiveConfig(_Strict):
+    kind: Literal["standard", "pgd-at", "trades"] = "pgd-at"
+    eps: float = Field(0.1, ge=0)
+    step_size: float = Field(0.025, ge=0)
+    steps: int = Field(7, ge=0)
+    beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")
+    readout: Literal["state", "unrolled"] = "unrolled"
+    clean_warmup_steps: int = Field(0, ge=0, description="train on clean CE for the first N steps")
+
+
+class JacobianConfig(_Strict):
+    """Hutchinson estimate of ||J_f(z*)||_F^2 (Bai et al. 2021), paper.md 2.2."""
+
+    weight: float = Field(0.0, ge=0)
+    freq: float = Field(0.02, ge=0, le=1, description="probability of adding it at a step")
+    stop_epoch: int = Field(90, ge=0, description="off from this epoch on")
+    vectors: int = Field(2, ge=1)
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = Field(1e-6, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class EvalConfig(_Strict):
+    """Validation after every epoch (model selection) and the final test-set check."""
+
+    batch_size: int = Field(256, ge=1)
+    val_limit: int | None = Field(1000, ge=1, description="validation images used per epoch")
+    eps: float | None = Field(None, ge=0, description="None = objective.eps")
+    steps: int = Field(10, ge=0)
+    step_size: float | None = Field(None, ge=0, description="None = eps / 4")
+    select_by: Literal["pgd", "clean"] = "pgd"
+    test_limit: int = Field(1000, ge=1, description="first N test images for test_clean_accuracy")
+
+
+class RunConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    save_every_steps: int = Field(50, ge=1, description="resume state every N steps")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast: auto = on for CUDA, off for CPU")
+    deterministic: bool = True
+    progress: bool = True
+
+
+class TrainConfig(_Strict):
+    name: str
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    solver: SolverSection = SolverSection()
+    grad: GradConfig = GradConfig()
+    regulation: RegulationConfig = RegulationConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    jacobian: JacobianConfig = JacobianConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    train: RunConfig = RunConfig()
+
+
+# Fields that may differ between a run and its resumption: they do not change the computation.
+RESUME_FREE_FIELDS = frozenset({"data.data_dir", "data.download", "train.num_workers",
+                                "train.device", "train.progress"})
+
+
+# -- presets ---------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    folder = resources.files("deqguard.training.presets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset's raw dict: a shipped name (see `preset_names`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text = path.read_text()
+    else:
+        res = resources.files("deqguard.training.presets") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r}; shipped presets: "
+                              f"{', '.join(preset_names())} (or give a path to a .yaml file)")
+        text = res.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset {name_or_path!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name_or_path!r} must be a YAML mapping")
+    data.setdefault("name", path.stem if path.suffix else name_or_path)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def build_config(preset: str, overrides: list[str] | None = None) -> TrainConfig:
+    """The validated config of a preset with `section.field=value` overrides applied."""
+    data = apply_overrides(load_preset(preset), overrides or [])
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid training config (preset {preset!r}):\n{exc}") from None
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if nested else v
+    return out
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any],
+                       ignore: frozenset[str] = RESUME_FREE_FIELDS) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (ignoring `ignore`)."""
+    fa, fb = flatten(a), flatten(b)
+    keys = sorted(set(fa) | set(fb))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys
+            if k not in ignore and fa.get(k) != fb.get(k)]
+
+
+def resolve(cfg: TrainConfig, model_solver: Any | None) -> TrainConfig:
+    """Fill fields left to defaults: training solver from the model, eval eps from the objective.
+
+    `model_solver` is the model's SolverConfig (None for feedforward models).
+    """
+    solver = cfg.solver
+    if model_solver is not None:
+        solver = SolverSection(
+            solver=solver.solver or model_solver.solver,
+            max_iter=solver.max_iter or model_solver.max_iter,
+            tol=solver.tol or model_solver.tol)
+    eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.objective.eps
+    step = cfg.eval.step_size if cfg.eval.step_size is not None else eps / 4
+    ev = cfg.eval.model_copy(update={"eps": eps, "step_size": step})
+    return cfg.model_copy(update={"solver": solver, "eval": ev})

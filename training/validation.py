@@ -1,0 +1,83 @@
+"""Validation during training: clean and PGD accuracy, and how the solver behaves.
+
+This is the model-selection signal (validation split, never the test set) and a quick check that
+a trained model still behaves as a DEQ: accuracy should hold or improve as the solver budget
+grows, and most samples should converge within the default budget. The full robustness
+evaluation (AutoAttack, adaptive attacks) lives in the evaluation modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from ..models.classifier import Classifier
+from .attacks import pgd_ce
+from .distributed import all_reduce_sum
+from .objectives import eval_mode
+
+
+def _batches(loader: Iterable, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def validate(model: Classifier, loader: Iterable, *, eps: float, step_size: float, steps: int,
+             device: torch.device, generator: torch.Generator | None = None,
+             autocast: bool = False) -> dict[str, float]:
+    """Clean accuracy, PGD accuracy (the model's default solver and gradient path), and mean
+    solver iterations / converged fraction on the clean inputs. Counts are summed over
+    processes when running distributed."""
+    stats = torch.zeros(5, dtype=torch.float64, device=device)
+    with eval_mode(model):
+        for x, y in _batches(loader, device):
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                res = model.solve(x, trajectory=False)
+            stats[0] += (res.logits.argmax(1) == y).sum()
+            stats[2] += len(y)
+            stats[3] += res.iterations.float().sum()
+            stats[4] += res.converged.float().sum()
+            if steps > 0 and eps > 0:
+                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                    x_adv = pgd_ce(model, x, y, eps=eps, step_size=step_size, steps=steps,
+                                   generator=generator)
+                    with torch.no_grad():
+                        stats[1] += (model(x_adv).argmax(1) == y).sum()
+            else:
+                stats[1] += (res.logits.argmax(1) == y).sum()
+    stats = all_reduce_sum(stats)
+    n = max(float(stats[2]), 1.0)
+    return {"clean_accuracy": float(stats[0]) / n, "pgd_accuracy": float(stats[1]) / n,
+            "mean_iterations": float(stats[3]) / n, "converged_fraction": float(stats[4]) / n,
+            "images": int(stats[2])}
+
+
+def clean_accuracy(model: Classifier, loader: Iterable, device: torch.device) -> float:
+    """Top-1 accuracy with the model's default solver settings (what `deqguard` serves)."""
+    correct = total = 0
+    with eval_mode(model), torch.no_grad():
+        for x, y in _batches(loader, device):
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def budget_sweep(model: Classifier, loader: Iterable, budgets: Iterable[int],
+                 device: torch.device, tol: float | None = None) -> list[dict[str, float]]:
+    """Clean accuracy and converged fraction at each solver budget (max_iter)."""
+    rows = []
+    data = list(_batches(loader, device))
+    with eval_mode(model), torch.no_grad():
+        for budget in budgets:
+            correct = conv = iters = total = 0.0
+            for x, y in data:
+                res = model.solve(x, max_iter=int(budget), tol=tol, trajectory=False)
+                correct += float((res.logits.argmax(1) == y).sum())
+                conv += float(res.converged.float().sum())
+                iters += float(res.iterations.float().sum())
+                total += len(y)
+            rows.append({"max_iter": int(budget), "clean_accuracy": correct / total,
+                         "converged_fraction": conv / total, "mean_iterations": iters / total})
+    return rows
