@@ -25,7 +25,7 @@ SCORE_NAMES: tuple[str, ...] = ("final_entropy", "max_softmax", "mean_entropy",
                                 "early_entropy", "iterations", "final_residual")
 
 
-def _entropy_rows(result: SolveResult) -> Tensor:
+def entropy_rows(result: SolveResult) -> Tensor:
     """[T, B] entropy trajectory; a result without one has its final entropy as a single row."""
     if result.entropy is not None and result.entropy.numel() > 0:
         return result.entropy.detach().float()
@@ -37,7 +37,7 @@ def trajectory_features(result: SolveResult, length: int) -> Tensor:
 
     Short trajectories are padded with their last value (a stopped sample stays where it is).
     """
-    ent = _entropy_rows(result)
+    ent = entropy_rows(result)
     res = result.residual.detach().float()
     if res.numel() == 0:
         res = torch.zeros_like(ent)
@@ -67,9 +67,9 @@ def detection_score(result: SolveResult, name: str, *, early_index: int = 1,
     if name == "max_softmax":
         return 1.0 - torch.softmax(logits, dim=-1).max(dim=-1).values
     if name == "mean_entropy":
-        return _entropy_rows(result).mean(dim=0)
+        return entropy_rows(result).mean(dim=0)
     if name == "early_entropy":
-        rows = _entropy_rows(result)
+        rows = entropy_rows(result)
         return rows[min(max(early_index, 0), rows.shape[0] - 1)]
     if name == "iterations":
         return result.iterations.detach().float()

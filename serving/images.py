@@ -97,6 +97,14 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == target else im.convert(target)
 
 
+def image_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone; the same refusals as `decode_image`'s first step.
+
+    Lets a server bound the pixels of a whole batch before decoding any of it.
+    """
+    return _open(data, max_pixels).size
+
+
 def decode_image(data: bytes, *, channels: int, height: int, width: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes to float32 [channels, height, width] in [0, 1].

@@ -1,0 +1,322 @@
+"""The model behind the service: a batch of [N, C, H, W] arrays + options -> ClassifyResult list.
+
+Kept out of the BentoML service file so that the benchmark, the tests and any other host can run
+exactly what the server runs. Two backends share `Engine`: torch (every solver, the defense) and
+onnxruntime (`onnx_engine.py`: a fixed-iteration naive solver).
+
+Batch invariance (a sample's answer does not depend on its batch mates): solvers stop per sample
+at `tol` and freeze finished samples, so within one set of options results are per-sample; the
+service runs each distinct `SolveOptions` as its own sub-batch (the options key), and every
+trajectory is cut to the sample's own iteration count (the solver pads it to the batch's longest).
+The entropy-reduction defense runs sample by sample, because its rounds are aligned across the
+batch (see `_defended`). Trajectories are always computed, since detection scores read them; the
+`trajectory` flag only decides whether they are returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .schema import ClassifyResult, Detection, ModelRef
+
+log = logging.getLogger(__name__)
+
+DEFENSES = ("none", "entropy-reduction")
+
+
+class OptionsError(ValueError):
+    """Options the engine cannot honour (over the cap, unsupported by the backend)."""
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """Fully resolved solve options: the key requests are grouped by when batched."""
+
+    max_iter: int
+    tol: float
+    solver: str
+    defense: str = "none"
+
+
+@dataclass
+class SampleTrace:
+    """One sample's solve, its trajectories already cut to its own iterations."""
+
+    logits: np.ndarray  # [K]
+    entropy: np.ndarray  # [T]
+    residual: np.ndarray  # [T]
+    iterations: int
+    converged: bool
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def entropy_of(logits: np.ndarray) -> np.ndarray:
+    """Prediction entropy in nats over the last axis (numpy twin of models.prediction_entropy)."""
+    p = softmax(logits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -(np.where(p > 0, p * np.log(p), 0.0)).sum(axis=-1)
+
+
+def split_batch(logits: np.ndarray, entropy: np.ndarray | None, residual: np.ndarray,
+                iterations: np.ndarray, converged: np.ndarray) -> list[SampleTrace]:
+    """[T, B] batch trajectories -> per-sample traces cut to each sample's iteration count."""
+    out = []
+    for i in range(logits.shape[0]):
+        it = max(int(iterations[i]), 1)
+        ent = (entropy[:it, i] if entropy is not None and entropy.size
+               else entropy_of(logits[i])[None])
+        res = residual[:it, i] if residual.size else np.zeros(1)
+        out.append(SampleTrace(logits=logits[i], entropy=np.asarray(ent, np.float64),
+                               residual=np.asarray(res, np.float64), iterations=it,
+                               converged=bool(converged[i])))
+    return out
+
+
+class Detector:
+    """Applies the checkpoint's detection calibration (metadata["detection"]) to one sample.
+
+    Before a calibration exists the score is the final prediction entropy, the threshold null and
+    `suspicious` false. A calibration made for another defense than the request's is not applied
+    (its threshold would be meaningless there): the score is still computed and returned.
+    """
+
+    def __init__(self, calibration: dict[str, Any] | None):
+        from deqguard.models.detection import DetectionCalibration
+
+        self.calibration = (DetectionCalibration.model_validate(calibration)
+                            if calibration else None)
+
+    def __call__(self, trace: SampleTrace, defense: str) -> Detection:
+        import torch
+        from deqguard.models.classifier import SolveResult
+        from deqguard.models.detection import detection_score
+
+        cal = self.calibration
+        name = cal.score if cal else "final_entropy"
+        result = SolveResult(
+            logits=torch.from_numpy(np.asarray(trace.logits, np.float32))[None],
+            entropy=torch.from_numpy(trace.entropy.astype(np.float32))[:, None],
+            residual=torch.from_numpy(trace.residual.astype(np.float32))[:, None],
+            iterations=torch.tensor([trace.iterations]),
+            converged=torch.tensor([trace.converged]))
+        kwargs = {"early_index": cal.early_index, "params": cal.params} if cal else {}
+        score = float(detection_score(result, name, **kwargs)[0])
+        if cal is None or (cal.defense or "none") != defense:
+            return Detection(score_name=name, score=score, threshold=None, suspicious=False)
+        return Detection(score_name=name, score=score, threshold=float(cal.threshold),
+                         suspicious=bool(score > cal.threshold))
+
+
+class Engine(ABC):
+    """A loaded checkpoint that classifies batches of arrays; one call at a time (a lock)."""
+
+    backend: str = "?"
+
+    def __init__(self, meta: Any, *, max_iter_cap: int):
+        self.meta = meta  # deqguard.models.CheckpointMetadata
+        self.spec = meta.input
+        self.classes = list(meta.classes)
+        self.max_iter_cap = int(max_iter_cap)
+        self.detector = Detector(meta.detection)
+        self.model_ref = ModelRef(name=meta.name or "unnamed", sha256=meta.sha256)
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+
+    # -- options -------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def is_deq(self) -> bool: ...
+
+    @abstractmethod
+    def default_options(self, defense: str = "none") -> SolveOptions: ...
+
+    def check_options(self, opts: SolveOptions) -> None:
+        """Raise OptionsError naming the problem (the front answers it with a 4xx)."""
+        if not 1 <= opts.max_iter <= self.max_iter_cap:
+            raise OptionsError(f"max_iter must be between 1 and the server cap "
+                               f"{self.max_iter_cap}, got {opts.max_iter}")
+        if not 0 < opts.tol <= 1:
+            raise OptionsError(f"tol must be in (0, 1], got {opts.tol}")
+        if opts.defense not in DEFENSES:
+            raise OptionsError(f"unknown defense {opts.defense!r}; known: {list(DEFENSES)}")
+        if opts.defense != "none" and not self.is_deq:
+            raise OptionsError("the entropy-reduction defense needs a DEQ checkpoint; "
+                               "this one is feed-forward")
+
+    def resolve(self, *, max_iter: int | None = None, tol: float | None = None,
+                solver: str | None = None, defense: str | None = None) -> SolveOptions:
+        """Fill unset options from the checkpoint's defaults, then check them."""
+        d = self.default_options(defense or "none")
+        opts = SolveOptions(max_iter=d.max_iter if max_iter is None else int(max_iter),
+                            tol=d.tol if tol is None else float(tol),
+                            solver=d.solver if solver is None else str(solver),
+                            defense=defense or "none")
+        self.check_options(opts)
+        return opts
+
+    # -- running -------------------------------------------------------------------------------
+    @abstractmethod
+    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]: ...
+
+    def trace(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
+        """Per-sample traces for float32 x [N, C, H, W] in [0, 1] (validated by the caller)."""
+        if x.shape[0] == 0:
+            return []
+        with self._lock:
+            return self._solve(np.ascontiguousarray(x, dtype=np.float32), opts)
+
+    def result(self, trace: SampleTrace, opts: SolveOptions, trajectory: bool) -> ClassifyResult:
+        probs = softmax(trace.logits)
+        label = int(np.argmax(trace.logits))
+        return ClassifyResult(
+            label=label, class_name=self.classes[label],
+            probabilities=[float(p) for p in probs],
+            entropy=[float(v) for v in trace.entropy] if trajectory else [],
+            residual=[float(v) for v in trace.residual] if trajectory else [],
+            iterations=trace.iterations, converged=trace.converged,
+            detection=self.detector(trace, opts.defense), model=self.model_ref)
+
+    def classify(self, x: np.ndarray, opts: SolveOptions, trajectory: bool = True
+                 ) -> list[ClassifyResult]:
+        """The in-process twin of POST /classify_tensor with one set of options."""
+        return [self.result(t, opts, trajectory) for t in self.trace(x, opts)]
+
+    def classify_grouped(self, xs: Sequence[np.ndarray], opts: Sequence[SolveOptions]
+                         ) -> list[SampleTrace]:
+        """Items with mixed options: one sub-batch per distinct options, answers in input order."""
+        groups: dict[SolveOptions, list[int]] = {}
+        for i, o in enumerate(opts):
+            groups.setdefault(o, []).append(i)
+        out: list[SampleTrace | None] = [None] * len(xs)
+        for o, idx in groups.items():
+            traces = self.trace(np.stack([xs[i] for i in idx]), o)
+            for i, t in zip(idx, traces, strict=True):
+                out[i] = t
+        return out  # type: ignore[return-value]
+
+    def warm_up(self) -> None:
+        """Run the default path once (allocators, kernels, lazy init) and mark ready."""
+        s = self.spec
+        x = np.zeros((2, s.channels, s.height, s.width), np.float32)
+        self.classify(x, self.default_options())
+        self.ready.set()
+
+    def describe(self) -> dict[str, Any]:
+        """What GET /model answers: checkpoint metadata plus how this server runs it."""
+        d = self.default_options()
+        return {
+            **self.meta.model_dump(mode="json"),
+            "serving": {"backend": self.backend, "max_iter_cap": self.max_iter_cap,
+                        "defaults": {"max_iter": d.max_iter, "tol": d.tol, "solver": d.solver},
+                        "defenses": self.defenses(), "solvers": self.solvers()},
+        }
+
+    def defenses(self) -> list[str]:
+        return list(DEFENSES) if self.is_deq else ["none"]
+
+    def solvers(self) -> list[str]:
+        return ["naive", "anderson", "broyden"]
+
+
+class TorchEngine(Engine):
+    """The checkpoint's own torch model: every solver, the entropy-reduction defense."""
+
+    backend = "torch"
+
+    def __init__(self, model: Any, meta: Any, *, device: str = "cpu", max_iter_cap: int = 100):
+        super().__init__(meta, max_iter_cap=max_iter_cap)
+        self.model = model.eval()
+        self.device = device
+
+    @classmethod
+    def load(cls, checkpoint: str, *, device: str = "auto", threads: int = 1,
+             max_iter_cap: int = 100) -> TorchEngine:
+        import torch
+        from deqguard.models import load_checkpoint
+
+        set_torch_threads(threads)
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        model, meta = load_checkpoint(checkpoint, device=dev)
+        return cls(model, meta, device=dev, max_iter_cap=max_iter_cap)
+
+    @property
+    def is_deq(self) -> bool:
+        return bool(self.model.is_deq)
+
+    def default_options(self, defense: str = "none") -> SolveOptions:
+        cfg = getattr(self.model.config, "solver", None)
+        max_iter = cfg.max_iter if cfg is not None else 1
+        if defense == "entropy-reduction":
+            from deqguard.models.defense import EntropyReductionConfig
+
+            er = EntropyReductionConfig()
+            max_iter = er.rounds * er.solver_steps_per_round
+        return SolveOptions(max_iter=min(max_iter, self.max_iter_cap),
+                            tol=cfg.tol if cfg is not None else 1e-3,
+                            solver=cfg.solver if cfg is not None else "naive", defense=defense)
+
+    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
+        import torch
+
+        xt = torch.from_numpy(x).to(self.device)
+        if opts.defense == "entropy-reduction":
+            return self._defended(xt, opts)
+        with torch.inference_mode():
+            r = self.model.solve(xt, solver=opts.solver, max_iter=opts.max_iter, tol=opts.tol,
+                                 trajectory=True)
+        return split_batch(
+            r.logits.float().cpu().numpy(),
+            None if r.entropy is None else r.entropy.float().cpu().numpy(),
+            r.residual.float().cpu().numpy(), r.iterations.cpu().numpy(),
+            r.converged.cpu().numpy())
+
+    def _defended(self, xt: Any, opts: SolveOptions) -> list[SampleTrace]:
+        """Sample by sample: the defense's rounds are aligned across a batch, so a sample's
+        trajectory rows would otherwise be padded to its batch mates' per-round step counts."""
+        from deqguard.models.defense import EntropyReductionConfig, entropy_reduction_solve
+
+        cfg = EntropyReductionConfig()
+        out = []
+        for i in range(xt.shape[0]):
+            r = entropy_reduction_solve(self.model, xt[i:i + 1], cfg, solver=opts.solver,
+                                        max_iter=opts.max_iter, tol=opts.tol, trajectory=True)
+            out += split_batch(
+                r.logits.detach().float().cpu().numpy(),
+                None if r.entropy is None else r.entropy.float().cpu().numpy(),
+                r.residual.float().cpu().numpy(), r.iterations.cpu().numpy(),
+                r.converged.cpu().numpy())
+        return out
+
+
+def set_torch_threads(threads: int) -> None:
+    """Pin intra-op threads explicitly: BentoML does not, and an unpinned server on a small box
+    fights its own clients for cores."""
+    import torch
+
+    torch.set_num_threads(int(threads))
+    try:
+        torch.set_num_interop_threads(max(1, min(int(threads), 4)))
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+
+
+def load_engine(settings: Any) -> Engine:
+    """The engine `settings` (serving.settings.ServerSettings) ask for."""
+    if settings.backend == "onnx":
+        from .onnx_engine import OnnxEngine
+
+        return OnnxEngine.from_settings(settings)
+    return TorchEngine.load(settings.checkpoint, device=settings.device,
+                            threads=settings.threads, max_iter_cap=settings.max_iter_cap)

@@ -1,0 +1,41 @@
+"""Prometheus metrics of the solves themselves, next to BentoML's request metrics on /metrics.
+
+Created with prometheus_client directly, as BentoML's docs advise: under `bentoml serve` every
+worker writes to the shared PROMETHEUS_MULTIPROC_DIR, so the values recorded in the model process
+appear on the HTTP front's /metrics. Labels stay few (backend, solver, defense).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Histogram
+
+from .engine import SampleTrace, SolveOptions
+from .schema import ClassifyResult
+
+_LABELS = ("backend", "solver", "defense")
+
+SOLVER_ITERATIONS = Histogram(
+    "deqguard_solver_iterations", "Solver iterations per classified image", _LABELS,
+    buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500, 1000))
+FINAL_RESIDUAL = Histogram(
+    "deqguard_final_residual", "Relative fixed-point residual at the last iterate", _LABELS,
+    buckets=(1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0))
+FINAL_ENTROPY = Histogram(
+    "deqguard_final_entropy", "Prediction entropy (nats) of the returned answer", _LABELS,
+    buckets=(0.001, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0))
+SUSPICIOUS = Counter(
+    "deqguard_suspicious_answers", "Answers flagged suspicious by the detection threshold",
+    _LABELS)
+
+
+def observe(backend: str, items: Iterable[tuple[SampleTrace, SolveOptions, ClassifyResult]]
+            ) -> None:
+    for trace, opts, result in items:
+        labels = (backend, opts.solver, opts.defense)
+        SOLVER_ITERATIONS.labels(*labels).observe(trace.iterations)
+        FINAL_RESIDUAL.labels(*labels).observe(float(trace.residual[-1]))
+        FINAL_ENTROPY.labels(*labels).observe(float(trace.entropy[-1]))
+        if result.detection.suspicious:
+            SUSPICIOUS.labels(*labels).inc()

@@ -1,0 +1,132 @@
+"""The ONNX backend: the exported fixed-iteration graph under onnxruntime.
+
+It answers exactly like the torch naive solver: the graph always runs its T iterations, and the
+per-sample stop at `tol` (and any max_iter <= T) is recovered afterwards from the trajectory
+outputs (see onnx_export.py). Only the naive solver and no defense: the entropy-reduction defense
+needs input gradients at inference, which ONNX inference does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import Engine, OptionsError, SampleTrace, SolveOptions, entropy_of
+
+log = logging.getLogger(__name__)
+
+
+def providers_for(device: str) -> list[str]:
+    """CUDA first when onnxruntime-gpu is installed and a GPU is wanted, CPU always last."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [] if device == "cpu" else ["CUDAExecutionProvider"]
+    return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
+
+
+class OnnxEngine(Engine):
+    backend = "onnx"
+
+    def __init__(self, onnx_path: str | Path, *, device: str = "auto", threads: int = 1,
+                 max_iter_cap: int = 100):
+        import onnx
+        import onnxruntime as ort
+        from deqguard.models import CheckpointMetadata
+
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        props = {p.key: p.value for p in proto.metadata_props}
+        if "deqguard.metadata" not in props:
+            raise ValueError(f"{onnx_path} was not written by `deqguard export-onnx` "
+                             "(no deqguard metadata in the graph)")
+        meta = CheckpointMetadata.model_validate(json.loads(props["deqguard.metadata"]))
+        self.iterations = int(props["deqguard.iterations"])
+        super().__init__(meta, max_iter_cap=min(max_iter_cap, self.iterations))
+        solver_cfg = meta.model.get("solver") or {}
+        self._is_deq = "solver" in meta.model
+        self.default_tol = float(solver_cfg.get("tol", 1e-3))
+        self.default_max_iter = min(int(solver_cfg.get("max_iter", self.iterations)),
+                                    self.max_iter_cap)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts,
+                                            providers=providers_for(device))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.path = str(onnx_path)
+        log.info("ONNX engine on %s, %d iterations", self.session.get_providers(),
+                 self.iterations)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> OnnxEngine:
+        """Use DEQGUARD_ONNX, or export the checkpoint into a temporary directory now."""
+        path = settings.onnx_path
+        if not path:
+            from deqguard.models import read_metadata
+
+            from .onnx_export import export_onnx
+
+            meta = read_metadata(settings.checkpoint)
+            iters = settings.onnx_iterations or int(
+                (meta.model.get("solver") or {}).get("max_iter", 30))
+            iters = min(iters, settings.max_iter_cap)
+            path = str(Path(tempfile.mkdtemp(prefix="deqguard-onnx-")) / "model.onnx")
+            export_onnx(settings.checkpoint, path, iterations=iters)
+        return cls(path, device=settings.device, threads=settings.threads,
+                   max_iter_cap=settings.max_iter_cap)
+
+    @property
+    def is_deq(self) -> bool:
+        return self._is_deq
+
+    def default_options(self, defense: str = "none") -> SolveOptions:
+        return SolveOptions(max_iter=self.default_max_iter, tol=self.default_tol,
+                            solver="naive", defense=defense)
+
+    def check_options(self, opts: SolveOptions) -> None:
+        if opts.defense != "none":
+            raise OptionsError(f"the {opts.defense} defense needs input gradients and runs only "
+                               "on the torch backend; this server runs the ONNX backend")
+        if opts.solver != "naive":
+            raise OptionsError(f"the ONNX backend runs the naive solver only (a fixed-iteration "
+                               f"graph), not {opts.solver!r}")
+        if opts.max_iter > self.iterations:
+            raise OptionsError(f"max_iter must be between 1 and {self.iterations} "
+                               f"(the exported graph's iterations), got {opts.max_iter}")
+        super().check_options(opts)
+
+    def defenses(self) -> list[str]:
+        return ["none"]
+
+    def solvers(self) -> list[str]:
+        return ["naive"]
+
+    def run_graph(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The raw graph outputs by name (parity tests and the benchmark use this)."""
+        outs = self.session.run(None, {self.session.get_inputs()[0].name: x})
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
+        g = self.run_graph(x)
+        ent, res, traj = g["entropy"], g["residual"], g["logits_trajectory"]
+        stop = g.get("logits_stop", traj)
+        out = []
+        for i in range(x.shape[0]):
+            r = res[: opts.max_iter, i].astype(np.float64)
+            hits = np.flatnonzero(r < opts.tol)
+            # the torch solvers: stopping at step t ends on f(z_{t-1}), i.e. logits_stop[t-1]
+            it = int(hits[0]) + 1 if hits.size else opts.max_iter
+            stopped = bool(hits.size)
+            e = ent[:it, i].astype(np.float64)
+            logits = (stop if stopped else traj)[it - 1, i]
+            if stopped and "logits_stop" in g:
+                e[-1] = float(entropy_of(logits))
+            out.append(SampleTrace(logits=logits, entropy=e, residual=r[:it], iterations=it,
+                                   converged=stopped))
+        return out

@@ -1,0 +1,184 @@
+"""The deqguard HTTP service: `bentoml serve deqguard.serving.service:DEQGuard`.
+
+Two BentoML services, the documented pattern for adaptive batching with per-request options:
+`DEQGuard`, the HTTP front, validates and decodes requests (4xx for anything wrong) and sends
+per-image items to `DEQGuardModel`, whose one batchable API groups concurrent items, runs each
+distinct set of options as its own sub-batch and answers per item. Model logic lives in
+engine.py / onnx_engine.py; settings (env or `--arg`) in settings.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .guards import BodySizeLimit, JsonOnly, ReadableValidationErrors
+from .schema import (
+    ClassifyBatchRequest,
+    ClassifyRequest,
+    ClassifyResult,
+    ClassifyTensorRequest,
+)
+from .settings import load_settings
+from .validation import RequestError, decode_images, options_of, tensor_array
+
+log = logging.getLogger("deqguard.serving")
+SETTINGS = load_settings()
+# Items per model call; the front's batch cap (max_batch) may be larger: BentoML splits jobs.
+MODEL_BATCH = 64
+# High on purpose: BentoML answers 503 when it predicts a batch cannot finish in time, and short
+# values shed load under 20 concurrent calls in a trial. Back-pressure comes from the timeout.
+MAX_LATENCY_MS = 60_000
+
+
+@bentoml.service(name="deqguard-model", workers=1, threads=1, traffic={"timeout": 300})
+class DEQGuardModel:
+    """The loaded checkpoint behind one batchable API (not exposed to clients)."""
+
+    def __init__(self) -> None:
+        from .engine import load_engine
+
+        self.engine = load_engine(SETTINGS)  # fails fast on a missing or broken checkpoint
+        self.failed: BaseException | None = None
+        threading.Thread(target=self._warm_up, name="deqguard-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            self.engine.warm_up()
+            log.info("deqguard model warm (%s backend)", self.engine.backend)
+        except BaseException as exc:  # keep it visible: /readyz and /livez answer 503
+            self.failed = exc
+            log.exception("warm-up failed")
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready.is_set()
+
+    def __is_alive__(self) -> bool:
+        return self.failed is None
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()
+
+    @bentoml.api(batchable=True, max_batch_size=MODEL_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    def infer(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """items: {"x": float32 [C, H, W], "options": {...}, "trajectory": bool} ->
+        a ClassifyResult dict, or {"error": message} for options this server refuses."""
+        from . import metrics
+        from .engine import OptionsError
+
+        self.engine.ready.wait()
+        out: list[dict[str, Any]] = [{} for _ in items]
+        ok, opts = [], []
+        for i, item in enumerate(items):
+            try:
+                opts.append(self.engine.resolve(**item["options"]))
+                ok.append(i)
+            except OptionsError as exc:
+                out[i] = {"error": str(exc)}
+        traces = self.engine.classify_grouped([items[i]["x"] for i in ok], opts)
+        done = []
+        for i, o, t in zip(ok, opts, traces, strict=True):
+            res = self.engine.result(t, o, bool(items[i].get("trajectory", True)))
+            out[i] = res.model_dump(mode="json")
+            done.append((t, o, res))
+        metrics.observe(self.engine.backend, done)
+        return out
+
+
+class _Front:
+    service: DEQGuard | None = None
+
+
+async def _get_model(request: Request) -> JSONResponse:
+    front = _Front.service
+    if front is None:
+        return JSONResponse({"error": "service is starting"}, status_code=503)
+    return JSONResponse(await front.description())
+
+
+_META_APP = Starlette(routes=[Route("/model", _get_model, methods=["GET"])])
+
+
+@bentoml.service(name="deqguard", workers=1, traffic={"timeout": 300})
+@bentoml.asgi_app(_META_APP, path="/")
+class DEQGuard:
+    """POST /classify, /classify_batch, /classify_tensor; GET /model; /livez /readyz /metrics."""
+
+    model = bentoml.depends(DEQGuardModel)
+
+    def __init__(self) -> None:
+        self._description: dict[str, Any] | None = None
+        _Front.service = self
+
+    async def description(self) -> dict[str, Any]:
+        if self._description is None:
+            self._description = await self.model.to_async.describe()
+        return self._description
+
+    async def _spec(self) -> dict[str, Any]:
+        return (await self.description())["input"]
+
+    async def _run(self, x: Any, request: Any) -> list[ClassifyResult]:
+        opts = options_of(request)
+        items = [{"x": xi, "options": opts, "trajectory": request.trajectory} for xi in x]
+        answers = await self.model.to_async.infer(items)
+        errors = [a["error"] for a in answers if "error" in a]
+        if errors:
+            raise RequestError(422, errors[0])
+        return [ClassifyResult.model_validate(a) for a in answers]
+
+    async def _images(self, images: list[str]) -> Any:
+        spec = await self._spec()
+        s = SETTINGS
+        return await asyncio.to_thread(
+            decode_images, images, spec, max_batch=s.max_batch, max_pixels=s.max_pixels,
+            max_request_pixels=s.max_request_pixels)
+
+    @bentoml.api(route="/classify", input_spec=ClassifyRequest)
+    async def classify(self, **fields: Any) -> ClassifyResult:
+        """One base64 image -> its prediction, trajectories and detection flag."""
+        req = ClassifyRequest.model_construct(**fields)
+        try:
+            return (await self._run(await self._images([req.image]), req))[0]
+        except RequestError as exc:
+            return _error(exc)
+
+    @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchRequest)
+    async def classify_batch(self, **fields: Any) -> list[ClassifyResult]:
+        """Several base64 images, one set of options -> answers in the same order."""
+        req = ClassifyBatchRequest.model_construct(**fields)
+        try:
+            return await self._run(await self._images(req.images), req)
+        except RequestError as exc:
+            return _error(exc)
+
+    @bentoml.api(route="/classify_tensor", input_spec=ClassifyTensorRequest)
+    async def classify_tensor(self, **fields: Any) -> list[ClassifyResult]:
+        """float32 values in [0, 1] as nested lists [N, C, H, W] -> one answer per row."""
+        req = ClassifyTensorRequest.model_construct(**fields)
+        try:
+            spec = await self._spec()
+            x = await asyncio.to_thread(tensor_array, req.tensor, spec,
+                                        max_batch=SETTINGS.max_batch)
+            return await self._run(x, req)
+        except RequestError as exc:
+            return _error(exc)
+
+
+def _error(exc: RequestError) -> Any:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+# Added in order, so the first is the outermost of the three.
+DEQGuard.add_asgi_middleware(ReadableValidationErrors)
+DEQGuard.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_body_bytes)
+DEQGuard.add_asgi_middleware(JsonOnly)

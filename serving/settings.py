@@ -1,0 +1,73 @@
+"""Server settings from environment variables and BentoML template arguments, validated once.
+
+Both BentoML services (the HTTP front and the batched model) read the same settings, so the front
+can refuse a request the model would refuse without asking it. Precedence: a template argument
+(`bentoml serve ... --arg checkpoint=path`) over an environment variable over the default.
+
+| setting          | env                         | --arg          | default                        |
+|------------------|-----------------------------|----------------|--------------------------------|
+| checkpoint       | DEQGUARD_CHECKPOINT         | checkpoint     | default (the shipped model)    |
+| backend          | DEQGUARD_BACKEND            | backend        | torch (or onnx)                |
+| onnx_path        | DEQGUARD_ONNX               | onnx           | none: export at start-up       |
+| onnx_iterations  | DEQGUARD_ONNX_ITERATIONS    | onnx_iterations| the checkpoint's max_iter      |
+| device           | DEQGUARD_DEVICE             | device         | auto (CUDA when present)       |
+| threads          | DEQGUARD_THREADS            | threads        | 1 (torch/ORT intra-op threads) |
+| max_iter_cap     | DEQGUARD_MAX_ITER_CAP       | max_iter_cap   | 100                            |
+| max_body_bytes   | DEQGUARD_MAX_BODY_BYTES     | max_body_bytes | 8 MiB (413 above)              |
+| max_batch        | DEQGUARD_MAX_BATCH          | max_batch      | 256 images per request         |
+| max_pixels       | DEQGUARD_MAX_PIXELS         | max_pixels     | 4096*4096 per image            |
+| max_request_pixels | DEQGUARD_MAX_REQUEST_PIXELS | (same) | 64 Mpx per request |
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .images import DEFAULT_MAX_PIXELS
+
+ENV_PREFIX = "DEQGUARD_"
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    checkpoint: str = "default"
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_path: str | None = None
+    onnx_iterations: int | None = Field(None, ge=1, le=1000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1, le=256)
+    max_iter_cap: int = Field(100, ge=1, le=1000)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_batch: int = Field(256, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64)
+    max_request_pixels: int = Field(64 * 1024 * 1024, ge=64)
+
+
+_ARG_ALIASES = {"onnx": "onnx_path"}
+_ENV_NAMES = {"onnx_path": "DEQGUARD_ONNX"}
+
+
+def _template_arguments() -> dict[str, Any]:
+    """`bentoml serve --arg k=v` values; empty outside a BentoML server."""
+    try:
+        import bentoml
+
+        return dict(vars(bentoml.use_arguments()))
+    except Exception:  # not under bentoml, or an older bentoml without template arguments
+        return {}
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> ServerSettings:
+    """Settings from env and template arguments; `overrides` (tests, bench) win over both."""
+    values: dict[str, Any] = {}
+    for name in ServerSettings.model_fields:
+        env = _ENV_NAMES.get(name, ENV_PREFIX + name.upper())
+        if os.environ.get(env):
+            values[name] = os.environ[env]
+    for key, value in _template_arguments().items():
+        values[_ARG_ALIASES.get(key, key)] = value
+    values.update(overrides or {})
+    return ServerSettings.model_validate(values)

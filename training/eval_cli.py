@@ -1,0 +1,214 @@
+"""`deqguard eval`: robustness, defense and detection report for one checkpoint.
+
+    deqguard eval default --data fashion-mnist --n 1000 --json eval.json --report eval/
+    deqguard eval run/best.safetensors --data fashion-mnist --attacks clean,pgd --n 200
+    deqguard eval default --data fashion-mnist --defense entropy-reduction --n 200
+    deqguard eval default --data fashion-mnist --attacks clean,detect --calibrate  # metadata
+    deqguard eval --schema                                                         # JSON schema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _stack(ds) -> tuple:
+    import torch
+
+    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
+    return torch.stack(list(xs)), torch.tensor(ys, dtype=torch.long)
+
+
+def _defense_config(pairs: list[str] | None):
+    import yaml
+
+    from ..models.defense import EntropyReductionConfig
+
+    fields = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise SystemExit(f"deqguard eval: error: --defense-set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        fields[key.strip()] = yaml.safe_load(value)
+    return EntropyReductionConfig.model_validate(fields)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.schema:
+        from .eval_schema import EvalReport
+
+        print(json.dumps(EvalReport.model_json_schema(), indent=2))
+        return 0
+    if not args.checkpoint or not args.data:
+        print("deqguard eval: error: CHECKPOINT and --data are required", file=sys.stderr)
+        return 2
+    import torch
+
+    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, update_metadata
+    from ..models.defense import default_eps
+    from ..models.errors import DeqguardError
+    from .data import dataset_info, load_dataset
+    from .eval_schema import CheckpointInfo, EvalSettings
+    from .evaluate import evaluate
+
+    parts = _names(args.attacks)
+    unknown = sorted(set(parts) - set(_PARTS))
+    if unknown:
+        raise DeqguardError(f"unknown --attacks {unknown}; choose from {', '.join(_PARTS)}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(path, device=device)
+    info = dataset_info(args.data, args.data_dir)
+    c, s = meta.input.channels, meta.input.height
+    if (info.in_channels, info.image_size) != (c, s) and args.data != "imagefolder":
+        raise DeqguardError(f"{args.data} images are {info.in_channels}x{info.image_size}px, the "
+                            f"checkpoint expects {c}x{s}px")
+    if info.num_classes != model.config.num_classes:
+        raise DeqguardError(f"{args.data} has {info.num_classes} classes, the checkpoint "
+                            f"{model.config.num_classes}")
+    size = s if args.data == "imagefolder" else None
+    x, y = _stack(load_dataset(args.data, args.split, data_dir=args.data_dir, limit=args.n,
+                               image_size=size))
+    x_val = y_val = None
+    if "detect" in parts:
+        x_val, y_val = _stack(load_dataset(args.data, "val", data_dir=args.data_dir,
+                                           limit=args.val_n, image_size=size))
+    eps = args.eps if args.eps is not None else default_eps(c, s)
+    settings = EvalSettings(
+        checkpoint=str(path), data=args.data, data_dir=args.data_dir, split=args.split,
+        n=len(x), eps=eps, parts=parts, defense=args.defense,
+        defense_config=_defense_config(args.defense_set) if args.defense != "none" else None,
+        pgd_steps=args.pgd_steps, pgd_restarts=args.restarts, step_size=args.step_size,
+        gradient_paths=_names(args.paths) if args.paths else None,
+        intermediate=_grid(args.intermediate), intermediate_tau=args.intermediate_tau,
+        bpda_paths=_names(args.bpda_paths) if args.bpda_paths else None,
+        steps_sweep=_ints(args.steps_sweep), eps_sweep=_floats(args.eps_sweep),
+        large_eps=args.large_eps, budgets=_ints(args.budgets),
+        aa_attacks=_names(args.aa_attacks) if args.aa_attacks else None, aa_n=args.aa_n,
+        detect_scores=_names(args.scores), early_index=args.early_index,
+        detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
+        calibrate=args.calibrate, calibration_score=args.calibration_score,
+        val_n=args.val_n, batch_size=args.batch_size, seed=args.seed, device=device)
+    torch.manual_seed(args.seed)
+    ckpt = CheckpointInfo(path=str(path), name=meta.name, sha256=meta.sha256,
+                          arch=str(meta.model.get("arch", "")), is_deq=model.is_deq,
+                          solver=meta.model.get("solver"))
+    report = evaluate(model, x, y, settings, checkpoint=ckpt, x_val=x_val, y_val=y_val,
+                      progress=not args.no_progress)
+    if args.calibrate:
+        det = report.detection
+        if det is None or det.calibration is None:
+            raise DeqguardError("--calibrate needs the detect part (--attacks ...,detect) and a "
+                                "validation split")
+        update_metadata(path, detection=det.calibration)
+        det.written_to_checkpoint = True
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(report.model_dump_json(indent=2))
+    if args.report:
+        from .eval_report import write_report
+
+        write_report(report, args.report, command=" ".join(["deqguard", *sys.argv[1:]]))
+    print(json.dumps(_summary(report), indent=2))
+    return 0
+
+
+def _grid(text: str) -> list[tuple[int, int]]:
+    from .eval_attacks import parse_grid
+
+    return parse_grid(text)
+
+
+def _summary(report) -> dict:
+    out = {"checkpoint": report.checkpoint.path, "n": report.settings.n, "eps": report.settings.eps,
+           "defense": report.settings.defense}
+    if report.clean:
+        out["clean_accuracy"] = report.clean.accuracy
+    for a in report.attacks:
+        out[f"acc/{a.name}"] = a.accuracy
+    if report.autoattack:
+        out["autoattack"] = report.autoattack.accuracy
+    if report.worst_case:
+        out["robust_accuracy_worst_case"] = report.worst_case.accuracy
+    if report.detection and report.detection.calibration:
+        out["detection"] = report.detection.calibration
+    out["warnings"] = report.warnings
+    out["seconds"] = round(report.seconds_total, 1)
+    return out
+
+
+def register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="robust accuracy (PGD paths, intermediate states, AutoAttack), the "
+        "entropy-reduction defense and trajectory detection for a checkpoint",
+        description="Evaluate a checkpoint. Parts (--attacks): clean, budget (accuracy and "
+        "convergence against max_iter), pgd (PGD through each gradient path and the paper's "
+        "intermediate-state attacks, plus gradient-masking sweeps), adaptive (BPDA through the "
+        "defense; the entropy-aware attack on the detector), aa (standard AutoAttack via "
+        "pyautoattack), detect (AUROC / TPR of trajectory scores; validation calibration).")
+    p.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint or a shipped name")
+    p.add_argument("--data", choices=["fashion-mnist", "cifar10", "imagefolder"])
+    p.add_argument("--data-dir")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--n", type=int, default=1000, help="number of test images (default 1000)")
+    p.add_argument("--eps", type=float, help="L-inf radius (default 0.1 for 28px grey, 8/255)")
+    p.add_argument("--attacks", default="clean,budget,pgd,adaptive,aa,detect",
+                   help="comma list of parts: " + ",".join(_PARTS))
+    p.add_argument("--defense", default="none", choices=["none", "entropy-reduction"])
+    p.add_argument("--defense-set", action="append", metavar="KEY=VALUE",
+                   help="EntropyReductionConfig field, e.g. rounds=4 input_steps=10 eps=0.1")
+    p.add_argument("--json", help="write the full report (EvalReport JSON) here")
+    p.add_argument("--report", help="write report.md and PNG plots into this folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
+    p.add_argument("--step-size", type=float, help="PGD step (default 2.5 eps / steps)")
+    p.add_argument("--paths", help="gradient paths (default phantom,implicit,exact)")
+    p.add_argument("--intermediate", default="1:5,4:5,8:9",
+                   help="intermediate-state attacks as i:K pairs ('' for none)")
+    p.add_argument("--intermediate-tau", type=float, default=0.5)
+    p.add_argument("--bpda-paths", help="gradient paths of the BPDA attack (default the model's)")
+    p.add_argument("--steps-sweep", default="1,5,10,20")
+    p.add_argument("--eps-sweep", default="0.5,1,2,4", help="multiples of --eps")
+    p.add_argument("--large-eps", type=float, default=0.5)
+    p.add_argument("--budgets", default="1,2,5,10,20,30,60")
+    p.add_argument("--aa-n", type=int, help="AutoAttack on the first N images (default all)")
+    p.add_argument("--aa-attacks", help="subset of apgd-ce,apgd-t,fab-t,square (default all)")
+    p.add_argument("--scores", default="final_entropy,max_softmax,mean_entropy,early_entropy,"
+                   "iterations,final_residual")
+    p.add_argument("--early-index", type=int, default=1)
+    p.add_argument("--detector-lambda", type=float, default=1.0)
+    p.add_argument("--fpr", type=float, default=0.05)
+    p.add_argument("--logistic", action="store_true",
+                   help="also fit a logistic detector over the trajectory on the val split")
+    p.add_argument("--calibrate", action="store_true",
+                   help="write the validation-calibrated threshold into the checkpoint metadata")
+    p.add_argument("--calibration-score", default="mean_entropy")
+    p.add_argument("--val-n", type=int, default=500, help="validation images for calibration")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema of the report")
+    p.set_defaults(func=_eval)

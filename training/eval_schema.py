@@ -1,0 +1,208 @@
+"""The JSON written by `deqguard eval`: every number next to the settings that produced it.
+
+`EvalReport.model_json_schema()` is the documented schema (`deqguard eval --schema` prints it).
+Accuracies are fractions in [0, 1]. "Evaluated predictor" means the model's deterministic forward
+(default solver and budget), behind the entropy-reduction defense when `settings.defense` says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..models.defense import EntropyReductionConfig
+
+SCHEMA_VERSION = 1
+EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget"]
+ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalSettings(_Model):
+    """Everything that changes a number in the report."""
+
+    checkpoint: str
+    data: str
+    data_dir: str | None = None
+    split: str = "test"
+    n: int = Field(ge=1)
+    eps: float = Field(gt=0)
+    parts: list[EvalPart]
+    defense: Literal["none", "entropy-reduction"] = "none"
+    defense_config: EntropyReductionConfig | None = None
+    pgd_steps: int = Field(10, ge=1)
+    pgd_restarts: int = Field(1, ge=1)
+    step_size: float | None = Field(None, description="None: 2.5 eps / steps")
+    gradient_paths: list[str] | None = Field(None, description="None: every path of the model")
+    intermediate: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(1, 5), (4, 5), (8, 9)],
+        description="(solver iterate i, unrolled steps K) pairs of the paper's attack")
+    intermediate_tau: float = 0.5
+    bpda_paths: list[str] | None = Field(None, description="None: the model's training path")
+    steps_sweep: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    eps_sweep: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
+                                   description="multiples of eps")
+    large_eps: float = Field(0.5, description="absolute radius where accuracy must reach ~0")
+    budgets: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20, 30, 60])
+    aa_version: Literal["standard"] = "standard"
+    aa_attacks: list[str] | None = Field(None, description="None: the full standard suite")
+    aa_n: int | None = Field(None, description="samples for AutoAttack (None: all n)")
+    detect_scores: list[str] = Field(default_factory=lambda: [
+        "final_entropy", "max_softmax", "mean_entropy", "early_entropy", "iterations",
+        "final_residual"])
+    early_index: int = 1
+    detector_lambda: float = 1.0
+    fpr: float = Field(0.05, gt=0, lt=1)
+    logistic: bool = False
+    calibrate: bool = False
+    calibration_score: str = "mean_entropy"
+    val_n: int = Field(500, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+
+
+class CheckpointInfo(_Model):
+    path: str
+    name: str = ""
+    sha256: str = ""
+    arch: str = ""
+    is_deq: bool
+    solver: dict[str, Any] | None = None
+
+
+class CleanResult(_Model):
+    n: int
+    accuracy: float = Field(description="evaluated predictor (defended if a defense is on)")
+    accuracy_undefended: float
+    converged_fraction: float
+    mean_iterations: float
+    seconds_per_sample: float
+    seconds_per_sample_undefended: float
+    overhead_ratio: float = Field(description="inference time with / without the defense")
+
+
+class BudgetPoint(_Model):
+    max_iter: int
+    accuracy: float
+    converged_fraction: float
+    mean_iterations: float
+    is_default: bool
+
+
+class AttackResult(_Model):
+    name: str
+    spec: dict[str, Any]
+    threat: Literal["white-box", "transfer", "adaptive"] = Field(
+        description="transfer: crafted on the undefended model, judged on the defended one")
+    accuracy: float = Field(description="on the evaluated predictor")
+    accuracy_undefended: float | None = Field(None, description="same inputs, no defense")
+    n: int
+    seconds: float
+
+
+class WorstCase(_Model):
+    accuracy: float
+    attacks: list[str] = Field(description="attacks combined per sample")
+    n: int
+
+
+class SweepPoint(_Model):
+    value: float
+    accuracy: float
+
+
+class Sweeps(_Model):
+    attack: str = Field(description="the attack swept (spec of the primary attack)")
+    steps: list[SweepPoint] = Field(description="value = PGD steps, at settings.eps")
+    eps: list[SweepPoint] = Field(description="value = radius, at settings.pgd_steps")
+    monotone_steps: bool
+    monotone_eps: bool
+    large_eps_accuracy: float | None
+
+
+class AutoAttackSection(_Model):
+    version: str
+    attacks: list[str]
+    forward: Literal["deterministic", "defended (BPDA gradient)"]
+    eps: float
+    n: int
+    accuracy: float
+    accuracy_after: dict[str, float] = Field(description="cumulative, in run order")
+    seconds: dict[str, float]
+    warnings: list[str]
+
+
+class ScoreResult(_Model):
+    auroc: float | None = Field(description="clean test vs successful adversarial inputs "
+                                "(None when the attack succeeded nowhere)")
+    tpr_at_fpr: float | None = Field(description="threshold set on clean test at settings.fpr")
+    auroc_all: float = Field(description="clean test vs every attacked input")
+    tpr_at_val_threshold: float | None = None
+
+
+class Curve(_Model):
+    fpr: list[float]
+    tpr: list[float]
+
+
+class DetectionAttack(_Model):
+    attack: str
+    n_successful: int
+    n_all: int
+    scores: dict[str, ScoreResult]
+    roc: dict[str, Curve] = Field(description="successful adversarial vs clean, <= 101 points")
+
+
+class Trajectory(_Model):
+    label: str
+    n: int
+    entropy_mean: list[float]
+    entropy_q25: list[float]
+    entropy_q75: list[float]
+    residual_median: list[float]
+
+
+class DetectionSection(_Model):
+    scores: list[str]
+    early_index: int
+    fpr: float
+    attacks: list[DetectionAttack]
+    trajectories: list[Trajectory]
+    clean_test_fpr_at_val_threshold: float | None = None
+    calibration: dict[str, Any] | None = Field(None, description="DetectionCalibration")
+    written_to_checkpoint: bool = False
+    logistic: dict[str, Any] | None = None
+
+
+class DefenseSummary(_Model):
+    transfer_accuracy: float | None = Field(description="worst case over transfer attacks "
+                                            "(the paper's protocol)")
+    adaptive_accuracy: float | None = Field(description="worst case over BPDA attacks")
+    autoattack_accuracy: float | None
+    robust_accuracy: float | None = Field(description="worst case over everything: the honest "
+                                          "number")
+    overhead_ratio: float
+
+
+class EvalReport(_Model):
+    schema_version: int = SCHEMA_VERSION
+    deqguard_version: str
+    created: str
+    seconds_total: float
+    checkpoint: CheckpointInfo
+    settings: EvalSettings
+    clean: CleanResult | None = None
+    budget: list[BudgetPoint] | None = None
+    attacks: list[AttackResult] = Field(default_factory=list)
+    worst_case: WorstCase | None = Field(None, description="per-sample worst case over "
+                                         "`attacks` and AutoAttack at settings.eps")
+    sweeps: Sweeps | None = None
+    autoattack: AutoAttackSection | None = None
+    defense: DefenseSummary | None = None
+    detection: DetectionSection | None = None
+    warnings: list[str] = Field(default_factory=list)
