@@ -1,0 +1,215 @@
+"""`deqguard score`: rows, error rows, labels and accuracy, output formats, resumption, engines."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CLASSES, make_pattern_images
+from deqguard.cli import main
+from deqguard.clients.files import find_images
+from deqguard.clients.rows import COLUMNS, read_rows
+from PIL import Image
+
+N_IMAGES = 200
+CORRUPT = ("shape1/truncated.png", "shape2/not-an-image.jpg")
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_folder(root: Path, n: int = N_IMAGES, *, labelled: bool = True, seed: int = 1) -> Path:
+    """n pattern PNGs (in class folders when labelled) plus two files that cannot be decoded."""
+    x, y = make_pattern_images(n, seed=seed)
+    for i in range(n):
+        sub = root / CLASSES[y[i]] if labelled else root / f"batch{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"img{i:04d}.png").write_bytes(_png((x[i, 0] * 255).round().astype(np.uint8)))
+    if labelled:
+        good = _png((x[0, 0] * 255).astype(np.uint8))
+        (root / CORRUPT[0]).write_bytes(good[: len(good) // 2])
+        (root / CORRUPT[1]).write_bytes(b"this is text, not a JPEG\n" * 4)
+        (root / "shape0" / "README.txt").write_text("not an image extension: ignored")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("images"))
+
+
+def score(*args: str) -> int:
+    return main(["score", *map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def local_jsonl(image_dir, tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "local.jsonl"
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--batch-size", 16,
+                 "--workers", 1) == 0
+    return out
+
+
+def test_one_row_per_file_with_labels_and_error_rows(local_jsonl, image_dir, tiny_checkpoint):
+    from deqguard.models import read_metadata
+
+    rows = read_rows(local_jsonl)
+    files = find_images(image_dir)
+    assert len(files) == N_IMAGES + len(CORRUPT)
+    assert [r["path"] for r in rows] == files  # sorted, each once
+    assert all(set(r) == set(COLUMNS) for r in rows)
+    sha = read_metadata(tiny_checkpoint).sha256
+    assert {r["model_sha256"] for r in rows} == {sha}
+    bad = {r["path"]: r for r in rows if r["error"] is not None}
+    assert set(bad) == set(CORRUPT)
+    for r in bad.values():
+        assert r["pred"] is None and r["entropy"] is None and r["label"] is not None
+    good = [r for r in rows if r["error"] is None]
+    for r in good:
+        assert r["label"] == CLASSES.index(r["path"].split("/")[0])
+        assert r["class_name"] == CLASSES[r["pred"]]
+        assert 0.25 <= r["confidence"] <= 1.0
+        assert len(r["entropy"]) == r["iterations"] >= 1
+        assert isinstance(r["converged"], bool) and isinstance(r["suspicious"], bool)
+        assert r["detection_score"] == pytest.approx(r["entropy"][-1], abs=1e-4)
+    acc = np.mean([r["pred"] == r["label"] for r in good])
+    assert acc > 0.9  # the tiny checkpoint learnt the patterns
+
+
+def test_summary_reports_rows_errors_and_accuracy(image_dir, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0) == 0
+    text = capsys.readouterr().out
+    rows = read_rows(out)
+    good = [r for r in rows if r["error"] is None]
+    correct = sum(r["pred"] == r["label"] for r in good)
+    assert f"rows: {len(rows)}" in text
+    assert f"errors: {len(CORRUPT)}" in text
+    assert f"accuracy: {correct / len(good):.4f} ({correct}/{len(good)}" in text
+
+
+def test_unlabelled_folder_has_null_labels_and_no_accuracy(tiny_checkpoint, tmp_path, capsys):
+    root = write_folder(tmp_path / "flat", 12, labelled=False)
+    out = tmp_path / "flat.csv"
+    assert score(root, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0) == 0
+    rows = read_rows(out)
+    assert len(rows) == 12 and all(r["label"] is None and r["error"] is None for r in rows)
+    assert "accuracy" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_each_format_reads_back_the_same_rows(local_jsonl, image_dir, tiny_checkpoint, tmp_path,
+                                              suffix):
+    out = tmp_path / f"rows{suffix}"
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--batch-size", 16,
+                 "--workers", 0) == 0
+    assert read_rows(out) == read_rows(local_jsonl)
+
+
+def test_parquet_keeps_the_trajectory_as_a_list_column(local_jsonl, image_dir, tiny_checkpoint,
+                                                       tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "rows.parquet"
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0) == 0
+    schema = pq.read_schema(out)
+    assert pa.types.is_list(schema.field("entropy").type)
+    assert schema.field("label").type == pa.int64()
+
+
+def test_csv_stores_the_trajectory_as_json(local_jsonl, image_dir, tiny_checkpoint, tmp_path):
+    import csv
+    import json
+
+    out = tmp_path / "rows.csv"
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0) == 0
+    with out.open() as fh:
+        first = next(r for r in csv.DictReader(fh) if r["error"] == "")
+    assert isinstance(json.loads(first["entropy"]), list)
+
+
+def test_rerun_of_a_finished_output_scores_nothing_and_keeps_rows(image_dir, tiny_checkpoint,
+                                                                  tmp_path, capsys):
+    out = tmp_path / "again.jsonl"
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0) == 0
+    assert "(0 scored in this run" in capsys.readouterr().out
+    assert out.read_bytes() == before
+
+
+def test_unfinished_run_with_other_options_is_refused(image_dir, tiny_checkpoint, tmp_path,
+                                                      capsys):
+    out = tmp_path / "mixed.jsonl"
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    (parts / "run.json").write_text('{"options": {"max_iter": 3}}')
+    code = score(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0)
+    assert code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_output_suffix_is_refused_before_any_work(image_dir, tiny_checkpoint, tmp_path, capsys):
+    assert score(image_dir, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x.xlsx") == 2
+    assert ".parquet, .csv or .jsonl" in capsys.readouterr().err
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "deqguard.cli", "score", *map(str, args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)
+
+
+def test_sigkill_then_rerun_gives_every_file_exactly_once(image_dir, tiny_checkpoint, tmp_path):
+    out = tmp_path / "killed.parquet"
+    parts = out.with_name(out.name + ".parts")
+    # Slow on purpose (naive solver, tight tol, many steps) so the kill lands mid-run.
+    args = [image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--batch-size", 8,
+            "--chunk-rows", 16, "--solver", "naive", "--max-iter", 60, "--tol", 1e-9,
+            "--workers", 1, "--quiet"]
+    proc = _cli(*args, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(parts.glob("part-*.jsonl")):
+        assert proc.poll() is None, f"finished before a kill could land: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no part was flushed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    flushed = sum(len(read_rows(p, "jsonl")) for p in parts.glob("part-*.jsonl"))
+    assert 0 < flushed < N_IMAGES
+
+    rerun = _cli(*args)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    scored_now = int(stdout.split("(")[1].split()[0])
+    assert scored_now == N_IMAGES + len(CORRUPT) - flushed  # the flushed rows were skipped
+    rows = read_rows(out)
+    assert [r["path"] for r in rows] == find_images(image_dir)
+    assert {r["path"] for r in rows if r["error"]} == set(CORRUPT)
+    assert all(r["pred"] is not None and r["entropy"] for r in rows if not r["error"])
+    assert not parts.exists()
+
+
+def test_ray_engine_gives_the_same_rows_as_local(local_jsonl, image_dir, tiny_checkpoint,
+                                                 tmp_path):
+    out = tmp_path / "ray.jsonl"
+    proc = _cli(image_dir, "--checkpoint", tiny_checkpoint, "--out", out, "--engine", "ray",
+                "--batch-size", 16, "--quiet")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert read_rows(out) == read_rows(local_jsonl)
