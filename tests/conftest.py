@@ -69,3 +69,19 @@ def tiny_checkpoint(tmp_path_factory, pattern_data) -> Path:
         "metrics": {"train_clean_accuracy": acc},
     })
     return path
+
+
+@pytest.fixture(scope="session")
+def served_url(tiny_checkpoint, tmp_path_factory) -> str:
+    """Base URL (http://127.0.0.1:PORT) of a REAL `bentoml serve deqguard.serving.service:DEQGuard`
+    serving `tiny_checkpoint` on the torch backend with default settings (CPU, 1 thread, caps:
+    max_iter 100, 8 MiB bodies, 256 images per request). Started once per test session, /readyz
+    already 200 when you get it, stopped at the end of the session. Share it: do not restart it.
+    The server's log is `server.log` in a pytest temp dir (shown if start-up fails). For a server
+    with other settings use `serving_server.serve(checkpoint, log_path, DEQGUARD_...=...)`.
+    """
+    from serving_server import serve
+
+    log = tmp_path_factory.mktemp("served") / "server.log"
+    with serve(tiny_checkpoint, log) as url:
+        yield url
