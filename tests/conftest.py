@@ -71,6 +71,29 @@ def tiny_checkpoint(tmp_path_factory, pattern_data) -> Path:
     return path
 
 
+def write_idx_dataset(root: Path, n_train: int = 512, n_test: int = 128, seed: int = 0) -> Path:
+    """Pattern images as Fashion-MNIST IDX .gz files, so `--data-dir root` trains on them."""
+    import gzip
+
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
+        x, y = make_pattern_images(n, seed=s)
+        pixels = (x[:, 0] * 255).round().astype(np.uint8)
+        head = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in pixels.shape)
+        images = gzip.compress(head + pixels.tobytes())
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(images)
+        head = bytes([0, 0, 8, 1]) + int(n).to_bytes(4, "big")
+        labels = y.astype(np.uint8).tobytes()
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(head + labels))
+    return root
+
+
+@pytest.fixture(scope="session")
+def pattern_idx_dir(tmp_path_factory) -> Path:
+    """A folder of Fashion-MNIST-format files holding the 4-class pattern data (512 + 128)."""
+    return write_idx_dataset(tmp_path_factory.mktemp("pattern-idx"))
+
+
 @pytest.fixture(scope="session")
 def served_url(tiny_checkpoint, tmp_path_factory) -> str:
     """Base URL (http://127.0.0.1:PORT) of a REAL `bentoml serve deqguard.serving.service:DEQGuard`

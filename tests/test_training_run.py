@@ -1,0 +1,180 @@
+"""`deqguard train` end to end on tiny generated data: outputs, metadata, resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from deqguard.cli import main
+from deqguard.models import load_checkpoint, read_metadata
+from deqguard.models.checkpoint import tensor_sha256
+from deqguard.training.config import ConfigError, build_config, preset_names
+from deqguard.training.loop import EpochBatches
+from deqguard.training.resume import ResumeError
+
+PRESETS = ["fashion-tiny-pgdat", "fashion-tiny-regulated", "fashion-cnn-pgdat",
+           "cifar-large-trades-regulated", "cifar-resnet18-trades"]
+
+
+def tiny_args(data_dir: Path, out: Path, *extra: str, epochs: int = 2) -> list[str]:
+    """A regulated PGD-AT run of 14 steps per epoch (about a second each epoch)."""
+    sets = ["data.val_size=64", "model.overrides={width: 8, head_width: 16, dropout: 0.1}",
+            "train.batch_size=16", "objective.steps=2", "solver.max_iter=4", "eval.val_limit=32",
+            "eval.steps=2", "eval.test_limit=64", "train.save_every_steps=3"]
+    args = ["train", "--preset", "fashion-tiny-regulated", "--data-dir", str(data_dir),
+            "--epochs", str(epochs), "--out", str(out), "--no-progress", "--device", "cpu",
+            "--limit", "224"]
+    for s in sets:
+        args += ["--set", s]
+    return args + list(extra)
+
+
+def test_shipped_presets_validate():
+    assert set(PRESETS) <= set(preset_names())
+    for name in PRESETS:
+        cfg = build_config(name)
+        assert cfg.name == name
+    large = build_config("cifar-large-trades-regulated")
+    assert (large.objective.kind, large.objective.beta, large.train.batch_size) == ("trades", 6, 96)
+    assert large.regulation.enabled and large.solver.solver == "broyden"
+    assert large.solver.max_iter == 8 and large.grad.phantom_steps == 5
+    assert abs(large.objective.eps - 8 / 255) < 1e-9 and large.objective.steps == 10
+    assert build_config("fashion-cnn-pgdat").model.preset == "cnn"
+
+
+def test_overrides_and_their_errors():
+    cfg = build_config("fashion-tiny-pgdat", ["objective.eps=0.2", "model.overrides.width=8",
+                                              "regulation.enabled=true"])
+    assert cfg.objective.eps == 0.2 and cfg.model.overrides == {"width": 8}
+    assert cfg.regulation.enabled
+    with pytest.raises(ConfigError, match="objective"):
+        build_config("fashion-tiny-pgdat", ["objective.epsilon=0.2"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        build_config("fashion-tiny-pgdat", ["objective.eps"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("no-such-preset")
+
+
+def test_epoch_batches_shard_and_resume():
+    full = list(EpochBatches(100, 8, seed=1, epoch=0))
+    assert len(full) == 12 and all(len(b) == 8 for b in full)
+    assert list(EpochBatches(100, 8, seed=1, epoch=0, start=5)) == full[5:]
+    assert full != list(EpochBatches(100, 8, seed=1, epoch=1))
+    r0 = list(EpochBatches(100, 4, seed=1, epoch=0, rank=0, world_size=2))
+    r1 = list(EpochBatches(100, 4, seed=1, epoch=0, rank=1, world_size=2))
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == full
+
+
+def test_train_cli_writes_checkpoints_log_and_metadata(pattern_idx_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    out = tmp_path / "run"
+    args = tiny_args(pattern_idx_dir, out)
+    monkeypatch.setattr(sys, "argv", ["deqguard", *args])  # what the console script sees
+    assert main(args) == 0
+    assert {p.name for p in out.iterdir()} >= {"last.safetensors", "best.safetensors",
+                                               "train_log.jsonl", "resume.pt"}
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in rows[:2]] == [1, 2] and rows[2]["event"] == "final"
+    for key in ("train_loss", "train_adv_accuracy", "val_clean_accuracy", "val_pgd_accuracy",
+                "train_mean_iterations", "val_mean_iterations", "train_seconds",
+                "images_per_second"):
+        assert rows[0][key] is not None
+    assert 1 <= rows[0]["train_mean_depth"] <= 4
+    meta = read_metadata(out / "last.safetensors")
+    t = meta.training
+    assert t["preset"] == "fashion-tiny-regulated" and t["config"]["regulation"]["enabled"]
+    assert t["config"]["solver"] == {"solver": "anderson", "max_iter": 4, "tol": 0.001}
+    assert t["config"]["eval"]["eps"] == 0.1  # resolved from the objective
+    assert t["argv"] == ["deqguard", *args] and t["command"].startswith("deqguard train --preset")
+    assert len(t["data_fingerprint"]) == 64 and t["epochs_completed"] == 2
+    m = meta.metrics
+    assert {"val_clean_accuracy", "val_pgd_accuracy", "test_clean_accuracy"} <= set(m)
+    assert m["test_clean_images"] == 64
+    # the recorded test accuracy is what the checkpoint scores (first 64 test images)
+    from deqguard.training.data import load_dataset
+    model, _ = load_checkpoint(out / "last.safetensors", device="cpu")
+    test = load_dataset("fashion-mnist", "test", data_dir=pattern_idx_dir, limit=64)
+    x = torch.stack([test[i][0] for i in range(64)])
+    y = torch.tensor([test[i][1] for i in range(64)])
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    assert acc == pytest.approx(m["test_clean_accuracy"], abs=1e-9)
+    best = read_metadata(out / "best.safetensors").metrics
+    assert best["best_epoch"] in (1, 2)
+    # a second run into the same folder without --resume is refused
+    assert main(tiny_args(pattern_idx_dir, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_corrupt_and_mismatched_resume_files(pattern_idx_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(pattern_idx_dir, out, epochs=1)) == 0
+    state = (out / "resume.pt").read_bytes()
+    # a different configuration
+    assert main(tiny_args(pattern_idx_dir, out, "--resume", "--set", "objective.eps=0.2")) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "objective.eps" in err
+    # a truncated file
+    (out / "resume.pt").write_bytes(state[: len(state) // 2])
+    assert main(tiny_args(pattern_idx_dir, out, "--resume")) == 2
+    assert "corrupt" in capsys.readouterr().err
+    # not a resume file at all
+    torch.save({"hello": 1}, out / "resume.pt")
+    assert main(tiny_args(pattern_idx_dir, out, "--resume")) == 2
+    assert "not a deqguard resume file" in capsys.readouterr().err
+    from deqguard.training.config import build_config as bc
+    from deqguard.training.loop import Trainer
+    (out / "resume.pt").write_bytes(state)
+    with pytest.raises(ResumeError, match="different configuration"):
+        Trainer(bc("fashion-tiny-regulated", ["data.val_size=64", "data.data_dir=" + str(
+            pattern_idx_dir)]), out_dir=out, resume=True)
+
+
+def _run_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "deqguard.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(pattern_idx_dir, tmp_path):
+    """Dropout, augmentation, attack noise and random depths all on; killed with SIGKILL after
+    the first mid-epoch save, resumed, it must end bit-identical to an uninterrupted run."""
+    ref = _run_cli(tiny_args(pattern_idx_dir, tmp_path / "ref"))
+    killed_out = tmp_path / "killed"
+    proc = _run_cli(tiny_args(pattern_idx_dir, killed_out))
+    deadline = time.monotonic() + 120
+    while not (killed_out / "resume.pt").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(killed_out / "resume.pt", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["step"] < 14  # really mid-epoch
+    resumed = _run_cli(tiny_args(pattern_idx_dir, killed_out, "--resume"))
+    for p in (ref, resumed):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for name in ("last.safetensors", "best.safetensors"):
+        a = read_metadata(tmp_path / "ref" / name)
+        b = read_metadata(killed_out / name)
+        assert a.sha256 == b.sha256, name
+        assert a.metrics["val_pgd_accuracy"] == b.metrics["val_pgd_accuracy"]
+    log_a = (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()
+    log_b = (killed_out / "train_log.jsonl").read_text().splitlines()
+    assert len(log_a) == len(log_b) == 3
+    for la, lb in zip(log_a, log_b, strict=True):
+        ra, rb = json.loads(la), json.loads(lb)
+        for k in ("train_loss", "train_adv_accuracy", "val_clean_accuracy", "val_pgd_accuracy"):
+            assert ra.get(k) == rb.get(k)
+    model, _ = load_checkpoint(killed_out / "last.safetensors", device="cpu")
+    assert tensor_sha256(model.state_dict()) == read_metadata(tmp_path / "ref" /
+                                                              "last.safetensors").sha256
