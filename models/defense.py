@@ -13,11 +13,17 @@ little less accelerated across rounds; the states visited still follow the purif
 The paper's last round of input steps changes nothing that is read out (the readout is the last
 iterate computed *before* those steps), so it is skipped here.
 
-Gradient through the defense for adaptive attacks (`bpda_logits`): the forward value is the
-defended prediction; the backward pass treats the whole purification x -> x' as the identity
-(BPDA, Athalye et al. 2018) and the readout state z_r as an equilibrium of f(., inject(x')), i.e.
-d logits / d x := d decode(P(z_r; inject(x~))) / d x~ evaluated at x~ = x', where P is the model's
-gradient path (phantom unroll or implicit adjoint) started from the detached z_r.
+Gradient through the defense for adaptive attacks (`bpda_logits`), BPDA (Athalye et al. 2018):
+the forward value is always the defended prediction, and the input updates are straight-through,
+i.e. each round's purified input is x~_r = x + stop_grad(x'_r - x), so d x~_r / d x = I.
+- grad="exact" (default): backprop through every solver step of every round, each round's
+  injection inject(x~_r) and the state carried between rounds; only the signed-gradient input
+  updates are replaced by the identity. This is the gradient of the defended forward "as if
+  x' = x" in the input-update steps and exact everywhere else.
+- grad="phantom" / "implicit": the readout state z_r is treated as an equilibrium of
+  f(., inject(x~)) with x~ = x + stop_grad(x'_readout - x), and the gradient is the model's
+  phantom unroll / implicit adjoint from the detached z_r. Cheaper, but z_r is an early,
+  unconverged iterate, so this surrogate can be weak (the evaluation reports both).
 """
 
 from __future__ import annotations
@@ -95,8 +101,13 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
                             cfg: EntropyReductionConfig | None = None, *,
                             solver: str | None = None, max_iter: int | None = None,
                             tol: float | None = None, trajectory: bool = True,
-                            eps: float | None = None) -> DefenseTrace:
-    """Run the defended dynamics; see `entropy_reduction_solve` for the arguments."""
+                            eps: float | None = None,
+                            straight_through: bool = False) -> DefenseTrace:
+    """Run the defended dynamics; see `entropy_reduction_solve` for the arguments.
+
+    `straight_through=True` keeps a graph from x to the readout logits: solver steps under
+    exact autograd, input updates as the identity (see the module doc, grad="exact").
+    """
     if not model.is_deq:
         raise ValueError("input entropy reduction needs a DEQ model (it acts along the dynamics)")
     assert isinstance(model, DEQClassifier)
@@ -110,6 +121,7 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
     if not 1 <= readout <= total:
         raise ValueError(f"readout iterate {readout} is outside 1..{total}")
 
+    grad_mode = torch.enable_grad() if straight_through else torch.no_grad()
     with torch.inference_mode(False):
         x0 = x.detach().clone()
         x_cur = x0
@@ -117,23 +129,25 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
         entropies, residuals, iters = [], [], torch.zeros(x.shape[0], dtype=torch.long,
                                                           device=x.device)
         done, converged, z_read, x_read = 0, None, None, x0
-        with torch.no_grad():
+        with grad_mode:
             for r in range(rounds):
                 k = min(steps, total - done)
-                eq = model.equilibrium(x_cur, solver=solver, max_iter=k, tol=tol,
-                                       trajectory=trajectory, keep_states=True, z0=z)
+                x_in = x + (x_cur - x).detach() if straight_through else x_cur
+                eq = model.equilibrium(x_in, solver=solver, max_iter=k, tol=tol,
+                                       trajectory=trajectory, keep_states=True, z0=z,
+                                       grad="exact" if straight_through else None)
                 out = eq.output
-                states = out.states or [eq.z_star]
+                states = out.states or [eq.z]
                 # The solver can stop early (all samples under tol): pad with the last state.
                 states = states + [states[-1]] * (k - len(states))
                 if done < readout <= done + k:
-                    z_read, x_read = states[readout - done - 1].detach(), x_cur
+                    z_read, x_read = states[readout - done - 1], x_cur
                 if trajectory and eq.entropy is not None:
                     entropies.append(eq.entropy)
                 residuals.append(out.residual)
                 iters = iters + out.iterations
                 converged = out.converged
-                z = eq.z_star
+                z = eq.z if straight_through else eq.z_star
                 done += k
                 if r < rounds - 1 and cfg.input_steps > 0:
                     x_cur = _entropy_input_steps(model, z, x_cur, x0, cfg.input_steps,
@@ -142,7 +156,8 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
             logits = model.decode(z_read)
         result = SolveResult(
             logits=logits, residual=torch.cat(residuals), iterations=iters, converged=converged,
-            entropy=torch.cat(entropies) if trajectory and entropies else None, z=z_read)
+            entropy=torch.cat(entropies) if trajectory and entropies else None,
+            z=z_read.detach())
     return DefenseTrace(result=result, x_readout=x_read, x_final=x_cur)
 
 
@@ -164,18 +179,20 @@ def entropy_reduction_solve(model: Classifier, x: Tensor,
 
 def bpda_logits(model: Classifier, x: Tensor, cfg: EntropyReductionConfig | None = None, *,
                 solver: str | None = None, max_iter: int | None = None, tol: float | None = None,
-                grad: GradConfig | str | None = None, eps: float | None = None) -> Tensor:
+                grad: GradConfig | str | None = "exact", eps: float | None = None) -> Tensor:
     """Defended logits for adaptive attacks: exact forward value, BPDA gradient (module doc)."""
     assert isinstance(model, DEQClassifier)
+    gcfg = model._grad_config(grad)
+    if gcfg.mode == "exact":
+        return entropy_reduction_trace(model, x, cfg, solver=solver, max_iter=max_iter, tol=tol,
+                                       trajectory=False, eps=eps,
+                                       straight_through=True).result.logits
     trace = entropy_reduction_trace(model, x.detach(), cfg, solver=solver, max_iter=max_iter,
                                     tol=tol, trajectory=False, eps=eps)
     z_r = trace.result.z
     assert z_r is not None
     x_tilde = x + (trace.x_readout - x).detach()  # value x', gradient identity to x
     u = model.inject(x_tilde)
-    gcfg = model._grad_config(grad)
-    if gcfg.mode == "exact":  # no solver to differentiate here: use the phantom path instead
-        gcfg = gcfg.model_copy(update={"mode": "phantom"})
     z = attach_gradient(lambda s: model.layer(s, u), z_r, gcfg, straight_through=True)
     return model.decode(z)
 
@@ -187,7 +204,7 @@ class DefendedClassifier(torch.nn.Module):
     """
 
     def __init__(self, model: Classifier, cfg: EntropyReductionConfig | None = None, *,
-                 eps: float | None = None, grad: GradConfig | str | None = None):
+                 eps: float | None = None, grad: GradConfig | str | None = "exact"):
         super().__init__()
         self.model = model
         self.cfg = (cfg or EntropyReductionConfig()).resolved(model, eps)

@@ -62,6 +62,12 @@ def test_bpda_value_is_the_defended_prediction_and_gradient_nonzero(model_and_da
     torch.testing.assert_close(logits.detach(), ref, atol=1e-5, rtol=1e-5)
     logits.logsumexp(1).sum().backward()
     assert xr.grad is not None and xr.grad.abs().sum() > 0
+    for path in ("phantom", "implicit"):
+        xp = x[:8].clone().requires_grad_(True)
+        out = bpda_logits(model, xp, cfg, grad=path)
+        torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-5)
+        out.logsumexp(1).sum().backward()
+        assert xp.grad.abs().sum() > 0, path
     wrapped = DefendedClassifier(model, cfg)
     torch.testing.assert_close(wrapped(x[:8]).detach(), ref, atol=1e-5, rtol=1e-5)
 

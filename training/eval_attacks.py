@@ -99,20 +99,25 @@ def intermediate_logits(model: DEQClassifier, x: Tensor, state: int, unroll: int
 
 
 def detector_loss(model: Classifier, x: Tensor, y: Tensor, lam: float) -> Tensor:
-    """CE(logits, y) - lam * sum_t H(decode(z_t)): misclassify while looking settled.
+    """CE(logits, y) - lam * [fooled] * sum_t H(decode(z_t)): misclassify, then look settled.
 
+    The entropy term switches on per sample once the input is misclassified: the attacker first
+    crosses the boundary, then spends its steps lowering the trajectory entropy (a plain
+    CE - lam * sum H with the sum over ~T iterates mostly buys low entropy and few errors).
     Gradient: exact backprop through every solver iteration (each iterate's entropy and the final
-    logits), so the attacker sees the true derivative of the trajectory it is shaping. For a
-    feedforward model the trajectory is the single output.
+    logits). For a feedforward model the trajectory is the single output.
     """
     if not model.is_deq:
         logits = model(x)
-        return F.cross_entropy(logits, y, reduction="none") - lam * prediction_entropy(logits)
-    assert isinstance(model, DEQClassifier)
-    eq = model.equilibrium(x, grad="exact", keep_states=True)
-    states = eq.output.states or [eq.z]
-    ent = torch.stack([prediction_entropy(model.decode(s)) for s in states]).sum(0)
-    return F.cross_entropy(model.decode(eq.z), y, reduction="none") - lam * ent
+        ent = prediction_entropy(logits)
+    else:
+        assert isinstance(model, DEQClassifier)
+        eq = model.equilibrium(x, grad="exact", keep_states=True)
+        states = eq.output.states or [eq.z]
+        ent = torch.stack([prediction_entropy(model.decode(s)) for s in states]).sum(0)
+        logits = model.decode(eq.z)
+    fooled = (logits.argmax(1) != y).to(ent.dtype).detach()
+    return F.cross_entropy(logits, y, reduction="none") - lam * fooled * ent
 
 
 def loss_fn_for(model: Classifier, spec: AttackSpec, y: Tensor,

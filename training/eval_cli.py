@@ -189,7 +189,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--intermediate", default="1:5,4:5,8:9",
                    help="intermediate-state attacks as i:K pairs ('' for none)")
     p.add_argument("--intermediate-tau", type=float, default=0.5)
-    p.add_argument("--bpda-paths", help="gradient paths of the BPDA attack (default the model's)")
+    p.add_argument("--bpda-paths", help="BPDA gradient paths: exact (default), phantom, implicit")
     p.add_argument("--steps-sweep", default="1,5,10,20")
     p.add_argument("--eps-sweep", default="0.5,1,2,4", help="multiples of --eps")
     p.add_argument("--large-eps", type=float, default=0.5)
@@ -199,7 +199,8 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores", default="final_entropy,max_softmax,mean_entropy,early_entropy,"
                    "iterations,final_residual")
     p.add_argument("--early-index", type=int, default=1)
-    p.add_argument("--detector-lambda", type=float, default=1.0)
+    p.add_argument("--detector-lambda", type=float, default=0.1,
+                   help="attack on the detector: CE - lambda * summed trajectory entropy")
     p.add_argument("--fpr", type=float, default=0.05)
     p.add_argument("--logistic", action="store_true",
                    help="also fit a logistic detector over the trajectory on the val split")

@@ -42,7 +42,8 @@ class EvalSettings(_Model):
         default_factory=lambda: [(1, 5), (4, 5), (8, 9)],
         description="(solver iterate i, unrolled steps K) pairs of the paper's attack")
     intermediate_tau: float = 0.5
-    bpda_paths: list[str] | None = Field(None, description="None: the model's training path")
+    bpda_paths: list[str] | None = Field(None, description="None: exact (through the solver "
+                                         "steps, input updates straight-through)")
     steps_sweep: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
     eps_sweep: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
                                    description="multiples of eps")
@@ -55,7 +56,7 @@ class EvalSettings(_Model):
         "final_entropy", "max_softmax", "mean_entropy", "early_entropy", "iterations",
         "final_residual"])
     early_index: int = 1
-    detector_lambda: float = 1.0
+    detector_lambda: float = Field(0.1, description="weight of the summed trajectory entropy")
     fpr: float = Field(0.05, gt=0, lt=1)
     logistic: bool = False
     calibrate: bool = False

@@ -220,7 +220,7 @@ class Evaluation:
         """The attack the sweeps and the logistic detector use: the strongest cheap one."""
         k = self.s.pgd_steps if steps is None else steps
         if self.defended:
-            path = (self.s.bpda_paths or [self.model.config.grad.mode])[0]
+            path = (self.s.bpda_paths or ["exact"])[0]
             return self._spec(f"bpda-pgd{k}-{path}", "bpda", gradient=path, eps=eps, steps=k)
         path = self.model.config.grad.mode if self.model.is_deq else "direct"
         return self._spec(f"pgd{k}-{path}", "pgd", gradient=path, eps=eps, steps=k)
@@ -228,7 +228,7 @@ class Evaluation:
     def adaptive_tasks(self) -> list[tuple[str, Callable[[], None]]]:
         tasks = []
         if self.defended:
-            for p in self.s.bpda_paths or [self.model.config.grad.mode]:
+            for p in self.s.bpda_paths or ["exact"]:
                 spec = self._spec(f"bpda-pgd{self.s.pgd_steps}-{p}", "bpda", gradient=p)
                 tasks.append((spec.name, lambda spec=spec: self._attack(spec, transfer=False)))
         spec = self._spec(f"detector-adaptive-lam{self.s.detector_lambda:g}", "detector",
