@@ -84,12 +84,12 @@ def _eval(args: argparse.Namespace) -> int:
     if (info.in_channels, info.image_size) != (c, s) and args.data != "imagefolder":
         raise DeqguardError(f"{args.data} images are {info.in_channels}x{info.image_size}px, the "
                             f"checkpoint expects {c}x{s}px")
-    if info.num_classes != model.config.num_classes:
-        raise DeqguardError(f"{args.data} has {info.num_classes} classes, the checkpoint "
-                            f"{model.config.num_classes}")
     size = s if args.data == "imagefolder" else None
     x, y = _stack(load_dataset(args.data, args.split, data_dir=args.data_dir, limit=args.n,
                                image_size=size))
+    if len(y) and int(y.max()) >= model.config.num_classes:
+        raise DeqguardError(f"{args.data} has label {int(y.max())}, the checkpoint only "
+                            f"{model.config.num_classes} classes")
     x_val = y_val = None
     if "detect" in parts:
         x_val, y_val = _stack(load_dataset(args.data, "val", data_dir=args.data_dir,
