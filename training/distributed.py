@@ -79,6 +79,19 @@ def average_gradients(model: nn.Module) -> None:
         offset += n
 
 
+def check_in_sync(model: nn.Module) -> None:
+    """Fail loudly if the processes' parameters diverged (they must stay bit-identical)."""
+    if not active():
+        return
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    if not torch.equal(ref, flat):
+        from ..models.errors import DeqguardError
+        raise DeqguardError(f"process {dist.get_rank()} holds different weights than process 0: "
+                            "data-parallel training went out of sync")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if active():
         t = t.clone()

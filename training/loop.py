@@ -430,6 +430,7 @@ class Trainer:
         """Test-set clean accuracy of last and best on the first `eval.test_limit` images."""
         from ..models import load_checkpoint
 
+        distributed.check_in_sync(self.model)
         final: dict[str, Any] = {"event": "final", "best_epoch": self.best["epoch"],
                                  "best_value": self.best["value"]}
         if not self.dist.is_main:
