@@ -9,7 +9,8 @@ trained model).
     .venv/bin/python bench/solvers.py --presets tiny --threads 2
 
 A sample that does not reach `--tol` within the budget counts `max_iter` iterations; the
-`conv` column says how many did. Inputs: the Fashion-MNIST test set when the model reads
+`converged` column says how many did, and the median last relative residual how close the rest
+got. Inputs: the Fashion-MNIST test set when the model reads
 28x28x1 images and the files are present (/usr/share/datasets/fashion-mnist), else uniform noise
 (always for `large` at random init: there is no CIFAR-10 on disk here).
 """
@@ -72,6 +73,7 @@ def run_solver(model, x: torch.Tensor, solver: str, max_iter: int, tol: float,
     return {
         "iters": r.iterations.float().mean().item(),
         "conv": r.converged.float().mean().item(),
+        "res": r.residual[-1].median().item(),
         "time": min(times),
     }
 
@@ -85,13 +87,14 @@ def bench_model(label: str, model, x: torch.Tensor, source: str, args, max_iter:
     rows = {s: run_solver(model, x, s, max_iter, args.tol, args.trajectory, args.repeats)
             for s in args.solvers}
     base = rows.get("naive")
-    print("| solver | mean iters | converged | wall s | ms/sample | iters vs naive "
-          "| time vs naive |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| solver | mean iters | converged | median last residual | wall s | ms/sample "
+          "| iters vs naive | time vs naive |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for s, r in rows.items():
         it_ratio = f"{r['iters'] / base['iters']:.2f}x" if base else "-"
         t_ratio = f"{r['time'] / base['time']:.2f}x" if base else "-"
-        print(f"| {s} | {r['iters']:.1f} | {100 * r['conv']:.0f}% | {r['time']:.2f} | "
+        print(f"| {s} | {r['iters']:.1f} | {100 * r['conv']:.0f}% | {r['res']:.1e} | "
+              f"{r['time']:.2f} | "
               f"{1000 * r['time'] / len(x):.1f} | {it_ratio} | {t_ratio} |")
 
 
