@@ -28,7 +28,7 @@ def _score(args: argparse.Namespace) -> int:
         input_dir=args.input_dir, out=args.out, checkpoint=args.checkpoint, url=args.url,
         engine=args.engine, batch_size=args.batch_size, workers=args.workers, options=options,
         chunk_rows=args.chunk_rows, concurrency=args.concurrency, overwrite=args.overwrite,
-        progress=not args.quiet, device=args.device)
+        progress=not args.quiet, device=args.device, threads=args.threads)
     try:
         summary = score_folder(cfg)
     except (ScoreError, ClientError, FileNotFoundError) as exc:
@@ -74,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--defense", choices=["none", "entropy-reduction"], default=None)
     p.add_argument("--device", default=None, help="torch device for local scoring "
                    "(default: cuda when present, else cpu)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch threads for local scoring (default: cores minus decoding workers)")
     p.add_argument("--chunk-rows", type=_positive, default=512,
                    help="rows per flushed part file (what a killed run can lose at most)")
     p.add_argument("--overwrite", action="store_true",

@@ -114,10 +114,14 @@ class LocalEngine:
     """Scores in this process: DataLoader workers decode, the model solves batch by batch."""
 
     def __init__(self, checkpoint: str, options: dict[str, Any], *, batch_size: int = 64,
-                 workers: int | None = None, device: str | None = None):
-        self.scorer = ModelScorer(checkpoint, options, device)
+                 workers: int | None = None, device: str | None = None,
+                 threads: int | None = None):
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
+        # Cores left by the decoding workers; oversubscribed intra-op threads on a busy box have
+        # been seen to run the model 20x slower.
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - self.workers))
+        self.scorer = ModelScorer(checkpoint, options, device)
 
     def info(self) -> EngineInfo:
         return self.scorer.info

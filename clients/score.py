@@ -90,6 +90,7 @@ class ScoreConfig:
     overwrite: bool = False
     progress: bool = True
     device: str | None = None
+    threads: int | None = None
 
 
 def make_engine(cfg: ScoreConfig) -> Engine:
@@ -102,7 +103,7 @@ def make_engine(cfg: ScoreConfig) -> Engine:
         from .local import LocalEngine
 
         return LocalEngine(checkpoint, cfg.options, batch_size=cfg.batch_size,
-                           workers=cfg.workers, device=cfg.device)
+                           workers=cfg.workers, device=cfg.device, threads=cfg.threads)
     if cfg.engine == "ray":
         from .ray_engine import RayEngine
 
