@@ -109,3 +109,19 @@ def test_imagefolder_with_carved_split(tmp_path):
     assert train[(0, 1)][0].shape == (1, 12, 12)
     with pytest.raises(DataError, match="test"):
         load_dataset("imagefolder", "test", data_dir=tmp_path)
+
+
+def test_imagefolder_with_train_and_test_subfolders(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (10, 10), (i * 20, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    assert dataset_info("imagefolder", tmp_path).classes == ["a", "b"]
+    train = load_dataset("imagefolder", "train", data_dir=tmp_path, val_size=4)
+    val = load_dataset("imagefolder", "val", data_dir=tmp_path, val_size=4)
+    test = load_dataset("imagefolder", "test", data_dir=tmp_path)
+    assert (len(train), len(val), len(test)) == (8, 4, 4)
+    assert train[0][0].shape == (3, 10, 10)

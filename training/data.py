@@ -279,6 +279,9 @@ def load_dataset(name: DatasetName, split: Split, *, data_dir: str | Path | None
                  image_size: int | None = None) -> Dataset:
     """A map-style dataset of (x float32 [C,H,W] in [0,1], y int) for one split.
 
+    An image folder is either root/<class>/<image> (val carved, no test split), or has train/
+    and test/ subfolders (val carved from train/), or train/, val/ and test/.
+
     `val_size` images of the training set (a permutation seeded by `seed`) form "val"; "train"
     is the rest. `limit` keeps the first N images of the split (short runs, tests).
     `image_size` resizes an imagefolder (other datasets have a fixed size).
@@ -294,13 +297,14 @@ def load_dataset(name: DatasetName, split: Split, *, data_dir: str | Path | None
         base = _load_cifar(_cifar_root(data_dir), part, download)
     else:
         root = _imagefolder_root(data_dir)
-        if (root / split).is_dir():
+        if split == "test" and not (root / "test").is_dir():
+            raise DataError(f"{root} has no test/ subfolder: an image folder without one only "
+                            "gives train and val splits")
+        if split == "test" or (root / "val").is_dir():
             base, carve = _load_imagefolder(root / split, image_size), False
-        elif split == "test":
-            raise DataError(f"{root} has no test/ subfolder: an imagefolder without train/ and "
-                            "test/ subfolders can only give train and val splits")
-        else:
-            base = _load_imagefolder(root, image_size)
+        else:  # val carved from train/ (or from the root itself when it has no train/)
+            src = root / "train" if (root / "train").is_dir() else root
+            base = _load_imagefolder(src, image_size)
     if carve:
         train_idx, val_idx = split_indices(len(base), val_size, seed)
         indices = train_idx if split == "train" else val_idx
