@@ -100,9 +100,10 @@ def test_phantom_is_within_its_truncation_bound_and_converges(toy):
 def test_gradcheck_implicit_and_exact_paths():
     torch.manual_seed(1)
     model = ToyDEQ(dim=4).double()
-    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
-    for mode in ("implicit", "exact"):
-        assert torch.autograd.gradcheck(lambda inp, m=mode: model(inp, grad=m), (x,))
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    # Full Jacobian check for the implicit path; exact only needs a random projection (fast mode).
+    assert torch.autograd.gradcheck(lambda inp: model(inp, grad="implicit"), (x,))
+    assert torch.autograd.gradcheck(lambda inp: model(inp, grad="exact"), (x,), fast_mode=True)
 
 
 def test_tiny_deq_implicit_matches_exact_in_float64():
