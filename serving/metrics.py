@@ -30,6 +30,14 @@ SUSPICIOUS = Counter(
     _LABELS)
 
 
+def declare(backend: str, solvers: Iterable[str], defenses: Iterable[str]) -> None:
+    """Create the counter's series at 0, so /metrics shows it before the first flagged answer."""
+    defenses = list(defenses)
+    for solver in solvers:
+        for defense in defenses:
+            SUSPICIOUS.labels(backend, solver, defense)
+
+
 def observe(backend: str, items: Iterable[tuple[SampleTrace, SolveOptions, ClassifyResult]]
             ) -> None:
     for trace, opts, result in items:

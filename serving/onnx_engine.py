@@ -77,7 +77,8 @@ class OnnxEngine(Engine):
                 (meta.model.get("solver") or {}).get("max_iter", 30))
             iters = min(iters, settings.max_iter_cap)
             path = str(Path(tempfile.mkdtemp(prefix="deqguard-onnx-")) / "model.onnx")
-            export_onnx(settings.checkpoint, path, iterations=iters)
+            dynamo = {"auto": None, "dynamo": True, "torchscript": False}[settings.onnx_exporter]
+            export_onnx(settings.checkpoint, path, iterations=iters, dynamo=dynamo)
         return cls(path, device=settings.device, threads=settings.threads,
                    max_iter_cap=settings.max_iter_cap)
 

@@ -27,6 +27,7 @@ import copy
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,12 @@ def _export(module: Any, example: Any, path: Path, names: list[str], dynamo: boo
         axes = {INPUT_NAME: {0: "batch"}}
         for n in names:
             axes[n] = {0: "batch"} if n == "logits" else {1: "batch"}
-        torch.onnx.export(module, (example,), str(path), dynamo=False,
-                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
-                          opset_version=opset)
+        with warnings.catch_warnings():  # "legacy exporter" notices: chosen knowingly here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(module, (example,), str(path), dynamo=False,
+                              input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
+                              opset_version=opset)
 
 
 def _annotate(proto: Any, meta: Any, iterations: int, exporter: str) -> None:

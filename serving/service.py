@@ -44,9 +44,11 @@ class DEQGuardModel:
     """The loaded checkpoint behind one batchable API (not exposed to clients)."""
 
     def __init__(self) -> None:
+        from . import metrics
         from .engine import load_engine
 
         self.engine = load_engine(SETTINGS)  # fails fast on a missing or broken checkpoint
+        metrics.declare(self.engine.backend, self.engine.solvers(), self.engine.defenses())
         self.failed: BaseException | None = None
         threading.Thread(target=self._warm_up, name="deqguard-warm-up", daemon=True).start()
 

@@ -10,6 +10,7 @@ can refuse a request the model would refuse without asking it. Precedence: a tem
 | backend          | DEQGUARD_BACKEND            | backend        | torch (or onnx)                |
 | onnx_path        | DEQGUARD_ONNX               | onnx           | none: export at start-up       |
 | onnx_iterations  | DEQGUARD_ONNX_ITERATIONS    | onnx_iterations| the checkpoint's max_iter      |
+| onnx_exporter    | DEQGUARD_ONNX_EXPORTER      | onnx_exporter  | auto (dynamo, else TorchScript)|
 | device           | DEQGUARD_DEVICE             | device         | auto (CUDA when present)       |
 | threads          | DEQGUARD_THREADS            | threads        | 1 (torch/ORT intra-op threads) |
 | max_iter_cap     | DEQGUARD_MAX_ITER_CAP       | max_iter_cap   | 100                            |
@@ -37,6 +38,7 @@ class ServerSettings(BaseModel):
     backend: Literal["torch", "onnx"] = "torch"
     onnx_path: str | None = None
     onnx_iterations: int | None = Field(None, ge=1, le=1000)
+    onnx_exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, le=256)
     max_iter_cap: int = Field(100, ge=1, le=1000)
