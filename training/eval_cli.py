@@ -92,8 +92,14 @@ def _eval(args: argparse.Namespace) -> int:
                             f"{model.config.num_classes} classes")
     x_val = y_val = None
     if "detect" in parts:
+        # the checkpoint's own validation split (never trained on), unless overridden
+        trained = (meta.training.get("config") or {}).get("data") or {}
+        val_size = args.val_size or int(trained.get("val_size", 5000))
+        split_seed = args.split_seed if args.split_seed is not None else int(
+            trained.get("split_seed", 0))
         x_val, y_val = _stack(load_dataset(args.data, "val", data_dir=args.data_dir,
-                                           limit=args.val_n, image_size=size))
+                                           limit=args.val_n, image_size=size,
+                                           val_size=val_size, seed=split_seed))
     eps = args.eps if args.eps is not None else default_eps(c, s)
     settings = EvalSettings(
         checkpoint=str(path), data=args.data, data_dir=args.data_dir, split=args.split,
@@ -208,6 +214,10 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
                    help="write the validation-calibrated threshold into the checkpoint metadata")
     p.add_argument("--calibration-score", default="mean_entropy")
     p.add_argument("--val-n", type=int, default=500, help="validation images for calibration")
+    p.add_argument("--val-size", type=int,
+                   help="size of the validation split carved from train (default: the "
+                        "checkpoint's training config, else 5000)")
+    p.add_argument("--split-seed", type=int, help="seed of that split (default: as trained)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
