@@ -97,6 +97,28 @@ def _entropy_input_steps(model: DEQClassifier, z: Tensor, x_cur: Tensor, x0: Ten
     return x_adv.detach()
 
 
+def _compact(rounds: list[Tensor], counts: Tensor) -> Tensor:
+    """Per-round [T_r, B] rows -> [T, B] with each sample's own steps back to back.
+
+    Within a round, a sample that stopped early repeats its last row up to the batch's longest
+    round; concatenating rounds as they are would put those repeats in the middle of its
+    trajectory and make it depend on its batch mates. Here sample b gets rows[:counts[r, b]] of
+    every round in order, then its last value repeated (the solvers' convention).
+    """
+    rows = torch.cat(rounds)  # [sum T_r, B]
+    offsets = torch.tensor([0] + [r.shape[0] for r in rounds[:-1]],
+                           device=rows.device).cumsum(0)
+    total = counts.sum(0)  # [B]
+    length = int(total.max())
+    out = rows.new_empty(length, rows.shape[1])
+    for b in range(rows.shape[1]):
+        idx = torch.cat([offsets[r] + torch.arange(int(counts[r, b]), device=rows.device)
+                         for r in range(len(rounds))])
+        col = rows[idx, b]
+        out[:, b] = torch.cat([col, col[-1:].expand(length - col.shape[0])])
+    return out
+
+
 def entropy_reduction_trace(model: Classifier, x: Tensor,
                             cfg: EntropyReductionConfig | None = None, *,
                             solver: str | None = None, max_iter: int | None = None,
@@ -129,6 +151,7 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
         entropies, residuals, iters = [], [], torch.zeros(x.shape[0], dtype=torch.long,
                                                           device=x.device)
         done, converged, z_read, x_read = 0, None, None, x0
+        counts_per_round: list[Tensor] = []
         with grad_mode:
             for r in range(rounds):
                 k = min(steps, total - done)
@@ -145,6 +168,7 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
                 if trajectory and eq.entropy is not None:
                     entropies.append(eq.entropy)
                 residuals.append(out.residual)
+                counts_per_round.append(out.iterations)
                 iters = iters + out.iterations
                 converged = out.converged
                 z = eq.z if straight_through else eq.z_star
@@ -154,9 +178,11 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
                                                  cfg.eps, cfg.step_size)
             assert z_read is not None and converged is not None
             logits = model.decode(z_read)
+        counts = torch.stack(counts_per_round)
         result = SolveResult(
-            logits=logits, residual=torch.cat(residuals), iterations=iters, converged=converged,
-            entropy=torch.cat(entropies) if trajectory and entropies else None,
+            logits=logits, residual=_compact(residuals, counts), iterations=iters,
+            converged=converged,
+            entropy=_compact(entropies, counts) if trajectory and entropies else None,
             z=z_read.detach())
     return DefenseTrace(result=result, x_readout=x_read, x_final=x_cur)
 

@@ -56,7 +56,8 @@ def detection_score(result: SolveResult, name: str, *, early_index: int = 1,
     """Per-sample suspicion score [B] (higher = more suspicious).
 
     final_entropy: entropy of the returned prediction. max_softmax: 1 - max probability (the
-    baseline of Hendrycks & Gimpel). mean_entropy: entropy averaged over all iterates.
+    baseline of Hendrycks & Gimpel). mean_entropy: entropy averaged over the sample's own
+    iterates (its first `iterations` rows).
     early_entropy: entropy at iterate `early_index` (0-based row of the trajectory, clamped).
     iterations: solver steps taken. final_residual: last relative residual. logistic: a linear
     model over `trajectory_features` with `params` = {"length", "weights", "bias", "mean", "std"}.
@@ -67,7 +68,14 @@ def detection_score(result: SolveResult, name: str, *, early_index: int = 1,
     if name == "max_softmax":
         return 1.0 - torch.softmax(logits, dim=-1).max(dim=-1).values
     if name == "mean_entropy":
-        return entropy_rows(result).mean(dim=0)
+        # over the sample's own iterates only: rows after it stopped repeat its last value, and
+        # their number depends on its batch mates (serving cuts them off the same way)
+        rows = entropy_rows(result)
+        steps = result.iterations.to(rows.device).clamp(1, rows.shape[0])
+        if rows.shape[0] == 1:
+            return rows[0]
+        valid = torch.arange(rows.shape[0], device=rows.device)[:, None] < steps[None, :]
+        return (rows * valid).sum(dim=0) / steps.to(rows.dtype)
     if name == "early_entropy":
         rows = entropy_rows(result)
         return rows[min(max(early_index, 0), rows.shape[0] - 1)]

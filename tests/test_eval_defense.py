@@ -79,3 +79,21 @@ def test_runs_under_inference_mode_and_defaults(model_and_data):
     assert res.logits.shape == (4, 4)
     assert default_eps(1, 28) == 0.1 and default_eps(3, 32) == pytest.approx(8 / 255)
     assert EntropyReductionConfig().resolved(model).step_size == pytest.approx(0.025)
+
+
+def test_defended_trajectory_does_not_depend_on_batch_mates(model_and_data):
+    """Samples stop at different steps within a round; each keeps its own rows back to back."""
+    model, x, _ = model_and_data
+    cfg = EntropyReductionConfig(rounds=3, solver_steps_per_round=4, input_steps=2)
+    xs = x[:6]
+    batch = entropy_reduction_solve(model, xs, cfg, tol=0.15)
+    assert batch.iterations.unique().numel() > 1  # some samples did stop early
+    for i in range(len(xs)):
+        alone = entropy_reduction_solve(model, xs[i:i + 1], cfg, tol=0.15)
+        n = int(alone.iterations[0])
+        assert int(batch.iterations[i]) == n
+        torch.testing.assert_close(batch.entropy[:n, i], alone.entropy[:n, 0], atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(batch.residual[:n, i], alone.residual[:n, 0], atol=1e-4,
+                                   rtol=1e-4)
+        assert torch.all(batch.entropy[n:, i] == batch.entropy[n - 1, i])

@@ -68,6 +68,12 @@ def test_scores_rank_the_unsettled_sample_higher():
         detection_score(r, "nope")
 
 
+def test_mean_entropy_uses_each_samples_own_iterates():
+    r = _result()
+    r.iterations = torch.tensor([1, 2])  # rows after a sample's stop repeat (here: do not count)
+    torch.testing.assert_close(detection_score(r, "mean_entropy"), torch.tensor([1.0, 1.0]))
+
+
 def test_flag_applies_stored_calibration():
     r = _result()
     cal = DetectionCalibration(score="mean_entropy", threshold=0.7, fpr=0.05)
