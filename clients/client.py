@@ -103,6 +103,10 @@ class _Retrying:
         return ConnectionFailed(f"no answer from {url}: {type(exc).__name__}: {exc}")
 
 
+def _failed(exc: Exception, url: str) -> ClientError:
+    return ClientError(f"request to {url} failed: {type(exc).__name__}: {exc}")
+
+
 def _tensor_payload(array: Any, options: dict[str, Any]) -> dict[str, Any]:
     a = np.asarray(array, dtype=np.float32)
     if a.ndim == 3:
@@ -133,6 +137,8 @@ class Client:
                     raise self._retry.give_up(exc, self.url) from exc
                 time.sleep(self._retry.delay(attempt))
                 continue
+            except httpx.HTTPError as exc:  # read/write/pool timeouts: not retried
+                raise _failed(exc, self.url) from exc
             if resp.status_code in RETRY_STATUSES and not last:
                 time.sleep(self._retry.delay(attempt, resp))
                 continue
@@ -232,6 +238,8 @@ class AsyncClient:
                     raise self._retry.give_up(exc, self.url) from exc
                 await asyncio.sleep(self._retry.delay(attempt))
                 continue
+            except httpx.HTTPError as exc:
+                raise _failed(exc, self.url) from exc
             if resp.status_code in RETRY_STATUSES and not last:
                 await asyncio.sleep(self._retry.delay(attempt, resp))
                 continue

@@ -213,3 +213,20 @@ def test_ray_engine_gives_the_same_rows_as_local(local_jsonl, image_dir, tiny_ch
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert read_rows(out) == read_rows(local_jsonl)
+
+
+def test_url_scoring_agrees_with_local(served_url, local_jsonl, image_dir, tmp_path):
+    out = tmp_path / "http.jsonl"
+    assert score(image_dir, "--url", served_url, "--out", out, "--concurrency", 8) == 0
+    local, remote = read_rows(local_jsonl), read_rows(out)
+    assert [r["path"] for r in remote] == [r["path"] for r in local]
+    for a, b in zip(local, remote, strict=True):
+        assert (a["error"] is None) == (b["error"] is None), (a, b)
+        assert (a["label"], a["pred"], a["class_name"], a["model_sha256"]) == (
+            b["label"], b["pred"], b["class_name"], b["model_sha256"])
+        if a["error"] is None:
+            assert a["iterations"] == b["iterations"] and a["converged"] == b["converged"]
+            assert b["confidence"] == pytest.approx(a["confidence"], abs=1e-4)
+            assert b["entropy"] == pytest.approx(a["entropy"], abs=1e-4)
+            assert b["detection_score"] == pytest.approx(a["detection_score"], abs=1e-4)
+    assert {r["path"] for r in remote if r["error"]} == set(CORRUPT)
