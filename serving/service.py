@@ -37,6 +37,7 @@ MODEL_BATCH = 64
 # High on purpose: BentoML answers 503 when it predicts a batch cannot finish in time, and short
 # values shed load under 20 concurrent calls in a trial. Back-pressure comes from the timeout.
 MAX_LATENCY_MS = 60_000
+_MODEL_RETRIES = 3
 
 
 @bentoml.service(name="deqguard-model", workers=1, threads=1, traffic={"timeout": 300})
@@ -121,9 +122,28 @@ class DEQGuard:
         self._description: dict[str, Any] | None = None
         _Front.service = self
 
+    async def _call_model(self, api: str, *args: Any) -> Any:
+        """Call the model service, retrying on a stale pooled connection.
+
+        BentoML 1.4's internal client (aiohttp) keeps idle connections to a dependency for 15 s,
+        its uvicorn closes them after 5 s, and a request sent on one fails with "Server
+        disconnected" (seen: 6 of 8 requests of a burst after 7 s of sequential traffic).
+        The model APIs are pure computations, so resending is safe.
+        """
+        import aiohttp
+
+        method = getattr(self.model.to_async, api)
+        for attempt in range(_MODEL_RETRIES):
+            try:
+                return await method(*args)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == _MODEL_RETRIES - 1:
+                    raise
+                log.warning("model service connection dropped (%s); resending", exc)
+
     async def description(self) -> dict[str, Any]:
         if self._description is None:
-            self._description = await self.model.to_async.describe()
+            self._description = await self._call_model("describe")
         return self._description
 
     async def _spec(self) -> dict[str, Any]:
@@ -132,7 +152,7 @@ class DEQGuard:
     async def _run(self, x: Any, request: Any) -> list[ClassifyResult]:
         opts = options_of(request)
         items = [{"x": xi, "options": opts, "trajectory": request.trajectory} for xi in x]
-        answers = await self.model.to_async.infer(items)
+        answers = await self._call_model("infer", items)
         errors = [a["error"] for a in answers if "error" in a]
         if errors:
             raise RequestError(422, errors[0])

@@ -314,3 +314,21 @@ def test_other_media_types_are_415(http, images):
                   headers={"content-type": "application/vnd.bentoml+pickle"})
     assert r.status_code == 415
     _still_serving(http, pngs)
+
+
+def test_a_burst_after_seconds_of_sequential_traffic_is_served(served_url, images):
+    """BentoML 1.4's front-to-model connections go stale after 5 s idle (uvicorn) while its
+    client keeps them 15 s: without the front's resend, most of this second burst was 500."""
+    import time
+
+    pngs, _ = images
+    body = {"image": _b64(pngs[0]), "max_iter": 2}
+    with httpx.Client(base_url=served_url, timeout=120) as c, ThreadPoolExecutor(8) as pool:
+        def post(_):
+            return c.post("/classify", json=body).status_code
+
+        assert list(pool.map(post, range(8))) == [200] * 8
+        start = time.monotonic()
+        while time.monotonic() - start < 6.5:  # one connection busy, the others idle > 5 s
+            assert post(0) == 200
+        assert list(pool.map(post, range(8))) == [200] * 8

@@ -1,0 +1,80 @@
+"""Run `bentoml serve` of the deqguard service as a child process (tests, benchmarks, tools).
+
+The server gets its own process group, so stopping it stops BentoML's worker processes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+SERVICE = "deqguard.serving.service:DEQGuard"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_subprocess(checkpoint: str | os.PathLike, log_path: str | os.PathLike, *,
+                     timeout: float = 180.0, threads: int = 1, cwd: str | None = None,
+                     **env: str) -> Iterator[str]:
+    """Yield the base URL (127.0.0.1, a free port) once /readyz answers 200; stop it afterwards.
+
+    `env` adds DEQGUARD_* settings (e.g. DEQGUARD_BACKEND="onnx"); tracking is off and intra-op
+    threads are pinned to `threads`. If the server fails to start, the error carries the tail of
+    its log (`log_path`).
+    """
+    import httpx
+
+    port = free_port()
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads), "DEQGUARD_THREADS": str(threads),
+                "DEQGUARD_CHECKPOINT": str(checkpoint), **env}
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path(log_path)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
+             "--port", str(port)],
+            cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n"
+                                   + log_path.read_text(errors="replace")[-4000:])
+            try:
+                if httpx.get(url + "/readyz", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {timeout} s:\n"
+                                   + log_path.read_text(errors="replace")[-4000:])
+            time.sleep(0.3)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
