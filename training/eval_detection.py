@@ -127,7 +127,7 @@ def fit_logistic(clean: SolveResult, adv: SolveResult, length: int | None = None
     if length is None:
         rows = clean.entropy.shape[0] if clean.entropy is not None else 1
         length = max(rows, adv.entropy.shape[0] if adv.entropy is not None else 1)
-    f0, f1 = trajectory_features(clean, length), trajectory_features(adv, length)
+    f0, f1 = trajectory_features(clean, length).cpu(), trajectory_features(adv, length).cpu()
     feats = torch.cat([f0, f1]).double()
     labels = torch.cat([torch.zeros(len(f0)), torch.ones(len(f1))]).double()
     mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)

@@ -119,15 +119,18 @@ class Evaluation:
         return torch.Generator(device=self.x.device).manual_seed(self._seed)
 
     # -- parts ------------------------------------------------------------------------------------
-    def clean(self) -> None:
-        bs = self.s.batch_size
+    def _timed(self, solve: Callable[[Tensor], SolveResult]) -> tuple[SolveResult, float]:
+        solve_all(solve, self.x[:2], 2)  # warm-up: CUDA context, kernel selection, caches
+        _sync(self.x.device)
         t0 = time.perf_counter()
-        undef = solve_all(self.solve_undefended, self.x, bs)
-        t_undef = time.perf_counter() - t0
+        out = solve_all(solve, self.x, self.s.batch_size)
+        _sync(self.x.device)
+        return out, time.perf_counter() - t0
+
+    def clean(self) -> None:
+        undef, t_undef = self._timed(self.solve_undefended)
         if self.defended:
-            t0 = time.perf_counter()
-            main = solve_all(self.solve_main, self.x, bs)
-            t_main = time.perf_counter() - t0
+            main, t_main = self._timed(self.solve_main)
         else:
             main, t_main = undef, t_undef
         self.clean_main = main
@@ -421,6 +424,11 @@ def evaluate(model: Classifier, x: Tensor, y: Tensor, settings: EvalSettings, *,
     """Run every part of `settings.parts` on (x, y) and return the report."""
     return Evaluation(model, x, y, settings, checkpoint=checkpoint, x_val=x_val, y_val=y_val,
                       progress=progress).run()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _monotone(values: list[float], slack: float) -> bool:
