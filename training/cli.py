@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "best.safetensors (best validation PGD accuracy), train_log.jsonl, resume.pt.")
     p.add_argument("--preset", help="shipped preset name or a path to a YAML preset")
     p.add_argument("--list-presets", action="store_true", help="print the shipped presets")
-    p.add_argument("--show-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the config (preset + overrides), exit")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--limit", type=int, help="data.limit: use the first N training images")
     p.add_argument("--out", help="output folder (default runs/<preset name>)")
