@@ -133,6 +133,7 @@ class Engine(ABC):
         self.model_ref = ModelRef(name=meta.name or "unnamed", sha256=meta.sha256)
         self._lock = threading.Lock()
         self.ready = threading.Event()
+        self.pair_singles = True
 
     # -- options -------------------------------------------------------------------------------
     @property
@@ -177,12 +178,14 @@ class Engine(ABC):
         for a batch of one, whose sums differ in the last bit, and Anderson/Broyden amplify that
         to ~1e-4 over a solve. Batches of two or more agree bit for bit on CPU whatever their
         size and order, so this makes answers identical however requests were batched.
+        `pair_singles = False` (DEQGUARD_BATCH_INVARIANT=false) saves that compute for lone
+        requests at the price of last-bit differences.
         """
         n = x.shape[0]
         if n == 0:
             return []
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if n == 1:
+        if n == 1 and self.pair_singles:
             x = np.concatenate([x, x])
         with self._lock:
             return self._solve(x, opts)[:n]
@@ -299,8 +302,9 @@ class TorchEngine(Engine):
 
         cfg = EntropyReductionConfig()
         out = []
+        reps = 2 if self.pair_singles else 1
         for i in range(xt.shape[0]):
-            pair = xt[i:i + 1].repeat(2, 1, 1, 1)  # as a pair: see `trace`
+            pair = xt[i:i + 1].repeat(reps, 1, 1, 1)  # as a pair: see `trace`
             r = entropy_reduction_solve(self.model, pair, cfg, solver=opts.solver,
                                         max_iter=opts.max_iter, tol=opts.tol, trajectory=True)
             out += split_batch(
@@ -328,6 +332,9 @@ def load_engine(settings: Any) -> Engine:
     if settings.backend == "onnx":
         from .onnx_engine import OnnxEngine
 
-        return OnnxEngine.from_settings(settings)
-    return TorchEngine.load(settings.checkpoint, device=settings.device,
-                            threads=settings.threads, max_iter_cap=settings.max_iter_cap)
+        engine: Engine = OnnxEngine.from_settings(settings)
+    else:
+        engine = TorchEngine.load(settings.checkpoint, device=settings.device,
+                                  threads=settings.threads, max_iter_cap=settings.max_iter_cap)
+    engine.pair_singles = settings.batch_invariant
+    return engine

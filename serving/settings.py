@@ -13,6 +13,7 @@ can refuse a request the model would refuse without asking it. Precedence: a tem
 | onnx_exporter    | DEQGUARD_ONNX_EXPORTER      | onnx_exporter  | auto (dynamo, else TorchScript)|
 | device           | DEQGUARD_DEVICE             | device         | auto (CUDA when present)       |
 | threads          | DEQGUARD_THREADS            | threads        | 1 (torch/ORT intra-op threads) |
+| batch_invariant  | DEQGUARD_BATCH_INVARIANT    | batch_invariant| true (lone samples as pairs)   |
 | max_iter_cap     | DEQGUARD_MAX_ITER_CAP       | max_iter_cap   | 100                            |
 | max_body_bytes   | DEQGUARD_MAX_BODY_BYTES     | max_body_bytes | 8 MiB (413 above)              |
 | max_batch        | DEQGUARD_MAX_BATCH          | max_batch      | 256 images per request         |
@@ -41,6 +42,7 @@ class ServerSettings(BaseModel):
     onnx_exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, le=256)
+    batch_invariant: bool = True
     max_iter_cap: int = Field(100, ge=1, le=1000)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_batch: int = Field(256, ge=1)
