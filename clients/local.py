@@ -3,20 +3,26 @@
 Imports torch, so only the `local` and `ray` engines load this module. Each file goes through
 `deqguard.serving.images.decode_image` (the server's preprocessing) in DataLoader worker
 processes, so the model is not starved by PNG decoding; batches are solved on CUDA when present.
-Answers come from the service's engine through `ModelScorer`, shared with the Ray actors.
+Answers come from the service's engine through `ModelScorer`, shared with the Ray actors. On a
+GPU, rows are built in separate processes while the model solves the next batch: the per-image
+Python work of an answer (probabilities, trajectory, detection) outweighs a small model's solve.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from deqguard.serving.engine import Engine, SampleTrace, SolveOptions, TorchEngine
 from deqguard.serving.images import ImageError, decode_image
-from deqguard.serving.schema import ClassifyOptions, ClassifyResult
+from deqguard.serving.schema import ClassifyOptions
 from torch.utils.data import DataLoader, Dataset
 
 from .files import Item
@@ -24,6 +30,12 @@ from .rows import Row, error_row, result_row
 from .score import EngineInfo
 
 MAX_ITER = 1000  # SolverConfig's bound; the server applies its own, lower, cap
+
+
+def resolve_path(checkpoint: str) -> str:
+    from deqguard.models.checkpoint import resolve_checkpoint
+
+    return os.path.abspath(resolve_checkpoint(checkpoint))
 
 
 def default_workers() -> int:
@@ -72,6 +84,39 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the model for cores
 
 
+class _Answers(Engine):
+    """The service engine's answer logic (`Engine.result`: probabilities, the trajectory cut to
+    the sample's iterations, detection) without a model, for processes that only build rows."""
+
+    backend = "rows"
+
+    @property
+    def is_deq(self) -> bool:
+        return True
+
+    def default_options(self, defense: str = "none") -> SolveOptions:
+        raise NotImplementedError
+
+    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
+        raise NotImplementedError
+
+
+Entry = SampleTrace | str  # a solved file's trace, or why the file could not be decoded
+
+
+class RowBuilder:
+    """Traces (or decode errors) -> rows, exactly as the server would answer each file."""
+
+    def __init__(self, meta: Any, opts: SolveOptions):
+        self.answers = _Answers(meta, max_iter_cap=MAX_ITER)
+        self.opts, self.sha = opts, meta.sha256
+
+    def rows(self, items: list[Item], entries: list[Entry]) -> list[Row]:
+        return [error_row(it, e, self.sha) if isinstance(e, str)
+                else result_row(it, self.answers.result(e, self.opts, trajectory=True))
+                for it, e in zip(items, entries, strict=True)]
+
+
 class ModelScorer:
     """A checkpoint plus request options: decoded arrays in, rows out, as the server answers.
 
@@ -81,33 +126,56 @@ class ModelScorer:
 
     def __init__(self, checkpoint: str, options: dict[str, Any], device: str | None = None):
         from deqguard.models import load_checkpoint
-        from deqguard.serving.engine import TorchEngine
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(dev)
         model, self.meta = load_checkpoint(checkpoint, device=dev)
         # No server cap offline: the checkpoint config's own bound (SolverConfig) still applies.
         self.engine = TorchEngine(model, self.meta, device=dev, max_iter_cap=MAX_ITER)
         opts = ClassifyOptions.model_validate(options)
         self.solve_options = self.engine.resolve(max_iter=opts.max_iter, tol=opts.tol,
                                                  solver=opts.solver, defense=opts.defense)
+        self.builder = RowBuilder(self.meta, self.solve_options)
 
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(classes=list(self.meta.classes), sha256=self.meta.sha256,
                           name=self.meta.name, input=self.meta.input.model_dump())
 
-    def rows(self, items: list[Item], decoded: list[Decoded]) -> list[Row]:
-        """Rows for `items` in order: decoded files are solved as one batch, others are errors."""
-        good = [d for d in decoded if d.array is not None]
-        answers: dict[int, ClassifyResult] = {}
+    def traces(self, decoded: list[Decoded]) -> list[Entry]:
+        """Decoded files solved as one batch; the others keep their decode error."""
+        good = [i for i, d in enumerate(decoded) if d.array is not None]
+        out: list[Entry] = [d.error or "undecodable" for d in decoded]
         if good:
-            x = np.stack([d.array for d in good])
-            results = self.engine.classify(x, self.solve_options, trajectory=True)
-            answers = dict(zip([d.index for d in good], results, strict=True))
-        sha = self.meta.sha256
-        return [result_row(it, answers[d.index]) if d.array is not None
-                else error_row(it, d.error or "undecodable", sha)
-                for it, d in zip(items, decoded, strict=True)]
+            x = np.stack([decoded[i].array for i in good])
+            for i, t in zip(good, self.engine.trace(x, self.solve_options), strict=True):
+                out[i] = t
+        return out
+
+    def rows(self, items: list[Item], decoded: list[Decoded]) -> list[Row]:
+        return self.builder.rows(items, self.traces(decoded))
+
+
+# Row-building processes (GPU runs): each holds the answer logic for the checkpoint it was given.
+_ANSWERS: dict[str, Any] = {}
+
+
+def _init_row_process(checkpoint: str) -> None:
+    from deqguard.models.checkpoint import read_metadata
+
+    torch.set_num_threads(1)
+    _ANSWERS["meta"] = read_metadata(checkpoint)
+
+
+def _build_rows(items: list[Item], entries: list[Entry], opts: SolveOptions) -> list[Row]:
+    builder = _ANSWERS.get("builder")
+    if builder is None or builder.opts != opts:
+        builder = _ANSWERS["builder"] = RowBuilder(_ANSWERS["meta"], opts)
+    return builder.rows(items, entries)
+
+
+def _started() -> bool:
+    return True
 
 
 class LocalEngine:
@@ -115,12 +183,25 @@ class LocalEngine:
 
     def __init__(self, checkpoint: str, options: dict[str, Any], *, batch_size: int = 64,
                  workers: int | None = None, device: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, row_workers: int | None = None):
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
-        # Cores left by the decoding workers; oversubscribed intra-op threads on a busy box have
-        # been seen to run the model 20x slower.
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - self.workers))
+        cores = os.cpu_count() or 1
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if row_workers is None:  # on CPU the model dominates: rows are built in-line
+            row_workers = 0 if device == "cpu" else min(4, max(1, (cores - self.workers) // 2))
+        self.row_workers = row_workers
+        self.pool: ProcessPoolExecutor | None = None
+        if row_workers:  # started first, so the processes come up while the model loads
+            self.pool = ProcessPoolExecutor(
+                row_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_row_process, initargs=(str(resolve_path(checkpoint)),))
+            for _ in range(row_workers):
+                self.pool.submit(_started)
+        # Cores left by the decoding workers, unless OMP_NUM_THREADS says otherwise:
+        # oversubscribed intra-op threads on a busy box have run the model 20x slower.
+        if threads or "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(threads or max(1, cores - self.workers))
         self.scorer = ModelScorer(checkpoint, options, device)
 
     def info(self) -> EngineInfo:
@@ -134,10 +215,29 @@ class LocalEngine:
             _Files([it.file for it in items], spec), batch_size=self.batch_size, shuffle=False,
             num_workers=self.workers, collate_fn=_keep_list, worker_init_fn=_one_thread,
             prefetch_factor=4 if self.workers else None)
-        start = 0
-        for decoded in loader:
-            yield self.scorer.rows(items[start:start + len(decoded)], decoded)
-            start += len(decoded)
+        starts = range(0, len(items), self.batch_size)
+        batches = ((items[i:i + len(d)], d) for i, d in zip(starts, loader, strict=True))
+        if self.pool is None:
+            for chunk, decoded in batches:
+                yield self.scorer.rows(chunk, decoded)
+            return
+        # Rows are built in other processes while the model solves the next batch: on a GPU the
+        # per-image Python work (answers, detection) otherwise costs more than the model itself.
+        opts = self.scorer.solve_options
+        pending: deque[Future[list[Row]]] = deque()
+        try:
+            for chunk, decoded in batches:
+                pending.append(self.pool.submit(_build_rows, chunk, self.scorer.traces(decoded),
+                                                opts))
+                while pending and (pending[0].done() or len(pending) > 2 * self.row_workers):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
     def close(self) -> None:
-        pass
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None

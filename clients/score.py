@@ -91,6 +91,7 @@ class ScoreConfig:
     progress: bool = True
     device: str | None = None
     threads: int | None = None
+    row_workers: int | None = None  # processes building rows (default: some on GPU, none on CPU)
 
 
 def make_engine(cfg: ScoreConfig) -> Engine:
@@ -103,7 +104,8 @@ def make_engine(cfg: ScoreConfig) -> Engine:
         from .local import LocalEngine
 
         return LocalEngine(checkpoint, cfg.options, batch_size=cfg.batch_size,
-                           workers=cfg.workers, device=cfg.device, threads=cfg.threads)
+                           workers=cfg.workers, device=cfg.device, threads=cfg.threads,
+                           row_workers=cfg.row_workers)
     if cfg.engine == "ray":
         from .ray_engine import RayEngine
 

@@ -139,6 +139,18 @@ def test_csv_stores_the_trajectory_as_json(local_jsonl, image_dir, tiny_checkpoi
     assert isinstance(json.loads(first["entropy"]), list)
 
 
+def test_rows_built_in_other_processes_are_the_same(local_jsonl, image_dir, tiny_checkpoint,
+                                                     tmp_path):
+    # The GPU default (row-building processes beside the model), checked here on CPU.
+    from deqguard.clients.score import ScoreConfig, score_folder
+
+    out = tmp_path / "pool.jsonl"
+    cfg = ScoreConfig(input_dir=str(image_dir), out=str(out), checkpoint=str(tiny_checkpoint),
+                      batch_size=16, workers=0, row_workers=1, progress=False)
+    assert score_folder(cfg).rows == N_IMAGES + len(CORRUPT)
+    assert read_rows(out) == read_rows(local_jsonl)
+
+
 def test_rerun_of_a_finished_output_scores_nothing_and_keeps_rows(image_dir, tiny_checkpoint,
                                                                   tmp_path, capsys):
     out = tmp_path / "again.jsonl"
