@@ -178,6 +178,9 @@ class Engine(ABC):
         for a batch of one, whose sums differ in the last bit, and Anderson/Broyden amplify that
         to ~1e-4 over a solve. Batches of two or more agree bit for bit on CPU whatever their
         size and order, so this makes answers identical however requests were batched.
+        On CUDA it is not enough: measured on an H200 (torch 2.11), cuDNN/cuBLAS results depend
+        on the batch size itself, and a 30-step Broyden solve differed by up to 1e-2 in logits
+        (iteration counts by one) between a batch of 20 and of 7.
         `pair_singles = False` (DEQGUARD_BATCH_INVARIANT=false) saves that compute for lone
         requests at the price of last-bit differences.
         """

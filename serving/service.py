@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 from typing import Any
 
@@ -56,6 +57,25 @@ class DEQGuardModel:
         metrics.declare(self.engine.backend, self.engine.solvers(), self.engine.defenses())
         self.failed: BaseException | None = None
         threading.Thread(target=self._warm_up, name="deqguard-warm-up", daemon=True).start()
+
+    @bentoml.on_deployment
+    def preflight() -> None:
+        """Once, before any worker starts: refuse to serve an unusable checkpoint (a worker that
+        fails in __init__ is restarted forever, so the error would only scroll by in the log)."""
+        from deqguard.models import CheckpointError, read_metadata
+
+        s = load_settings()
+        if s.backend == "onnx" and s.onnx_path:
+            if not os.path.isfile(s.onnx_path):
+                raise CheckpointError(f"ONNX graph not found: {s.onnx_path} (DEQGUARD_ONNX)")
+            return
+        try:
+            read_metadata(s.checkpoint)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path> or "
+                "`--arg checkpoint=<path>`; the shipped `default` comes with a trained "
+                "release") from None
 
     def _warm_up(self) -> None:
         try:

@@ -332,3 +332,25 @@ def test_a_burst_after_seconds_of_sequential_traffic_is_served(served_url, image
         while time.monotonic() - start < 6.5:  # one connection busy, the others idle > 5 s
             assert post(0) == 200
         assert list(pool.map(post, range(8))) == [200] * 8
+
+
+@pytest.mark.parametrize("how", ["env", "arg"])
+def test_an_unusable_checkpoint_stops_the_server_with_a_clear_message(tmp_path, how):
+    """Checked once before any worker starts (env DEQGUARD_CHECKPOINT or --arg checkpoint=)."""
+    import os
+    import subprocess
+    import sys
+
+    from deqguard.serving.launch import SERVICE, free_port
+
+    missing = tmp_path / f"missing-{how}.safetensors"
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "DEQGUARD_CHECKPOINT": "/elsewhere"}
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
+           "--port", str(free_port())]
+    if how == "env":
+        env["DEQGUARD_CHECKPOINT"] = str(missing)
+    else:
+        cmd += ["--arg", f"checkpoint={missing}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"checkpoint not found: {missing}" in proc.stdout + proc.stderr
