@@ -295,9 +295,11 @@ def test_async_client_against_the_server(served_url, pngs):
 
 
 def test_unreachable_server():
-    from serving_server import free_port
+    import socket
 
-    url = f"http://127.0.0.1:{free_port()}"
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
     with Client(url, retries=2, backoff=0.001) as client:
         assert not client.ready()
         with pytest.raises(ConnectionFailed, match="no answer"):
