@@ -38,22 +38,25 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
         else:
             x_hist = torch.stack(xs, dim=1)  # [B, n, D]
             f_hist = torch.stack(fs, dim=1)
-            g = f_hist - x_hist
-            gram = torch.bmm(g, g.transpose(1, 2))
-            # Scale the ridge term with the residual size so it regularises at every magnitude.
-            scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-            eye = torch.eye(n, device=z.device, dtype=z.dtype)
-            gram = gram + anderson_lam * scale.view(b, 1, 1) * eye
-            # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0] enforces sum(alpha) = 1.
-            lhs = torch.zeros(b, n + 1, n + 1, device=z.device, dtype=z.dtype)
-            lhs = lhs + torch.nn.functional.pad(gram, (1, 0, 1, 0))
-            border = torch.zeros(n + 1, n + 1, device=z.device, dtype=z.dtype)
-            border[0, 1:] = 1
-            border[1:, 0] = 1
-            lhs = lhs + border
-            rhs = torch.zeros(b, n + 1, 1, device=z.device, dtype=z.dtype)
-            rhs[:, 0] = 1
-            alpha = torch.linalg.solve(lhs, rhs)[:, 1:]  # [B, n, 1]
+            # The small mixing problem is solved in at least float32 and outside autocast: under
+            # bf16 autocast the Gram matrix would lose the digits the mixing weights depend on,
+            # and batched linear solves have no bf16 kernels on CUDA.
+            work = torch.promote_types(z.dtype, torch.float32)
+            with torch.autocast(z.device.type, enabled=False):
+                g = (f_hist - x_hist).to(work)
+                gram = torch.bmm(g, g.transpose(1, 2))
+                # Scale the ridge term with the residual size so it regularises at every magnitude.
+                scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+                eye = torch.eye(n, device=z.device, dtype=work)
+                gram = gram + anderson_lam * scale.view(b, 1, 1) * eye
+                # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0] enforces sum(alpha) = 1.
+                border = torch.zeros(n + 1, n + 1, device=z.device, dtype=work)
+                border[0, 1:] = 1
+                border[1:, 0] = 1
+                lhs = torch.nn.functional.pad(gram, (1, 0, 1, 0)) + border
+                rhs = torch.zeros(b, n + 1, 1, device=z.device, dtype=work)
+                rhs[:, 0] = 1
+                alpha = torch.linalg.solve(lhs, rhs)[:, 1:].to(f_hist.dtype)  # [B, n, 1]
             mixed = (alpha * f_hist).sum(dim=1)
             if beta != 1.0:
                 mixed = beta * mixed + (1 - beta) * (alpha * x_hist).sum(dim=1)
