@@ -217,6 +217,7 @@ def test_sigkill_then_rerun_gives_every_file_exactly_once(image_dir, tiny_checkp
     assert not parts.exists()
 
 
+@pytest.mark.slow  # 25-55 s on the shared 2-core box: Ray's start-up dominates
 def test_ray_engine_gives_the_same_rows_as_local(local_jsonl, image_dir, tiny_checkpoint,
                                                  tmp_path):
     out = tmp_path / "ray.jsonl"
