@@ -202,7 +202,11 @@ class LocalEngine:
         # oversubscribed intra-op threads on a busy box have run the model 20x slower.
         if threads or "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(threads or max(1, cores - self.workers))
-        self.scorer = ModelScorer(checkpoint, options, device)
+        try:
+            self.scorer = ModelScorer(checkpoint, options, device)
+        except BaseException:
+            self.close()
+            raise
 
     def info(self) -> EngineInfo:
         return self.scorer.info
