@@ -1,16 +1,20 @@
 """Run `bentoml serve` of the deqguard service as a child process (tests, benchmarks, tools).
 
-The server gets its own process group, so stopping it stops BentoML's worker processes too.
+The server gets its own process group, so stopping it stops BentoML's worker processes too, and
+its own BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+starts, so servers sharing one home wipe each other's /metrics (and merge their values).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +41,10 @@ def serve_subprocess(checkpoint: str | os.PathLike, log_path: str | os.PathLike,
     import httpx
 
     port = free_port()
+    home = tempfile.mkdtemp(prefix="deqguard-bentoml-home-")
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "OMP_NUM_THREADS": str(threads),
                 "MKL_NUM_THREADS": str(threads), "DEQGUARD_THREADS": str(threads),
-                "DEQGUARD_CHECKPOINT": str(checkpoint), **env}
+                "DEQGUARD_CHECKPOINT": str(checkpoint), "BENTOML_HOME": home, **env}
     url = f"http://127.0.0.1:{port}"
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
@@ -65,6 +70,7 @@ def serve_subprocess(checkpoint: str | os.PathLike, log_path: str | os.PathLike,
         yield url
     finally:
         _stop(proc)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -184,7 +184,7 @@ def test_answers_do_not_depend_on_batch_mates(http, images, served_url):
     for a, b in zip(alone, together, strict=True):
         _assert_same(a, b.json())
     # the concurrent requests were really batched together (some batch held several items)
-    assert after[0] - before[0] > after[1] - before[1]
+    assert after[0] - before[0] > after[1] - before[1], (before, after)
 
 
 # -- /model and /metrics -----------------------------------------------------------------------
@@ -344,7 +344,8 @@ def test_an_unusable_checkpoint_stops_the_server_with_a_clear_message(tmp_path, 
     from deqguard.serving.launch import SERVICE, free_port
 
     missing = tmp_path / f"missing-{how}.safetensors"
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "DEQGUARD_CHECKPOINT": "/elsewhere"}
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "DEQGUARD_CHECKPOINT": "/elsewhere",
+           "BENTOML_HOME": str(tmp_path / "home")}  # its own metrics dir: see serving.launch
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
            "--port", str(free_port())]
     if how == "env":
