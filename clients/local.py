@@ -191,22 +191,18 @@ class LocalEngine:
         if row_workers is None:  # on CPU the model dominates: rows are built in-line
             row_workers = 0 if device == "cpu" else min(4, max(1, (cores - self.workers) // 2))
         self.row_workers = row_workers
-        self.pool: ProcessPoolExecutor | None = None
-        if row_workers:  # started first, so the processes come up while the model loads
-            self.pool = ProcessPoolExecutor(
-                row_workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_row_process, initargs=(str(resolve_path(checkpoint)),))
-            for _ in range(row_workers):
-                self.pool.submit(_started)
         # Cores left by the decoding workers, unless OMP_NUM_THREADS says otherwise:
         # oversubscribed intra-op threads on a busy box have run the model 20x slower.
         if threads or "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(threads or max(1, cores - self.workers))
-        try:
-            self.scorer = ModelScorer(checkpoint, options, device)
-        except BaseException:
-            self.close()
-            raise
+        self.scorer = ModelScorer(checkpoint, options, device)
+        self.pool: ProcessPoolExecutor | None = None
+        if row_workers:  # started now, so the processes come up while the loader starts
+            self.pool = ProcessPoolExecutor(
+                row_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_row_process, initargs=(resolve_path(checkpoint),))
+            for _ in range(row_workers):
+                self.pool.submit(_started)
 
     def info(self) -> EngineInfo:
         return self.scorer.info
