@@ -11,6 +11,10 @@ import importlib
 import sys
 
 from deqguard import __version__
+from deqguard.errors import DeqguardError
+
+_OPTIONAL_DEPENDENCIES = {"torch", "torchvision", "safetensors", "bentoml", "onnx", "onnxruntime",
+                          "yaml", "tqdm", "ray", "pyarrow", "matplotlib"}
 
 # Modules that contribute subcommands; one missing (a partial install) only hides its commands.
 _COMMAND_MODULES = (
@@ -30,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:
+            # A partial install: the client-only base install has no torch, so the commands
+            # that need it are simply not offered.
+            if exc.name == name or (exc.name or "").split(".")[0] in _OPTIONAL_DEPENDENCIES:
                 continue
             raise
         module.register(sub)
@@ -39,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from deqguard.models.errors import DeqguardError
-
     try:
         return int(args.func(args) or 0)
     except DeqguardError as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from deqguard.errors import DeqguardError
 from deqguard.serving.schema import ClassifyOptions, ClassifyResult
 from pydantic import ValidationError
 
@@ -35,7 +36,7 @@ RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
     httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
-class ClientError(Exception):
+class ClientError(DeqguardError):
     """A request the client could not get a usable answer for; `status` is None without one."""
 
     def __init__(self, message: str, status: int | None = None):

@@ -1,8 +1,8 @@
 """Typed errors with messages a user can act on."""
 
+from deqguard.errors import DeqguardError
 
-class DeqguardError(Exception):
-    """Base class of the errors deqguard raises on purpose."""
+__all__ = ["CheckpointError", "DeqguardError", "InputError"]
 
 
 class CheckpointError(DeqguardError):
