@@ -7,7 +7,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data test test-slow lint serve bench clean
+.PHONY: setup data test test-slow lint serve bento clean
 
 setup: $(STAMP) data
 
@@ -32,6 +32,18 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Serves the shipped default checkpoint (or CHECKPOINT=path) on 127.0.0.1:3000.
+CHECKPOINT ?= default
+HOST ?= 127.0.0.1
+PORT ?= 3000
+serve: setup
+	$(BIN)/deqguard serve $(CHECKPOINT) --host $(HOST) --port $(PORT)
+
+# A Bento for `bentoml containerize` (Docker needed for that step only); works offline.
+bento: setup
+	rm -rf dist && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	$(BIN)/bentoml build
 
 lint: setup
 	$(BIN)/ruff check .
