@@ -58,6 +58,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+
     from deqguard.clients.files import find_images
     from deqguard.clients.local import default_workers
     from deqguard.clients.score import ScoreConfig, score_folder

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+
     from deqguard.serving.engine import TorchEngine, set_torch_threads
     from deqguard.serving.launch import serve_subprocess
 

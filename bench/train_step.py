@@ -12,6 +12,7 @@ import argparse
 import time
 
 import torch
+
 from deqguard.models import build_model
 from deqguard.training.config import build_config
 from deqguard.training.objectives import TrainForward, objective_loss

@@ -22,9 +22,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
+
 from deqguard.errors import DeqguardError
 from deqguard.serving.schema import ClassifyOptions, ClassifyResult
-from pydantic import ValidationError
 
 from .encode import ImageInput, image_b64
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
+
 from deqguard.serving.engine import Engine, SampleTrace, SolveOptions, TorchEngine
 from deqguard.serving.images import ImageError, decode_image
 from deqguard.serving.schema import ClassifyOptions
-from torch.utils.data import DataLoader, Dataset
 
 from .files import Item
 from .rows import Row, error_row, result_row

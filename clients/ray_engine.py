@@ -72,6 +72,7 @@ class RayEngine:
     def __init__(self, checkpoint: str, options: dict[str, Any], *, batch_size: int = 64,
                  workers: int | None = None, num_cpus: int | None = None):
         import ray
+
         from deqguard.models.checkpoint import read_metadata, resolve_checkpoint
 
         self.checkpoint = os.path.abspath(resolve_checkpoint(checkpoint))

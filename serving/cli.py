@@ -27,6 +27,7 @@ def _parity(checkpoint: str, path: str, iterations: int) -> float:
     """Largest |ONNX - torch naive solver| over logits, entropy and residual on random inputs."""
     import numpy as np
     import torch
+
     from deqguard.models import load_checkpoint
 
     from .onnx_engine import OnnxEngine

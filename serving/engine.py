@@ -100,6 +100,7 @@ class Detector:
 
     def __call__(self, trace: SampleTrace, defense: str) -> Detection:
         import torch
+
         from deqguard.models.classifier import SolveResult
         from deqguard.models.detection import detection_score
 
@@ -260,6 +261,7 @@ class TorchEngine(Engine):
     def load(cls, checkpoint: str, *, device: str = "auto", threads: int = 1,
              max_iter_cap: int = 100) -> TorchEngine:
         import torch
+
         from deqguard.models import load_checkpoint
 
         set_torch_threads(threads)

@@ -37,6 +37,7 @@ class OnnxEngine(Engine):
                  max_iter_cap: int = 100):
         import onnx
         import onnxruntime as ort
+
         from deqguard.models import CheckpointMetadata
 
         proto = onnx.load(str(onnx_path), load_external_data=False)

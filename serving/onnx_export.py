@@ -40,9 +40,10 @@ _EPS = 1e-9  # the solvers' residual epsilon (models/solvers/base.py)
 
 def _unrolled_module(model: Any, iterations: int) -> Any:
     import torch
-    from deqguard.models.entropy import prediction_entropy
     from torch import nn
     from torch.nn.utils import parametrize
+
+    from deqguard.models.entropy import prediction_entropy
 
     class UnrolledNaive(nn.Module):
         """z_T after T naive steps with every intermediate statistic as an output."""
@@ -99,6 +100,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, iterat
     """
     import onnx
     import torch
+
     from deqguard.models import load_checkpoint
 
     if iterations < 1:

@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import CLASSES, make_pattern_images
+from PIL import Image
+
 from deqguard.clients import (
     AsyncClient,
     ClassifyResult,
@@ -25,7 +27,6 @@ from deqguard.clients import (
 )
 from deqguard.clients.encode import image_bytes
 from deqguard.serving.images import decode_image
-from PIL import Image
 
 # -- no torch --------------------------------------------------------------------------------
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import CLASSES, make_pattern_images
+from PIL import Image
+
 from deqguard.cli import main
 from deqguard.clients.files import find_images
 from deqguard.clients.rows import COLUMNS, read_rows
-from PIL import Image
 
 N_IMAGES = 200
 CORRUPT = ("shape1/truncated.png", "shape2/not-an-image.jpg")

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from deqguard.models import (
     CheckpointError,
     CheckpointMetadata,
@@ -25,8 +28,6 @@ from deqguard.models import (
 )
 from deqguard.models import checkpoint as ckpt_mod
 from deqguard.models.checkpoint import FORMAT_VERSION, tensor_sha256
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 CLASSES = ["cat", "dog", "bird"]
 

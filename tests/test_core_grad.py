@@ -15,6 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from deqguard.models import (
     DEQClassifier,
     GradConfig,
@@ -22,7 +24,6 @@ from deqguard.models import (
     TinyDEQConfig,
     build_model,
 )
-from torch import nn
 
 L = 0.5
 

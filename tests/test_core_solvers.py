@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from deqguard.models import build_model, get_solver, register_solver, solver_names
 from deqguard.models import solvers as registry
 from deqguard.models.solvers import SolverOutput, naive_solve

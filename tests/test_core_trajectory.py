@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+
 from deqguard.models import build_model, prediction_entropy
 
 SOLVERS = ["naive", "anderson", "broyden"]

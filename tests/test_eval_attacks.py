@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from deqguard.models import load_checkpoint
 from deqguard.training.eval_attacks import (
     AttackSpec,
@@ -16,7 +18,6 @@ from deqguard.training.eval_attacks import (
     run_attack,
     worst_case,
 )
-from torch import nn
 
 
 class Linear(nn.Module):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from deqguard.cli import main
 from deqguard.models import read_metadata
 from deqguard.models.detection import DetectionCalibration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from deqguard.models import load_checkpoint
 from deqguard.models.defense import (
     DefendedClassifier,

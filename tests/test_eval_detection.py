@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from deqguard.models import SolveResult
 from deqguard.models.detection import (
     DetectionCalibration,

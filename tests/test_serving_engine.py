@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from deqguard.serving.engine import OptionsError, SolveOptions, TorchEngine
 
 
@@ -100,8 +101,9 @@ def test_grouped_items_answer_like_separate_calls(engine, x):
 
 
 def test_metrics_observe_counts_suspicious_answers(tiny_checkpoint, tmp_path, x):
-    from deqguard.serving import metrics
     from prometheus_client import REGISTRY
+
+    from deqguard.serving import metrics
 
     eng = _calibrated(tiny_checkpoint, tmp_path, score="final_entropy", threshold=-1.0)
     opts = SolveOptions(max_iter=4, tol=1e-3, solver="naive")
@@ -115,8 +117,9 @@ def test_metrics_observe_counts_suspicious_answers(tiny_checkpoint, tmp_path, x)
 
 
 def test_settings_precedence(monkeypatch):
-    from deqguard.serving.settings import load_settings
     from pydantic import ValidationError
+
+    from deqguard.serving.settings import load_settings
 
     monkeypatch.setenv("DEQGUARD_CHECKPOINT", "/some/where.safetensors")
     monkeypatch.setenv("DEQGUARD_MAX_ITER_CAP", "12")

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from deqguard.serving.schema import ClassifyResult
 from PIL import Image
+
+from deqguard.serving.schema import ClassifyResult
 
 
 def _png(arr: np.ndarray) -> bytes:

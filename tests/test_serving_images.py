@@ -8,6 +8,8 @@ import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from deqguard.serving.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -16,7 +18,6 @@ from deqguard.serving.images import (
     decode_image,
     encode_b64,
 )
-from PIL import Image
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -31,6 +31,7 @@ def _inputs(n: int, seed: int = 0) -> np.ndarray:
 
 def test_export_is_a_valid_self_contained_graph(exported, tiny_checkpoint):
     import onnx
+
     from deqguard.models import read_metadata
 
     proto = onnx.load(str(exported))
@@ -49,6 +50,7 @@ def test_export_is_a_valid_self_contained_graph(exported, tiny_checkpoint):
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_graph_matches_torch_naive_solver_at_n_iterations(exported, tiny_checkpoint, n):
     import torch
+
     from deqguard.models import load_checkpoint
     from deqguard.serving.onnx_engine import OnnxEngine
 
@@ -94,6 +96,7 @@ def test_onnx_engine_reproduces_per_sample_stopping(exported, tiny_checkpoint):
 def test_damped_naive_solver_exports_and_stops_like_torch(tmp_path):
     """damping != 1: a stopping sample ends on f(z), not on the damped step (logits_stop)."""
     import torch
+
     from deqguard.models import SolverConfig, build_model, save_checkpoint
     from deqguard.serving.engine import TorchEngine
     from deqguard.serving.onnx_engine import OnnxEngine
@@ -129,9 +132,10 @@ def test_onnx_engine_refuses_what_it_cannot_run(exported):
 def test_onnx_backend_served(tiny_checkpoint, tmp_path, exported):
     """A second real server: DEQGUARD_BACKEND=onnx, graph exported at start-up (no DEQGUARD_ONNX).
     Its answers are the in-process ONNX engine's; the defense is a clear 4xx."""
+    from serving_server import serve
+
     from deqguard.serving.images import decode_image
     from deqguard.serving.onnx_engine import OnnxEngine
-    from serving_server import serve
 
     arr = (_inputs(1, seed=9)[0, 0] * 255).astype(np.uint8)
     buf = io.BytesIO()

@@ -7,6 +7,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
+
 from deqguard.models.errors import DeqguardError
 from deqguard.training.data import (
     FASHION_CLASSES,

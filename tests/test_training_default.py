@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FASHION_DIR
+
 from deqguard.models import load_checkpoint, resolve_checkpoint
 
 N_TEST = 1000

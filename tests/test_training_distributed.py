@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from deqguard.models import read_metadata
 from test_training_run import tiny_args
+
+from deqguard.models import read_metadata
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from deqguard.models import GradConfig, build_model
 from deqguard.training.config import ObjectiveConfig
 from deqguard.training.objectives import TrainForward, jacobian_frobenius, objective_loss

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from deqguard.cli import main
 from deqguard.models import load_checkpoint, read_metadata
 from deqguard.models.checkpoint import tensor_sha256
