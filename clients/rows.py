@@ -11,12 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from deqguard.fileio import atomic_write_bytes
 from deqguard.serving.schema import ClassifyResult
 
 from .files import Item
@@ -128,17 +127,7 @@ def write_rows(path: str | Path, rows: Iterable[Row], fmt: str | None = None) ->
     """Write `rows` to `path` atomically (a reader never sees a half-written file), fsynced."""
     p = Path(path)
     data = _encode(rows, fmt or output_format(p))
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(p, data)
 
 
 # -- reading -----------------------------------------------------------------------------------

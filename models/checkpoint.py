@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
+
+from deqguard.fileio import atomic_write_bytes
 
 from .classifier import Classifier
 from .config import parse_model_config
@@ -84,32 +85,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return NAMED_CHECKPOINTS.get(key, Path(key))
 
 
-def _file_mode(path: Path) -> int:
-    """The existing file's mode, else what a plain open() would give (mkstemp makes 0600)."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _file_mode(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _serialise(tensors: dict[str, Tensor], meta: CheckpointMetadata) -> bytes:
     from safetensors.torch import save
 
@@ -153,7 +128,7 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike,
         raise CheckpointError(
             f"input spec {spec.channels}x{spec.height}x{spec.width} does not match the model's "
             f"{c.in_channels}x{c.image_size}x{c.image_size} inputs")
-    _atomic_write(Path(path), _serialise(tensors, meta))
+    atomic_write_bytes(Path(path), _serialise(tensors, meta))
     return meta
 
 
@@ -283,5 +258,5 @@ def update_metadata(path: str | os.PathLike, **fields: Any) -> CheckpointMetadat
         new = CheckpointMetadata.model_validate({**meta.model_dump(), **fields})
     except ValidationError as exc:
         raise CheckpointError(f"invalid metadata update: {exc}") from None
-    _atomic_write(p, _serialise(tensors, new))
+    atomic_write_bytes(p, _serialise(tensors, new))
     return new

@@ -12,14 +12,14 @@ This file is the one place a torch pickle is used (`torch.save`), and it is read
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from deqguard.fileio import atomic_open
 
 from ..models.errors import DeqguardError
 from .config import config_differences
@@ -35,17 +35,8 @@ class ResumeError(DeqguardError):
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": RESUME_FORMAT, "version": RESUME_VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as fh:
+        torch.save({"format": RESUME_FORMAT, "version": RESUME_VERSION, **state}, fh)
 
 
 def load_state(path: Path, *, config: dict[str, Any], data_fingerprint: str,
