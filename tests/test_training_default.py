@@ -13,8 +13,7 @@ N_TEST = 1000
 
 def test_default_checkpoint_reaches_its_recorded_test_accuracy():
     path = resolve_checkpoint("default")
-    if not path.exists():
-        pytest.skip(f"the shipped default {path} has not been trained yet")
+    assert path.is_file(), f"the shipped default {path} is missing from the package"
     if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST is not installed in {FASHION_DIR} "
                     "(apt-get install dataset-fashion-mnist)")
@@ -25,6 +24,8 @@ def test_default_checkpoint_reaches_its_recorded_test_accuracy():
     claimed = meta.metrics["test_clean_accuracy"]
     assert meta.metrics["test_clean_images"] == N_TEST
     assert meta.training["preset"] == "fashion-tiny-regulated"
+    assert "deqguard train --preset fashion-tiny-regulated" in meta.training["command"]
+    assert meta.detection is not None and meta.detection["threshold"] is not None
     test = load_dataset("fashion-mnist", "test", limit=N_TEST)
     x = torch.stack([test[i][0] for i in range(N_TEST)])
     y = torch.tensor([test[i][1] for i in range(N_TEST)])
