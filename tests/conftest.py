@@ -108,3 +108,15 @@ def served_url(tiny_checkpoint, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("served") / "server.log"
     with serve(tiny_checkpoint, log) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The fixture checkpoint loaded on the CPU in eval mode, shared: tests must not train it."""
+    import torch
+
+    from deqguard.models import load_checkpoint
+
+    torch.set_num_threads(1)
+    model, _ = load_checkpoint(tiny_checkpoint, device="cpu")
+    return model

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqguard.models import load_checkpoint
 from deqguard.training.eval_attacks import (
     AttackSpec,
     detector_loss,
@@ -105,11 +104,9 @@ def test_parse_grid():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint, pattern_data):
-    torch.set_num_threads(1)
-    model, _ = load_checkpoint(tiny_checkpoint, device="cpu")
+def tiny(tiny_model, pattern_data):
     x, y = (torch.from_numpy(a[:64]) for a in pattern_data)
-    return model, x, y
+    return tiny_model, x, y
 
 
 def test_robust_accuracy_below_clean_and_decreasing_in_eps(tiny):

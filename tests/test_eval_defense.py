@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqguard.models import load_checkpoint
 from deqguard.models.defense import (
     DefendedClassifier,
     EntropyReductionConfig,
@@ -17,11 +16,9 @@ from deqguard.models.defense import (
 
 
 @pytest.fixture(scope="module")
-def model_and_data(tiny_checkpoint, pattern_data):
-    torch.set_num_threads(1)
-    model, _ = load_checkpoint(tiny_checkpoint, device="cpu")
+def model_and_data(tiny_model, pattern_data):
     x, y = (torch.from_numpy(a[:48]) for a in pattern_data)
-    return model, x, y
+    return tiny_model, x, y
 
 
 def test_inputs_stay_in_radius_and_range(model_and_data):
