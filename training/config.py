@@ -68,11 +68,23 @@ class RegulationConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    kind: Literal["standard", "pgd-at", "trades"] = "pgd-at"
+    """The training loss. Single-step kinds cost one attack gradient instead of `steps`:
+
+    `fgsm-rs` (Wong, Rice, Kolter 2020): uniform start in the eps-ball, one signed step of
+    `step_size` (they use 1.25 eps), projected back to the ball. `n-fgsm` (de Jorge et al. 2022):
+    noise U(-noise * eps, noise * eps) (they use 2), one step of `step_size` (they use eps), no
+    projection back to the eps-ball, so the example lies within (noise + step/eps) * eps.
+    """
+
+    kind: Literal["standard", "pgd-at", "trades", "fgsm-rs", "n-fgsm"] = "pgd-at"
     eps: float = Field(0.1, ge=0)
     step_size: float = Field(0.025, ge=0)
     steps: int = Field(7, ge=0)
     beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")
+    noise: float = Field(2.0, ge=0, description="n-fgsm noise radius, in multiples of eps")
+    clean_weight: float = Field(
+        0.0, ge=0, le=1, description="pgd-at / fgsm-rs / n-fgsm: loss = (1 - w) CE(x_adv) + "
+        "w CE(x), the clean half that keeps clean accuracy up")
     readout: Literal["state", "unrolled"] = "unrolled"
     clean_warmup_steps: int = Field(0, ge=0, description="train on clean CE for the first N steps")
 
@@ -92,8 +104,10 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "one-cycle"] = "cosine"
     min_lr: float = Field(1e-6, ge=0)
+    warmup_fraction: float = Field(
+        0.4, gt=0, lt=1, description="one-cycle: share of the steps spent rising to lr")
     grad_clip: float | None = Field(None, gt=0)
 
 
@@ -120,6 +134,11 @@ class RunConfig(_Strict):
         "auto", description="bf16 autocast: auto = on for CUDA, off for CPU")
     deterministic: bool = True
     progress: bool = True
+    overfit_guard: bool = Field(
+        True, description="stop and restore the best epoch on catastrophic overfitting")
+    overfit_drop: float = Field(
+        0.2, gt=0, le=1, description="guard: validation PGD accuracy this far (absolute) under "
+        "its best while the training attack's accuracy rises")
 
 
 class TrainConfig(_Strict):

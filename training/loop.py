@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from ..models.errors import DeqguardError
 from . import distributed
 from .config import TrainConfig, deep_merge, resolve
 from .data import DataError, DatasetInfo, data_fingerprint, dataset_info, load_dataset
+from .guard import catastrophic_overfitting
 from .objectives import TrainForward, objective_loss
 from .resume import RESUME_FILE, load_state, save_state
 from .validation import clean_accuracy, validate
@@ -169,6 +171,14 @@ class Trainer:
         if self.cfg.optim.schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=total, eta_min=self.cfg.optim.min_lr)
+        elif self.cfg.optim.schedule == "one-cycle":
+            # Wong et al.'s cyclic schedule for short runs: linear up to lr, then down to ~0.
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=self.cfg.optim.lr, total_steps=total + 1,
+                pct_start=self.cfg.optim.warmup_fraction, anneal_strategy="linear",
+                cycle_momentum=False, div_factor=25.0,
+                final_div_factor=max(self.cfg.optim.lr / 25.0 / max(self.cfg.optim.min_lr,
+                                                                   1e-12), 1.0))
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.epoch, self.step, self.global_step = 0, 0, 0
@@ -423,8 +433,30 @@ class Trainer:
                 print(json.dumps(entry), file=sys.stderr)
             self._save_resume(None)
             distributed.barrier()
+            if self._overfitted():
+                break
         final = self._finish()
         return RunResult(self.out, self.out / LAST, self.out / BEST, final)
+
+    def _overfitted(self) -> bool:
+        """The guard: on catastrophic overfitting, restore the best epoch's weights and stop."""
+        cfg = self.cfg
+        if not cfg.train.overfit_guard or cfg.objective.kind not in ("fgsm-rs", "n-fgsm"):
+            return False
+        why = catastrophic_overfitting(self.history, cfg.train.overfit_drop)
+        if why is None:
+            return False
+        from ..models import load_checkpoint
+
+        best, _ = load_checkpoint(self.out / BEST, device=self.device)
+        self.model.load_state_dict(best.state_dict())
+        if self.dist.is_main:
+            shutil.copyfile(self.out / BEST, self.out / LAST)  # the run ends on the best epoch
+            self._append_log({"event": "overfitting", "message": why,
+                              "restored_epoch": self.best["epoch"]})
+            print(f"deqguard train: {why}; stopping and restoring epoch {self.best['epoch']}",
+                  file=sys.stderr)
+        return True
 
     def _finish(self) -> dict[str, Any]:
         """Test-set clean accuracy of last and best on the first `eval.test_limit` images."""
