@@ -112,6 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
         steps_sweep=_ints(args.steps_sweep), eps_sweep=_floats(args.eps_sweep),
         large_eps=args.large_eps, budgets=_ints(args.budgets),
         aa_attacks=_names(args.aa_attacks) if args.aa_attacks else None, aa_n=args.aa_n,
+        sweep_n=args.sweep_n,
         detect_scores=_names(args.scores), early_index=args.early_index,
         detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
         calibrate=args.calibrate, calibration_score=args.calibration_score,
@@ -201,6 +202,8 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--large-eps", type=float, default=0.5)
     p.add_argument("--budgets", default="1,2,5,10,20,30,60")
     p.add_argument("--aa-n", type=int, help="AutoAttack on the first N images (default all)")
+    p.add_argument("--sweep-n", type=int,
+                   help="gradient-masking sweeps on the first N images (default all)")
     p.add_argument("--aa-attacks", help="subset of apgd-ce,apgd-t,fab-t,square (default all)")
     p.add_argument("--scores", default="final_entropy,max_softmax,mean_entropy,early_entropy,"
                    "iterations,final_residual")

@@ -52,6 +52,8 @@ class EvalSettings(_Model):
     aa_version: Literal["standard"] = "standard"
     aa_attacks: list[str] | None = Field(None, description="None: the full standard suite")
     aa_n: int | None = Field(None, description="samples for AutoAttack (None: all n)")
+    sweep_n: int | None = Field(
+        None, description="samples for the gradient-masking sweeps (None: all n)")
     detect_scores: list[str] = Field(default_factory=lambda: [
         "final_entropy", "max_softmax", "mean_entropy", "early_entropy", "iterations",
         "final_residual"])

@@ -178,18 +178,22 @@ class Evaluation:
         return AttackSpec(name=name, kind=kind, eps=eps, steps=steps, step_size=step_size,
                           restarts=self.s.pgd_restarts, **kw)
 
-    def _attack(self, spec: AttackSpec, *, transfer: bool, record: bool = True
-                ) -> tuple[Tensor, Tensor]:
-        """Craft on the undefended model (transfer) or the evaluated predictor; judge on both."""
+    def _attack(self, spec: AttackSpec, *, transfer: bool, record: bool = True,
+                n: int | None = None) -> tuple[Tensor, Tensor]:
+        """Craft on the undefended model (transfer) or the evaluated predictor; judge on both.
+
+        `n` limits an unrecorded attack to the first n samples (the sweeps' `sweep_n`).
+        """
         t0 = time.perf_counter()
         predict = self.predict_undefended if transfer else self.predict_main
-        x_adv, ok = run_attack(self.model, spec, self.x, self.y, predict,
+        x, y = (self.x, self.y) if n is None or record else (self.x[:n], self.y[:n])
+        x_adv, ok = run_attack(self.model, spec, x, y, predict,
                                defense=self.defense_cfg, batch_size=self.s.batch_size,
                                generator=self._generator())
         if self.defended and transfer:
-            undef_ok, ok = ok, self.predict_main(x_adv) == self.y
+            undef_ok, ok = ok, self.predict_main(x_adv) == y
         elif self.defended:
-            undef_ok = self.predict_undefended(x_adv) == self.y
+            undef_ok = self.predict_undefended(x_adv) == y
         else:
             undef_ok = ok
         if record:
@@ -241,15 +245,15 @@ class Evaluation:
         return tasks
 
     def sweeps(self) -> None:
-        n = len(self.x)
+        n = min(self.s.sweep_n or len(self.x), len(self.x))
         base = self.primary_spec()
         steps_pts, eps_pts = [], []
         for k in sorted(set(self.s.steps_sweep)):
-            _, ok = self._attack(self.primary_spec(steps=k), transfer=False, record=False)
+            _, ok = self._attack(self.primary_spec(steps=k), transfer=False, record=False, n=n)
             steps_pts.append(SweepPoint(value=k, accuracy=_mean(ok)))
         radii = sorted({self.s.eps * m for m in self.s.eps_sweep} | {self.s.large_eps})
         for e in radii:
-            _, ok = self._attack(self.primary_spec(eps=e), transfer=False, record=False)
+            _, ok = self._attack(self.primary_spec(eps=e), transfer=False, record=False, n=n)
             eps_pts.append(SweepPoint(value=e, accuracy=_mean(ok)))
         mono_steps = _monotone([p.accuracy for p in steps_pts], _slack(n))
         mono_eps = _monotone([p.accuracy for p in eps_pts], _slack(n))
