@@ -41,8 +41,9 @@ serve: setup
 	$(BIN)/deqguard serve $(CHECKPOINT) --host $(HOST) --port $(PORT)
 
 # A Bento for `bentoml containerize` (Docker needed for that step only); works offline.
+# build/ goes too: setuptools never prunes it, so a module moved since the last build would ship twice.
 bento: setup
-	rm -rf dist && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf dist build && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 	$(BIN)/bentoml build
 
 lint: setup

@@ -26,9 +26,9 @@ from deqguard.serving.engine import Engine, SampleTrace, SolveOptions, TorchEngi
 from deqguard.serving.images import ImageError, decode_image
 from deqguard.serving.schema import ClassifyOptions
 
+from .engine import EngineInfo
 from .files import Item
 from .rows import Row, error_row, result_row
-from .score import EngineInfo
 
 MAX_ITER = 1000  # SolverConfig's bound; the server applies its own, lower, cap
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from .engine import EngineInfo
 from .files import Item
 from .rows import Row
-from .score import EngineInfo
 
 _ARRAY = "array"
 

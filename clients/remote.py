@@ -14,9 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .client import Client, ServerError, request_options
+from .engine import EngineInfo
 from .files import Item
 from .rows import Row, error_row, result_row
-from .score import EngineInfo
 
 
 class HttpEngine:

@@ -2,40 +2,23 @@
 
 Engines share one small protocol (`info()`, `run(items)` yielding row chunks in order, `close()`):
 `local` (this process, torch), `ray` (Ray Data actors, one machine or a cluster) and `http` (the
-service, through `Client`). This module holds what they share: file discovery and labels, the
-resumable output, progress and the summary. It imports no torch.
+service, through `Client`); the protocol is in `engine.py`. This module chooses the engine
+(`make_engine`) and holds what the runs share: file discovery and labels, the resumable output,
+progress and the summary. It imports no torch.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from .files import Item, build_items
+from .engine import Engine
+from .files import build_items
 from .output import ResumableOutput, ScoreError
 from .rows import Row, output_format
-
-
-@dataclass
-class EngineInfo:
-    """What a run needs to know about the model: class names for labels, the sha for rows."""
-
-    classes: list[str]
-    sha256: str
-    name: str = ""
-    input: dict[str, Any] = field(default_factory=dict)
-
-
-class Engine(Protocol):
-    def info(self) -> EngineInfo: ...
-
-    def run(self, items: list[Item]) -> Iterator[list[Row]]: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass

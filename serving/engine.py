@@ -2,7 +2,8 @@
 
 Kept out of the BentoML service file so that the benchmark, the tests and any other host can run
 exactly what the server runs. Two backends share `Engine`: torch (every solver, the defense) and
-onnxruntime (`onnx_engine.py`: a fixed-iteration naive solver).
+onnxruntime (`onnx_engine.py`: a fixed-iteration naive solver), chosen by `factory.load_engine`;
+this module knows nothing of the ONNX one.
 
 Batch invariance (a sample's answer does not depend on its batch mates): solvers stop per sample
 at `tol` and freeze finished samples, so within one set of options results are per-sample; the
@@ -331,15 +332,3 @@ def set_torch_threads(threads: int) -> None:
     except RuntimeError:  # already set, or parallel work already ran in this process
         pass
 
-
-def load_engine(settings: Any) -> Engine:
-    """The engine `settings` (serving.settings.ServerSettings) ask for."""
-    if settings.backend == "onnx":
-        from .onnx_engine import OnnxEngine
-
-        engine: Engine = OnnxEngine.from_settings(settings)
-    else:
-        engine = TorchEngine.load(settings.checkpoint, device=settings.device,
-                                  threads=settings.threads, max_iter_cap=settings.max_iter_cap)
-    engine.pair_singles = settings.batch_invariant
-    return engine

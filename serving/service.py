@@ -4,7 +4,7 @@ Two BentoML services, the documented pattern for adaptive batching with per-requ
 `DEQGuard`, the HTTP front, validates and decodes requests (4xx for anything wrong) and sends
 per-image items to `DEQGuardModel`, whose one batchable API groups concurrent items, runs each
 distinct set of options as its own sub-batch and answers per item. Model logic lives in
-engine.py / onnx_engine.py; settings (env or `--arg`) in settings.py.
+engine.py / onnx_engine.py (chosen in factory.py); settings (env or `--arg`) in settings.py.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class DEQGuardModel:
 
     def __init__(self) -> None:
         from . import metrics
-        from .engine import load_engine
+        from .factory import load_engine
 
         self.engine = load_engine(SETTINGS)  # fails fast on a missing or broken checkpoint
         metrics.declare(self.engine.backend, self.engine.solvers(), self.engine.defenses())

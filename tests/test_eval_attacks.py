@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqguard.training.eval_attacks import (
+from deqguard.training.evaluation.attacks import (
     AttackSpec,
     detector_loss,
     intermediate_logits,

@@ -12,7 +12,7 @@ import torch
 from deqguard.cli import main
 from deqguard.models import read_metadata
 from deqguard.models.detection import DetectionCalibration
-from deqguard.training.eval_schema import EvalReport
+from deqguard.training.evaluation.schema import EvalReport
 
 FAST = ["--n", "16", "--pgd-steps", "2", "--steps-sweep", "1,2", "--eps-sweep", "1",
         "--large-eps", "0.5", "--budgets", "1,5", "--intermediate", "1:2", "--aa-n", "4",

@@ -9,4 +9,5 @@ Modules (imported on demand, so `deqguard --help` stays light):
     validation  clean/PGD accuracy and solver-budget sweeps for model selection
     distributed data parallelism under torchrun
     cli         `deqguard train`
+    evaluation  `deqguard eval`: attacks, AutoAttack, detection, the report (a subpackage)
 """

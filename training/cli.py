@@ -83,7 +83,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set objective.eps=0.1 (repeatable)")
     p.set_defaults(func=_train)
-
-    from .eval_cli import register_eval  # `deqguard eval` (evaluation helper)
-
-    register_eval(sub)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.classifier import SolveResult
-from ..models.detection import (
+from deqguard.models.classifier import SolveResult
+from deqguard.models.detection import (
     DetectionCalibration,
     auroc,
     calibrate_threshold,
@@ -25,7 +25,8 @@ from ..models.detection import (
     tpr_at_fpr,
     trajectory_features,
 )
-from .eval_schema import Curve, DetectionAttack, ScoreResult, Trajectory
+
+from .schema import Curve, DetectionAttack, ScoreResult, Trajectory
 
 SolveFn = Callable[[Tensor], SolveResult]
 

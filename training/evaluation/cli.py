@@ -39,7 +39,7 @@ def _stack(ds) -> tuple:
 def _defense_config(pairs: list[str] | None):
     import yaml
 
-    from ..models.defense import EntropyReductionConfig
+    from deqguard.models.defense import EntropyReductionConfig
 
     fields = {}
     for item in pairs or []:
@@ -52,7 +52,7 @@ def _defense_config(pairs: list[str] | None):
 
 def _eval(args: argparse.Namespace) -> int:
     if args.schema:
-        from .eval_schema import EvalReport
+        from .schema import EvalReport
 
         print(json.dumps(EvalReport.model_json_schema(), indent=2))
         return 0
@@ -61,12 +61,13 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, update_metadata
-    from ..models.defense import default_eps
-    from ..models.errors import DeqguardError
-    from .data import dataset_info, load_dataset
-    from .eval_schema import CheckpointInfo, EvalSettings
-    from .evaluate import evaluate
+    from deqguard.models.checkpoint import load_checkpoint, resolve_checkpoint, update_metadata
+    from deqguard.models.defense import default_eps
+    from deqguard.models.errors import DeqguardError
+    from deqguard.training.data import dataset_info, load_dataset
+
+    from .runner import evaluate
+    from .schema import CheckpointInfo, EvalSettings
 
     parts = _names(args.attacks)
     unknown = sorted(set(parts) - set(_PARTS))
@@ -134,7 +135,7 @@ def _eval(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(report.model_dump_json(indent=2))
     if args.report:
-        from .eval_report import write_report
+        from .report import write_report
 
         write_report(report, args.report, command=" ".join(["deqguard", *sys.argv[1:]]))
     print(json.dumps(_summary(report), indent=2))
@@ -142,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _grid(text: str) -> list[tuple[int, int]]:
-    from .eval_attacks import parse_grid
+    from .attacks import parse_grid
 
     return parse_grid(text)
 
@@ -165,7 +166,7 @@ def _summary(report) -> dict:
     return out
 
 
-def register_eval(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="robust accuracy (PGD paths, intermediate states, AutoAttack), the "
         "entropy-reduction defense and trajectory detection for a checkpoint",

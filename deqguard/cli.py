@@ -20,6 +20,7 @@ _OPTIONAL_DEPENDENCIES = {"torch", "torchvision", "safetensors", "bentoml", "onn
 _COMMAND_MODULES = (
     "deqguard.models.cli",
     "deqguard.training.cli",
+    "deqguard.training.evaluation.cli",
     "deqguard.serving.cli",
     "deqguard.clients.cli",
 )

@@ -1,6 +1,6 @@
 """`deqguard eval`: how robust a checkpoint really is, and how well its trajectory detects attacks.
 
-One run produces an `EvalReport` (training/eval_schema.py). The pieces run in this order: clean
+One run produces an `EvalReport` (`schema.py`). The pieces run in this order: clean
 accuracy and timing, accuracy against the solver budget, PGD through every gradient path plus
 the paper's intermediate-state attacks, adaptive attacks (BPDA through the defense, the
 entropy-aware attack on the detector), gradient-masking sweeps, AutoAttack, detection. With the
@@ -19,16 +19,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.classifier import Classifier, SolveResult
-from ..models.defense import DefendedClassifier, EntropyReductionConfig, entropy_reduction_solve
-from .eval_attacks import (
+from deqguard.models.classifier import Classifier, SolveResult
+from deqguard.models.defense import (
+    DefendedClassifier,
+    EntropyReductionConfig,
+    entropy_reduction_solve,
+)
+
+from .attacks import (
     AttackSpec,
     default_step_size,
     gradient_paths,
     run_attack,
     worst_case,
 )
-from .eval_detection import (
+from .detection import (
     calibrate,
     detect_attack,
     fit_logistic,
@@ -37,7 +42,7 @@ from .eval_detection import (
     subset,
     trajectory_summary,
 )
-from .eval_schema import (
+from .schema import (
     AttackResult,
     AutoAttackSection,
     BudgetPoint,
@@ -272,7 +277,7 @@ class Evaluation:
                                     large_eps_accuracy=large)
 
     def autoattack(self) -> None:
-        from .eval_autoattack import run_autoattack
+        from .autoattack import run_autoattack
 
         m = min(self.s.aa_n or len(self.x), len(self.x))
         module = (DefendedClassifier(self.model, self.defense_cfg) if self.defended
@@ -346,7 +351,7 @@ class Evaluation:
         clean_scores = score_all(self.clean_main, names, s.early_index, params)
         val_thresholds = None
         if val_clean is not None:
-            from ..models.detection import calibrate_threshold
+            from deqguard.models.detection import calibrate_threshold
 
             val_scores = score_all(val_clean, names, s.early_index, params)
             val_thresholds = {k: calibrate_threshold(v, s.fpr) for k, v in val_scores.items()}

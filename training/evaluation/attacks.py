@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.classifier import Classifier, DEQClassifier
-from ..models.defense import EntropyReductionConfig, bpda_logits
-from ..models.entropy import prediction_entropy
-from .attacks import pgd
+from deqguard.models.classifier import Classifier, DEQClassifier
+from deqguard.models.defense import EntropyReductionConfig, bpda_logits
+from deqguard.models.entropy import prediction_entropy
+from deqguard.training.attacks import pgd
 
 AttackKind = Literal["pgd", "intermediate", "bpda", "detector"]
 Predict = Callable[[Tensor], Tensor]  # x -> predicted labels [B]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .eval_schema import EvalReport
+from .schema import EvalReport
 
 
 def _pct(v: float | None) -> str:

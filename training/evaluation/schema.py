@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..models.defense import EntropyReductionConfig
+from deqguard.models.defense import EntropyReductionConfig
 
 SCHEMA_VERSION = 1
 EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget"]
