@@ -7,6 +7,11 @@ trained model).
     .venv/bin/python bench/solvers.py                       # tiny and large at random init
     .venv/bin/python bench/solvers.py --checkpoint m.safetensors --batch 256
     .venv/bin/python bench/solvers.py --presets tiny --threads 2
+    .venv/bin/python bench/solvers.py --checkpoint default --solvers anderson-list anderson
+
+`anderson-list` is Anderson with the stacked-list history it used before issue 10 (still the path
+for exact backprop); against `anderson` (ring buffer, incremental Gram) it gives the time per
+solver iteration before and after that change.
 
 A sample that does not reach `--tol` within the budget counts `max_iter` iterations; the
 `converged` column says how many did, and the median last relative residual how close the rest
@@ -20,15 +25,18 @@ from __future__ import annotations
 import argparse
 import gzip
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deqguard.models import build_model, load_checkpoint
+from deqguard.models import build_model, load_checkpoint, register_solver
+from deqguard.models.solvers import anderson_solve
 
 FASHION_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 SOLVERS = ("naive", "anderson", "broyden")
+register_solver("anderson-list", partial(anderson_solve, history="list"))
 
 
 def fashion_images(n: int) -> torch.Tensor | None:
@@ -76,6 +84,7 @@ def run_solver(model, x: torch.Tensor, solver: str, max_iter: int, tol: float,
         "conv": r.converged.float().mean().item(),
         "res": r.residual[-1].median().item(),
         "time": min(times),
+        "steps": r.residual.shape[0],  # steps the batch ran (its slowest sample's count)
     }
 
 
@@ -89,14 +98,18 @@ def bench_model(label: str, model, x: torch.Tensor, source: str, args, max_iter:
             for s in args.solvers}
     base = rows.get("naive")
     print("| solver | mean iters | converged | median last residual | wall s | ms/sample "
-          "| iters vs naive | time vs naive |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| ms/step | iters vs naive | time vs naive |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s, r in rows.items():
         it_ratio = f"{r['iters'] / base['iters']:.2f}x" if base else "-"
         t_ratio = f"{r['time'] / base['time']:.2f}x" if base else "-"
         print(f"| {s} | {r['iters']:.1f} | {100 * r['conv']:.0f}% | {r['res']:.1e} | "
-              f"{r['time']:.2f} | "
-              f"{1000 * r['time'] / len(x):.1f} | {it_ratio} | {t_ratio} |")
+              f"{r['time']:.2f} | {1000 * r['time'] / len(x):.1f} | "
+              f"{1000 * r['time'] / r['steps']:.1f} | {it_ratio} | {t_ratio} |")
+    if "anderson" in rows and "anderson-list" in rows:
+        new, old = rows["anderson"], rows["anderson-list"]
+        ratio = (new["time"] / new["steps"]) / (old["time"] / old["steps"])
+        print(f"\nAnderson time per solver step, ring history vs list history: {ratio:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

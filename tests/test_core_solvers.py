@@ -153,3 +153,31 @@ def test_grad_and_no_grad_solves_agree_when_history_wraps(name, options):
     torch.testing.assert_close(plain.z, graph.z.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(plain.z, truth, rtol=1e-7, atol=1e-7)
     assert int(plain.iterations.min()) > 10  # the history did wrap
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_anderson_ring_history_repeats_the_list_history_iterate_by_iterate(beta):
+    # The in-place ring buffer with its incremental Gram matrix (no autograd) against the stacked
+    # list history (autograd on): the same mixing problem, so the same iterates up to rounding.
+    f, truth, _ = affine_problem(spectrum=(0.0, 0.9), seed=5)
+    z0 = torch.zeros_like(truth)
+    opts = {"max_iter": 40, "tol": 1e-10, "anderson_m": 4, "beta": beta, "keep_states": True}
+    with torch.no_grad():
+        ring = get_solver("anderson")(f, z0, **opts)
+    listed = get_solver("anderson")(f, z0.clone().requires_grad_(), **opts)
+    assert torch.equal(ring.iterations, listed.iterations)
+    assert len(ring.states) == len(listed.states) > 8
+    for a, b in zip(ring.states, listed.states, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-9)
+    assert float(rel_err(ring.z, truth).max()) < 1e-3  # and they head for the true fixed point
+
+
+def test_anderson_ring_history_gives_the_same_fixed_point_on_a_deq():
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=3, width=8, head_width=8).eval()
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        ring = model.solve(x, solver="anderson", max_iter=60, tol=1e-5)
+    listed = model.solve(x, solver="anderson", max_iter=60, tol=1e-5, grad="exact")
+    assert bool(ring.converged.all()) and bool(listed.converged.all())
+    torch.testing.assert_close(ring.logits, listed.logits.detach(), rtol=1e-3, atol=1e-3)

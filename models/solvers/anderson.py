@@ -1,7 +1,12 @@
 """Anderson acceleration (type II), batched with one mixing problem per sample.
 
-The history is kept in Python lists rather than preallocated buffers written in place, so that the
-whole solve stays differentiable when exact backprop through the iterations is asked for.
+Two histories hold the last `anderson_m` iterates. Without autograd (serving, training forwards,
+phantom and implicit gradients) a preallocated ring buffer is written in place and the Gram
+matrix of the residuals gains one row per step, so a step costs O(m D) on top of f instead of
+the O(m^2 D) of rebuilding and multiplying stacked histories. With autograd on (exact backprop
+through the iterations) in-place writes would invalidate saved tensors, so the history is kept
+as lists and stacked each step. Both paths solve the same mixing problem and give the same
+iterates up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -15,52 +20,130 @@ from .base import Fn, IterateHook, SolverOutput, StepRecorder
 def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mode: str = "rel",
                    anderson_m: int = 5, anderson_lam: float = 1e-4, beta: float = 1.0,
                    on_iterate: IterateHook | None = None, keep_states: bool = False,
-                   **_: object) -> SolverOutput:
+                   history: str = "auto", **_: object) -> SolverOutput:
     """Mix the last `anderson_m` iterates with weights minimising the combined residual.
 
     Per sample: alpha = argmin ||sum_i alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum_i alpha_i = 1,
     with g_i = f(x_i) - x_i; then z <- beta sum alpha_i f(x_i) + (1 - beta) sum alpha_i x_i.
+    `history="list"` forces the stacked-list history (bench/solvers.py times both).
     """
     rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states)
-    b = z0.shape[0]
-    xs: list[Tensor] = []
-    fs: list[Tensor] = []
+    ring = history == "ring" or (history == "auto" and not torch.is_grad_enabled())
+    history = _RingHistory(z0, anderson_m) if ring else _ListHistory(anderson_m)
     z = z0
     while not rec.finished:
         fz = f(z)
         done = rec.check(fz, z)
-        xs.append(z.reshape(b, -1))
-        fs.append(fz.reshape(b, -1))
-        xs, fs = xs[-anderson_m:], fs[-anderson_m:]
-        n = len(xs)
-        if n == 1:
+        history.push(z, fz)
+        if history.n == 1:
             z_next = fz
         else:
-            x_hist = torch.stack(xs, dim=1)  # [B, n, D]
-            f_hist = torch.stack(fs, dim=1)
-            # The small mixing problem is solved in at least float32 and outside autocast: under
-            # bf16 autocast the Gram matrix would lose the digits the mixing weights depend on,
-            # and batched linear solves have no bf16 kernels on CUDA.
-            work = torch.promote_types(z.dtype, torch.float32)
-            with torch.autocast(z.device.type, enabled=False):
-                g = (f_hist - x_hist).to(work)
-                gram = torch.bmm(g, g.transpose(1, 2))
-                # Scale the ridge term with the residual size so it regularises at every magnitude.
-                scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-                eye = torch.eye(n, device=z.device, dtype=work)
-                gram = gram + anderson_lam * scale.view(b, 1, 1) * eye
-                # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0] enforces sum(alpha) = 1.
-                border = torch.zeros(n + 1, n + 1, device=z.device, dtype=work)
-                border[0, 1:] = 1
-                border[1:, 0] = 1
-                lhs = torch.nn.functional.pad(gram, (1, 0, 1, 0)) + border
-                rhs = torch.zeros(b, n + 1, 1, device=z.device, dtype=work)
-                rhs[:, 0] = 1
-                alpha = torch.linalg.solve(lhs, rhs)[:, 1:].to(f_hist.dtype)  # [B, n, 1]
-            mixed = (alpha * f_hist).sum(dim=1)
-            if beta != 1.0:
-                mixed = beta * mixed + (1 - beta) * (alpha * x_hist).sum(dim=1)
-            mixed = torch.nan_to_num(mixed)
-            z_next = mixed.view_as(z)
+            alpha = _mixing_weights(history.gram(), anderson_lam)
+            z_next = torch.nan_to_num(history.mix(alpha, beta)).view_as(z)
         z = rec.commit(z_next, z, done, fz)
     return rec.output(z)
+
+
+def _work_dtype(z: Tensor) -> torch.dtype:
+    # The small mixing problem is solved in at least float32 and outside autocast: under bf16
+    # autocast the Gram matrix would lose the digits the mixing weights depend on, and batched
+    # linear solves have no bf16 kernels on CUDA.
+    return torch.promote_types(z.dtype, torch.float32)
+
+
+def _mixing_weights(gram: Tensor, lam: float) -> Tensor:
+    """alpha [B, n, 1] (work dtype) from the residual Gram matrices [B, n, n]."""
+    b, n, _ = gram.shape
+    with torch.autocast(gram.device.type, enabled=False):
+        # Scale the ridge term with the residual size so it regularises at every magnitude.
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+        eye = torch.eye(n, device=gram.device, dtype=gram.dtype)
+        gram = gram + lam * scale.view(b, 1, 1) * eye
+        # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0] enforces sum(alpha) = 1.
+        border = torch.zeros(n + 1, n + 1, device=gram.device, dtype=gram.dtype)
+        border[0, 1:] = 1
+        border[1:, 0] = 1
+        lhs = torch.nn.functional.pad(gram, (1, 0, 1, 0)) + border
+        rhs = torch.zeros(b, n + 1, 1, device=gram.device, dtype=gram.dtype)
+        rhs[:, 0] = 1
+        return torch.linalg.solve(lhs, rhs)[:, 1:]
+
+
+class _ListHistory:
+    """Differentiable history: lists of flattened states, stacked when needed."""
+
+    def __init__(self, m: int):
+        self.m = m
+        self.xs: list[Tensor] = []
+        self.fs: list[Tensor] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.xs)
+
+    def push(self, z: Tensor, fz: Tensor) -> None:
+        b = z.shape[0]
+        self.xs = [*self.xs, z.reshape(b, -1)][-self.m:]
+        self.fs = [*self.fs, fz.reshape(b, -1)][-self.m:]
+
+    def gram(self) -> Tensor:
+        x_hist, f_hist = torch.stack(self.xs, dim=1), torch.stack(self.fs, dim=1)  # [B, n, D]
+        with torch.autocast(x_hist.device.type, enabled=False):
+            g = (f_hist - x_hist).to(_work_dtype(x_hist))
+            return torch.bmm(g, g.transpose(1, 2))
+
+    def mix(self, alpha: Tensor, beta: float) -> Tensor:
+        f_hist = torch.stack(self.fs, dim=1)
+        alpha = alpha.to(f_hist.dtype)
+        mixed = (alpha * f_hist).sum(dim=1)
+        if beta != 1.0:
+            mixed = beta * mixed + (1 - beta) * (alpha * torch.stack(self.xs, dim=1)).sum(dim=1)
+        return mixed
+
+
+class _RingHistory:
+    """In-place history for solves without autograd: ring buffers and an incremental Gram.
+
+    Slot k = t mod m holds step t; the valid slots are always the first n, and the mixing problem
+    does not depend on their order.
+    """
+
+    def __init__(self, z0: Tensor, m: int):
+        b, d = z0.shape[0], z0[0].numel()
+        self.m, self.t = m, 0
+        work = _work_dtype(z0)
+        self.x = z0.new_empty(b, m, d)
+        self.f = z0.new_empty(b, m, d)
+        self.g = z0.new_empty(b, m, d, dtype=work)
+        self.g_gram = z0.new_zeros(b, m, m, dtype=work)
+
+    @property
+    def n(self) -> int:
+        return min(self.t, self.m)
+
+    def push(self, z: Tensor, fz: Tensor) -> None:
+        b, k = z.shape[0], self.t % self.m
+        self.t += 1
+        z_flat, f_flat = z.reshape(b, -1), fz.reshape(b, -1)
+        self.x[:, k] = z_flat
+        self.f[:, k] = f_flat
+        g_k = self.g[:, k]
+        torch.sub(f_flat, z_flat, out=g_k)
+        n = self.n
+        with torch.autocast(z.device.type, enabled=False):
+            row = torch.bmm(self.g[:, :n], g_k.unsqueeze(2)).squeeze(2)  # [B, n]
+        self.g_gram[:, k, :n] = row
+        self.g_gram[:, :n, k] = row
+
+    def gram(self) -> Tensor:
+        n = self.n
+        return self.g_gram[:, :n, :n]
+
+    def mix(self, alpha: Tensor, beta: float) -> Tensor:
+        n = self.n
+        with torch.autocast(self.f.device.type, enabled=False):
+            a = alpha.transpose(1, 2).to(self.f.dtype)  # [B, 1, n]
+            mixed = torch.bmm(a, self.f[:, :n]).squeeze(1)
+            if beta != 1.0:
+                mixed = beta * mixed + (1 - beta) * torch.bmm(a, self.x[:, :n]).squeeze(1)
+        return mixed
