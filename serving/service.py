@@ -78,8 +78,8 @@ class DEQGuardModel:
             read_metadata(s.checkpoint)
         except CheckpointError as exc:
             raise CheckpointError(
-                f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path> or "
-                "`--arg checkpoint=<path>`; the shipped `default` comes with a trained "
+                f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path or name:version> or "
+                "`--arg checkpoint=...`; the shipped `default` comes with a trained "
                 "release") from None
 
     def _warm_up(self) -> None:

@@ -225,7 +225,6 @@ def test_make_bento_carries_the_pushed_model(bento, pushed, home, tmp_path):
     assert _stored_file(fresh, pushed).read_bytes() == _stored_file(home, pushed).read_bytes()
 
 
-@pytest.mark.slow
 def test_bento_serves_its_model_without_the_original(bento, pushed, home, tmp_path,
                                                       tiny_checkpoint, pattern_data):
     """The Bento, exported and imported into an empty home, serves the pushed model: neither
