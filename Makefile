@@ -42,9 +42,11 @@ serve: setup
 
 # A Bento for `bentoml containerize` (Docker needed for that step only); works offline.
 # build/ goes too: setuptools never prunes it, so a module moved since the last build would ship twice.
+# DEQGUARD_CHECKPOINT=name:version (`deqguard models push`) packs that stored model into the Bento
+# and pins it as the Bento's `checkpoint` argument (README "Model store"); a path is not pinned.
 bento: setup
 	rm -rf dist build && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
-	$(BIN)/bentoml build
+	$(BIN)/python -m bentoml build $(if $(findstring :,$(DEQGUARD_CHECKPOINT)),--arg checkpoint=$(DEQGUARD_CHECKPOINT))
 
 lint: setup
 	$(BIN)/ruff check .

@@ -19,6 +19,7 @@ _OPTIONAL_DEPENDENCIES = {"torch", "torchvision", "safetensors", "bentoml", "onn
 # Modules that contribute subcommands; one missing (a partial install) only hides its commands.
 _COMMAND_MODULES = (
     "deqguard.models.cli",
+    "deqguard.models.store_cli",
     "deqguard.training.cli",
     "deqguard.training.evaluation.cli",
     "deqguard.serving.cli",

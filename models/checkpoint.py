@@ -80,9 +80,39 @@ def tensor_sha256(tensors: dict[str, Tensor]) -> str:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A shipped checkpoint's path by name (`default`), or the given path."""
+    """A shipped checkpoint's path by name (`default`), the given path when it exists, else the
+    file of a BentoML model-store tag (`name:version`, `name:latest`).
+
+    The order makes a path and a tag unambiguous: a file that exists always wins. Text that is
+    neither a file nor a stored model fails here, naming all three places tried; a missing path
+    that cannot be a tag (no colon) is left to the loader's "checkpoint not found".
+    """
+    from deqguard.store import bentoml_available, find_stored, is_tag, store_location
+
     key = str(name_or_path)
-    return NAMED_CHECKPOINTS.get(key, Path(key))
+    if key in NAMED_CHECKPOINTS:
+        return NAMED_CHECKPOINTS[key]
+    path = Path(key)
+    if path.exists() or not is_tag(key):
+        return path
+    stored = find_stored(key)
+    if stored is None:
+        where = (f"not a model in the BentoML model store ({store_location()}; see "
+                 "`deqguard models list`)" if bentoml_available()
+                 else "not looked up in a BentoML model store (bentoml is not installed)")
+        raise CheckpointError(f"checkpoint not found: {key!r} is not a file, not a shipped name "
+                              f"({', '.join(NAMED_CHECKPOINTS)}), and {where}")
+    if not stored.path.is_file():
+        raise CheckpointError(f"model {stored.tag} in the BentoML model store holds no deqguard "
+                              f"checkpoint ({stored.path.name} missing in {stored.path.parent}); "
+                              "store checkpoints with `deqguard models push`")
+    header = read_metadata(stored.path)
+    if stored.sha256 and header.sha256 != stored.sha256:
+        raise CheckpointError(
+            f"{stored.tag}: the stored checkpoint's sha256 is {header.sha256[:16]}..., the model "
+            f"store recorded {stored.sha256[:16]}... when it was pushed: {stored.path} was "
+            "altered or replaced")
+    return stored.path
 
 
 def _serialise(tensors: dict[str, Tensor], meta: CheckpointMetadata) -> bytes:

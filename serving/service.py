@@ -30,6 +30,7 @@ from .schema import (
     ClassifyTensorRequest,
 )
 from .settings import load_settings
+from .store import declared_model
 from .validation import RequestError, decode_images, options_of, tensor_array
 
 log = logging.getLogger("deqguard.serving")
@@ -48,6 +49,10 @@ _INLINE_DECODE_CHARS = 64 * 1024
                  logging={"access": {"enabled": False}})
 class DEQGuardModel:
     """The loaded checkpoint behind one batchable API (not exposed to clients)."""
+
+    # A model-store tag is declared as BentoML documents it, so `bentoml build` packs the model
+    # into the Bento; None (not a model) for a path or `default`. See store.py.
+    checkpoint_model = declared_model(SETTINGS.checkpoint)
 
     def __init__(self) -> None:
         from . import metrics
@@ -73,8 +78,8 @@ class DEQGuardModel:
             read_metadata(s.checkpoint)
         except CheckpointError as exc:
             raise CheckpointError(
-                f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path> or "
-                "`--arg checkpoint=<path>`; the shipped `default` comes with a trained "
+                f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path or name:version> or "
+                "`--arg checkpoint=...`; the shipped `default` comes with a trained "
                 "release") from None
 
     def _warm_up(self) -> None:
