@@ -9,19 +9,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Fn, IterateHook, SolverOutput, StepRecorder
+from .base import Fn, IterateHook, SolverOutput, StepRecorder, StopHook
 
 
 def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mode: str = "rel",
                    anderson_m: int = 5, anderson_lam: float = 1e-4, beta: float = 1.0,
                    on_iterate: IterateHook | None = None, keep_states: bool = False,
+                   stop_when: StopHook | None = None, deadline: Tensor | None = None,
                    **_: object) -> SolverOutput:
     """Mix the last `anderson_m` iterates with weights minimising the combined residual.
 
     Per sample: alpha = argmin ||sum_i alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum_i alpha_i = 1,
     with g_i = f(x_i) - x_i; then z <- beta sum alpha_i f(x_i) + (1 - beta) sum alpha_i x_i.
     """
-    rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states)
+    rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
+                       deadline)
     b = z0.shape[0]
     xs: list[Tensor] = []
     fs: list[Tensor] = []
