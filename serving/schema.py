@@ -81,8 +81,9 @@ class ClassifyResult(BaseModel):
     residual: list[float] = Field(description="relative fixed-point residual at each iterate")
     iterations: int
     converged: bool
-    stopped: StopReason = Field(description="why the solve stopped: tol (converged), settled "
-                                            "(anytime exit), deadline, or max_iter")
+    stopped: StopReason | None = Field(
+        None, description="why the solve stopped: tol (converged), settled (anytime exit), "
+                          "deadline, or max_iter (null only from servers older than this field)")
     detection: Detection
     model: ModelRef
 
