@@ -107,8 +107,45 @@ def add_uploads(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def describe_errors_and_inputs(doc: dict[str, Any]) -> dict[str, Any]:
+    """Say what the server really answers and accepts: a 400's `detail` is pydantic's list of
+    errors (BentoML's schema says a string); an image is non-empty base64 (`format: byte`), and
+    a batch or tensor holds at least one item."""
+    doc = copy.deepcopy(doc)
+    schemas = doc.get("components", {}).get("schemas", {})
+    detail = schemas.get("InvalidArgument", {}).get("properties", {}).get("detail")
+    if isinstance(detail, dict):
+        detail.pop("type", None)
+        detail["description"] = "validation details (a list of pydantic errors, when present)"
+
+    def tighten(node: Any) -> None:
+        if isinstance(node, list):
+            for v in node:
+                tighten(v)
+            return
+        if not isinstance(node, dict):
+            return
+        props = node.get("properties")
+        if isinstance(props, dict) and node.get("type") == "object":
+            image = props.get(IMAGE_FIELD)
+            if isinstance(image, dict) and image.get("type") == "string" \
+                    and image.get("format") != "binary":
+                image.update(minLength=1, format="byte")
+            for name in ("images", "tensor"):
+                if isinstance(props.get(name), dict) and props[name].get("type") == "array":
+                    props[name]["minItems"] = 1
+            images = props.get("images")
+            if isinstance(images, dict) and isinstance(images.get("items"), dict):
+                images["items"].update(minLength=1, format="byte")
+        for v in node.values():
+            tighten(v)
+
+    tighten(doc)
+    return doc
+
+
 def openapi30(doc: dict[str, Any]) -> dict[str, Any]:
-    return to_openapi30(add_uploads(doc))
+    return to_openapi30(describe_errors_and_inputs(add_uploads(doc)))
 
 
 class OpenAPIDocument:
