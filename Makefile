@@ -7,7 +7,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data test test-slow lint serve bento clean
+.PHONY: setup data browser test test-slow lint serve bento clean
 
 setup: $(STAMP) data
 
@@ -27,7 +27,17 @@ data:
 	  else echo "note: $(FASHION_DIR) missing; run 'apt-get install dataset-fashion-mnist' as root"; fi; \
 	fi
 
-test: setup
+# Headless Chromium for the /ui browser test (tests/test_serving_ui.py skips without it).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null)) \
+	     || echo "warning: could not install chromium/chromium-driver; the /ui browser test will skip"; \
+	  else echo "note: chromium/chromedriver missing; run 'apt-get install chromium chromium-driver' as root"; fi; \
+	fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/serve.py                       # untrained `tiny` preset, 28x28x1
     .venv/bin/python bench/serve.py --checkpoint default --requests 256
+    .venv/bin/python bench/serve.py --checkpoint default --defaults --skip-onnx   # README
+
+`--defaults`: the checkpoint's default options as a plain request gets them (its solver, max_iter
+and tol, the settled exit), on Fashion-MNIST test images when present (else random PNGs), so the
+numbers are those of a default request; the c=1 row then also gives the HTTP overhead per request
+(HTTP p50 - in-process p50).
 
 Part 1, same work on both sides: PNG bytes -> `decode_image` -> the torch engine at a fixed
 budget (tol tiny, so every image runs `--max-iter` iterations). In-process runs batches of c
@@ -46,6 +52,25 @@ def _checkpoint(arg: str | None, tmp: Path) -> str:
     save_checkpoint(build_model("tiny", num_classes=10, in_channels=1, image_size=28).eval(),
                     path, {"name": "tiny-untrained"})
     return str(path)
+
+
+def _fashion_pngs(n: int) -> list[bytes] | None:
+    """The first n Fashion-MNIST test images as PNG bytes, or None when the data is absent."""
+    from PIL import Image
+
+    try:
+        from deqguard.training.data import load_dataset
+
+        ds = load_dataset("fashion-mnist", "test", limit=n)
+    except Exception:
+        return None
+    out = []
+    for i in range(len(ds)):
+        arr = (np.asarray(ds[i][0])[0] * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def _pngs(n: int, spec, seed: int = 0) -> list[bytes]:
@@ -137,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--server-log", default=None, help="keep the server's log here")
+    p.add_argument("--defaults", action="store_true",
+                   help="default request options and Fashion-MNIST images (see above)")
+    p.add_argument("--skip-onnx", action="store_true", help="skip part 2")
     args = p.parse_args(argv)
 
     import torch
@@ -150,13 +178,20 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         ckpt = _checkpoint(args.checkpoint, tmp)
         engine = TorchEngine.load(ckpt, device="cpu", threads=args.threads)
-        opts = engine.resolve(max_iter=args.max_iter, tol=1e-12, solver=args.solver)
-        body = {"max_iter": opts.max_iter, "tol": 1e-12, "solver": opts.solver,
-                "trajectory": True}
-        pngs = _pngs(args.requests, engine.spec)
-        print(f"checkpoint {engine.meta.name or ckpt}  solver {opts.solver}  max_iter "
-              f"{opts.max_iter} (tol 1e-12: every image runs them all)  threads {args.threads}  "
-              f"torch {torch.__version__}  cpus {os.cpu_count()}")
+        if args.defaults:
+            opts, body = engine.resolve(), {}
+            pngs = _fashion_pngs(args.requests) or _pngs(args.requests, engine.spec)
+            print(f"checkpoint {engine.meta.name or ckpt}  default options {opts}  threads "
+                  f"{args.threads}  torch {torch.__version__}  cpus {os.cpu_count()}")
+        else:
+            opts = engine.resolve(max_iter=args.max_iter, tol=1e-12, solver=args.solver,
+                                  settle_iters=0)
+            body = {"max_iter": opts.max_iter, "tol": 1e-12, "solver": opts.solver,
+                    "trajectory": True, "settle_iters": 0}
+            pngs = _pngs(args.requests, engine.spec)
+            print(f"checkpoint {engine.meta.name or ckpt}  solver {opts.solver}  max_iter "
+                  f"{opts.max_iter} (tol 1e-12: every image runs them all)  threads "
+                  f"{args.threads}  torch {torch.__version__}  cpus {os.cpu_count()}")
 
         rows = []
         in_process(engine, pngs[:8], 8, opts)  # warm-up
@@ -175,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         for c, a, a50, a99, h, h50, h99 in rows:
             print(f"| {c} | {a:.1f} | {a50:.1f} | {a99:.1f} | {h:.1f} | {h50:.1f} | {h99:.1f} "
                   f"| {h / a:.2f}x |")
+        c1 = [r for r in rows if r[0] == 1]
+        if c1:
+            print(f"\nHTTP overhead per request at c=1: {c1[0][5] - c1[0][2]:.1f} ms (p50)")
+        if args.skip_onnx:
+            return 0
 
         t_rate, o_rate, exporter = torch_vs_onnx(ckpt, tmp, args.max_iter, args.onnx_batch,
                                                  args.repeats, args.threads)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .anytime import IterateWatcher, SettleRule
 from .config import DEQConfig, GradConfig, SolverConfig
 from .entropy import prediction_entropy
 from .errors import InputError
@@ -32,7 +33,8 @@ class SolveResult:
 
     `entropy[t]` is the entropy (nats) of the head's prediction at the state after step t+1;
     `residual[t]` the relative residual ||f(z)-z||/||f(z)|| of the state step t+1 started from.
-    Both are [T, B]; a sample that stopped early repeats its last value.
+    Both are [T, B]; a sample that stopped early repeats its last value. `stopped` [B] says why
+    each sample stopped (an index into models.solvers.STOP_REASONS; None when not tracked).
     """
 
     logits: Tensor
@@ -42,6 +44,7 @@ class SolveResult:
     entropy: Tensor | None = None
     z: Tensor | None = field(default=None, repr=False)
     states: list[Tensor] | None = field(default=None, repr=False)
+    stopped: Tensor | None = None
 
     @property
     def final_entropy(self) -> Tensor:
@@ -137,11 +140,15 @@ class DEQClassifier(Classifier):
     def equilibrium(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
                     tol: float | None = None, grad: GradConfig | str | None = None,
                     readout: Readout = "state", trajectory: bool = False,
-                    keep_states: bool = False, z0: Tensor | None = None) -> Equilibrium:
+                    keep_states: bool = False, z0: Tensor | None = None,
+                    settle: SettleRule | None = None,
+                    deadline: Tensor | None = None) -> Equilibrium:
         """Solve for z* and attach the requested gradient path.
 
         `readout="state"` returns a value equal to the solver's z* (gradient straight through the
         path); `"unrolled"` returns the path's own output, as the paper's training does.
+        `settle` and `deadline` ([B] absolute time.time() seconds) are the anytime stops
+        (models/anytime.py, models/solvers/base.py); both are off by default.
         """
         cfg: SolverConfig = self.config.solver
         grad_cfg = self._grad_config(grad)
@@ -152,11 +159,11 @@ class DEQClassifier(Classifier):
         options["tol"] = cfg.tol if tol is None else float(tol)
         solve_fn = get_solver(name)
         self._reset_noise()
-        entropies: list[Tensor] = []
-
-        def record_entropy(_t: int, z_t: Tensor, _active: Tensor) -> None:
-            with torch.no_grad():
-                entropies.append(prediction_entropy(self.decode(z_t.detach())))
+        watcher = IterateWatcher(self.decode, settle, record=trajectory)
+        if settle is not None:
+            options["stop_when"] = watcher.stop_when
+        if deadline is not None:
+            options["deadline"] = deadline
 
         with parametrize.cached():
             self._materialise_parametrizations()
@@ -166,7 +173,7 @@ class DEQClassifier(Classifier):
             def f(z: Tensor) -> Tensor:
                 return self.layer(z, u)
 
-            hook = record_entropy if trajectory else None
+            hook = watcher.on_iterate if trajectory or settle is not None else None
             exact = grad_cfg.mode == "exact" and torch.is_grad_enabled()
             if exact:
                 out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
@@ -175,8 +182,7 @@ class DEQClassifier(Classifier):
                 with torch.no_grad():
                     out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
                 z = attach_gradient(f, out.z, grad_cfg, straight_through=readout == "state")
-        ent = torch.stack(entropies) if trajectory and entropies else None
-        return Equilibrium(z=z, z_star=out.z.detach(), f=f, output=out, entropy=ent)
+        return Equilibrium(z=z, z_star=out.z.detach(), f=f, output=out, entropy=watcher.entropy)
 
     def _grad_config(self, grad: GradConfig | str | None) -> GradConfig:
         if grad is None:
@@ -187,14 +193,19 @@ class DEQClassifier(Classifier):
 
     def solve(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
               tol: float | None = None, trajectory: bool = True,
-              grad: GradConfig | str | None = None, keep_states: bool = False) -> SolveResult:
-        """Run the solver with a per-call budget and decode the trajectory (serving, eval)."""
+              grad: GradConfig | str | None = None, keep_states: bool = False,
+              settle: SettleRule | None = None, deadline: Tensor | None = None) -> SolveResult:
+        """Run the solver with a per-call budget and decode the trajectory (serving, eval).
+
+        `settle` / `deadline` add the anytime stops (see `equilibrium`); `stopped` says which
+        criterion ended each sample."""
         eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
-                              trajectory=trajectory, keep_states=keep_states)
+                              trajectory=trajectory, keep_states=keep_states, settle=settle,
+                              deadline=deadline)
         out = eq.output
         return SolveResult(logits=self.decode(eq.z), entropy=eq.entropy, residual=out.residual,
                            iterations=out.iterations, converged=out.converged, z=eq.z_star,
-                           states=out.states)
+                           states=out.states, stopped=out.stopped)
 
     def forward(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
                 tol: float | None = None, grad: GradConfig | str | None = None,

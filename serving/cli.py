@@ -74,7 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                    "default"))
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
-    s.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    s.add_argument("--onnx", help="exported graph for --backend onnx (else exported at start-up)")
+    # The environment is the flags' default, so `DEQGUARD_BACKEND=onnx make serve` (README) serves
+    # the backend it names; a flag given on the command line still wins.
+    s.add_argument("--backend", choices=["torch", "onnx"],
+                   default=os.environ.get("DEQGUARD_BACKEND") or "torch",
+                   help="inference backend (default: $DEQGUARD_BACKEND, else torch)")
+    s.add_argument("--onnx", default=os.environ.get("DEQGUARD_ONNX") or None,
+                   help="exported graph for --backend onnx (default: $DEQGUARD_ONNX, else "
+                        "exported at start-up)")
     s.add_argument("--threads", type=int, default=int(os.environ.get("DEQGUARD_THREADS", "1")))
     s.set_defaults(func=_serve)

@@ -10,8 +10,15 @@ at `tol` and freeze finished samples, so within one set of options results are p
 service runs each distinct `SolveOptions` as its own sub-batch (the options key), and every
 trajectory is cut to the sample's own iteration count (the solver pads it to the batch's longest).
 The entropy-reduction defense runs sample by sample, because its rounds are aligned across the
-batch (see `_defended`). Trajectories are always computed, since detection scores read them; the
-`trajectory` flag only decides whether they are returned.
+batch (see `_defended`).
+
+Anytime inference: the settled exit (`settle_iters` / `settle_entropy`, models/anytime.py) is part
+of the options key; a deadline is not (every request's is different) but travels per sample as an
+absolute time, and the solver stops each sample at its own deadline only, so a batch mate's
+deadline never changes an answer. `stopped` says which criterion ended a sample.
+
+Trajectories are always computed, since detection scores read them; the `trajectory` flag only
+decides whether they are returned.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ from .schema import ClassifyResult, Detection, ModelRef
 log = logging.getLogger(__name__)
 
 DEFENSES = ("none", "entropy-reduction")
+STOP_REASONS = ("max_iter", "tol", "settled", "deadline")  # models.solvers.STOP_REASONS
+# The settled exit's defaults for plain (undefended) requests, measured with bench/anytime.py on
+# the shipped default and 300 Fashion-MNIST test images (README, Serving).
+DEFAULT_SETTLE_ITERS = 3
+DEFAULT_SETTLE_ENTROPY = 0.3
 
 
 class OptionsError(ValueError):
@@ -44,6 +56,8 @@ class SolveOptions:
     tol: float
     solver: str
     defense: str = "none"
+    settle_iters: int = 0  # 0: no settled exit
+    settle_entropy: float = DEFAULT_SETTLE_ENTROPY
 
 
 @dataclass
@@ -55,6 +69,7 @@ class SampleTrace:
     residual: np.ndarray  # [T]
     iterations: int
     converged: bool
+    stopped: str = "max_iter"  # one of STOP_REASONS
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -71,17 +86,22 @@ def entropy_of(logits: np.ndarray) -> np.ndarray:
 
 
 def split_batch(logits: np.ndarray, entropy: np.ndarray | None, residual: np.ndarray,
-                iterations: np.ndarray, converged: np.ndarray) -> list[SampleTrace]:
-    """[T, B] batch trajectories -> per-sample traces cut to each sample's iteration count."""
+                iterations: np.ndarray, converged: np.ndarray,
+                stopped: np.ndarray | None = None) -> list[SampleTrace]:
+    """[T, B] batch trajectories -> per-sample traces cut to each sample's iteration count.
+
+    `stopped`: indices into STOP_REASONS; without it, "tol" when converged, else "max_iter"."""
     out = []
     for i in range(logits.shape[0]):
         it = max(int(iterations[i]), 1)
         ent = (entropy[:it, i] if entropy is not None and entropy.size
                else entropy_of(logits[i])[None])
         res = residual[:it, i] if residual.size else np.zeros(1)
+        why = (STOP_REASONS[int(stopped[i])] if stopped is not None
+               else "tol" if converged[i] else "max_iter")
         out.append(SampleTrace(logits=logits[i], entropy=np.asarray(ent, np.float64),
                                residual=np.asarray(res, np.float64), iterations=it,
-                               converged=bool(converged[i])))
+                               converged=bool(converged[i]), stopped=why))
     return out
 
 
@@ -157,24 +177,50 @@ class Engine(ABC):
         if opts.defense != "none" and not self.is_deq:
             raise OptionsError("the entropy-reduction defense needs a DEQ checkpoint; "
                                "this one is feed-forward")
+        if opts.settle_iters < 0 or not opts.settle_entropy > 0:
+            raise OptionsError(f"settle_iters must be >= 0 and settle_entropy > 0, got "
+                               f"{opts.settle_iters} and {opts.settle_entropy}")
+        if opts.settle_iters and opts.defense != "none":
+            raise OptionsError("the settled exit applies to the plain solve, not to the "
+                               f"{opts.defense} defense; leave settle_iters unset or 0")
+
+    def check_deadline(self, opts: SolveOptions) -> None:
+        """Raise OptionsError when this engine cannot stop `opts` at a deadline."""
+        if opts.defense != "none":
+            raise OptionsError(f"deadline_ms applies to the plain solve, not to the "
+                               f"{opts.defense} defense")
 
     def resolve(self, *, max_iter: int | None = None, tol: float | None = None,
-                solver: str | None = None, defense: str | None = None) -> SolveOptions:
-        """Fill unset options from the checkpoint's defaults, then check them."""
+                solver: str | None = None, defense: str | None = None,
+                settle_iters: int | None = None, settle_entropy: float | None = None,
+                deadline_ms: int | None = None) -> SolveOptions:
+        """Fill unset options from the checkpoint's defaults, then check them. `deadline_ms` is
+        only checked (deadlines travel per sample, see `trace`)."""
         d = self.default_options(defense or "none")
         opts = SolveOptions(max_iter=d.max_iter if max_iter is None else int(max_iter),
                             tol=d.tol if tol is None else float(tol),
                             solver=d.solver if solver is None else str(solver),
-                            defense=defense or "none")
+                            defense=defense or "none",
+                            settle_iters=d.settle_iters if settle_iters is None
+                            else int(settle_iters),
+                            settle_entropy=d.settle_entropy if settle_entropy is None
+                            else float(settle_entropy))
         self.check_options(opts)
+        if deadline_ms is not None:
+            self.check_deadline(opts)
         return opts
 
     # -- running -------------------------------------------------------------------------------
     @abstractmethod
-    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]: ...
+    def _solve(self, x: np.ndarray, opts: SolveOptions,
+               deadlines: np.ndarray | None) -> list[SampleTrace]: ...
 
-    def trace(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
+    def trace(self, x: np.ndarray, opts: SolveOptions, deadlines: np.ndarray | None = None
+              ) -> list[SampleTrace]:
         """Per-sample traces for float32 x [N, C, H, W] in [0, 1] (validated by the caller).
+
+        `deadlines`: [N] absolute `time.time()` seconds (inf: none); a sample past its deadline
+        stops after its current iteration with `stopped="deadline"`.
 
         A lone sample runs as a pair (itself twice): oneDNN convolutions take another code path
         for a batch of one, whose sums differ in the last bit, and Anderson/Broyden amplify that
@@ -190,10 +236,15 @@ class Engine(ABC):
         if n == 0:
             return []
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if deadlines is not None:
+            deadlines = np.asarray(deadlines, np.float64)
+            if np.isinf(deadlines).all():
+                deadlines = None
         if n == 1 and self.pair_singles:
             x = np.concatenate([x, x])
+            deadlines = None if deadlines is None else np.concatenate([deadlines, deadlines])
         with self._lock:
-            return self._solve(x, opts)[:n]
+            return self._solve(x, opts, deadlines)[:n]
 
     def result(self, trace: SampleTrace, opts: SolveOptions, trajectory: bool) -> ClassifyResult:
         probs = softmax(trace.logits)
@@ -203,23 +254,25 @@ class Engine(ABC):
             probabilities=[float(p) for p in probs],
             entropy=[float(v) for v in trace.entropy] if trajectory else [],
             residual=[float(v) for v in trace.residual] if trajectory else [],
-            iterations=trace.iterations, converged=trace.converged,
+            iterations=trace.iterations, converged=trace.converged, stopped=trace.stopped,
             detection=self.detector(trace, opts.defense), model=self.model_ref)
 
-    def classify(self, x: np.ndarray, opts: SolveOptions, trajectory: bool = True
-                 ) -> list[ClassifyResult]:
+    def classify(self, x: np.ndarray, opts: SolveOptions, trajectory: bool = True,
+                 deadlines: np.ndarray | None = None) -> list[ClassifyResult]:
         """The in-process twin of POST /classify_tensor with one set of options."""
-        return [self.result(t, opts, trajectory) for t in self.trace(x, opts)]
+        return [self.result(t, opts, trajectory) for t in self.trace(x, opts, deadlines)]
 
-    def classify_grouped(self, xs: Sequence[np.ndarray], opts: Sequence[SolveOptions]
-                         ) -> list[SampleTrace]:
-        """Items with mixed options: one sub-batch per distinct options, answers in input order."""
+    def classify_grouped(self, xs: Sequence[np.ndarray], opts: Sequence[SolveOptions],
+                         deadlines: Sequence[float] | None = None) -> list[SampleTrace]:
+        """Items with mixed options: one sub-batch per distinct options, answers in input order.
+        `deadlines` (absolute time.time() seconds, inf for none) stay per item."""
         groups: dict[SolveOptions, list[int]] = {}
         for i, o in enumerate(opts):
             groups.setdefault(o, []).append(i)
         out: list[SampleTrace | None] = [None] * len(xs)
         for o, idx in groups.items():
-            traces = self.trace(np.stack([xs[i] for i in idx]), o)
+            dl = None if deadlines is None else np.array([deadlines[i] for i in idx], np.float64)
+            traces = self.trace(np.stack([xs[i] for i in idx]), o, dl)
             for i, t in zip(idx, traces, strict=True):
                 out[i] = t
         return out  # type: ignore[return-value]
@@ -237,7 +290,9 @@ class Engine(ABC):
         return {
             **self.meta.model_dump(mode="json"),
             "serving": {"backend": self.backend, "max_iter_cap": self.max_iter_cap,
-                        "defaults": {"max_iter": d.max_iter, "tol": d.tol, "solver": d.solver},
+                        "defaults": {"max_iter": d.max_iter, "tol": d.tol, "solver": d.solver,
+                                     "settle_iters": d.settle_iters,
+                                     "settle_entropy": d.settle_entropy},
                         "defenses": self.defenses(), "solvers": self.solvers()},
         }
 
@@ -284,22 +339,32 @@ class TorchEngine(Engine):
             max_iter = er.rounds * er.solver_steps_per_round
         return SolveOptions(max_iter=min(max_iter, self.max_iter_cap),
                             tol=cfg.tol if cfg is not None else 1e-3,
-                            solver=cfg.solver if cfg is not None else "naive", defense=defense)
+                            solver=cfg.solver if cfg is not None else "naive", defense=defense,
+                            settle_iters=DEFAULT_SETTLE_ITERS if defense == "none" else 0)
 
-    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
+    def _solve(self, x: np.ndarray, opts: SolveOptions,
+               deadlines: np.ndarray | None) -> list[SampleTrace]:
         import torch
+
+        from deqguard.models.anytime import SettleRule
 
         xt = torch.from_numpy(x).to(self.device)
         if opts.defense == "entropy-reduction":
             return self._defended(xt, opts)
+        anytime: dict[str, Any] = {}
+        if self.is_deq:
+            if opts.settle_iters:
+                anytime["settle"] = SettleRule(opts.settle_iters, opts.settle_entropy)
+            if deadlines is not None:
+                anytime["deadline"] = torch.from_numpy(deadlines)
         with torch.inference_mode():
             r = self.model.solve(xt, solver=opts.solver, max_iter=opts.max_iter, tol=opts.tol,
-                                 trajectory=True)
+                                 trajectory=True, **anytime)
         return split_batch(
             r.logits.float().cpu().numpy(),
             None if r.entropy is None else r.entropy.float().cpu().numpy(),
             r.residual.float().cpu().numpy(), r.iterations.cpu().numpy(),
-            r.converged.cpu().numpy())
+            r.converged.cpu().numpy(), None if r.stopped is None else r.stopped.cpu().numpy())
 
     def _defended(self, xt: Any, opts: SolveOptions) -> list[SampleTrace]:
         """Sample by sample: the defense's rounds are aligned across a batch, so a sample's

@@ -7,7 +7,8 @@ sees more than `max_bytes`. An oversized body is drained (up to a bound) before 
 client that first sends its whole body still reads the 413 instead of a reset connection.
 
 `JsonOnly` answers 415 to other media types (BentoML would otherwise also parse multipart and
-pickle bodies). `ReadableValidationErrors` rewrites BentoML's pydantic 400 body
+pickle bodies); the uploads POST /classify accepts are turned into JSON before it by uploads.py.
+`ReadableValidationErrors` rewrites BentoML's pydantic 400 body
 {"error": "1 validation error for X", "detail": [...]} so that "error" names each field and
 problem ("solver: Input should be 'naive', 'anderson' or 'broyden'"); "detail" is kept.
 """
@@ -136,8 +137,10 @@ class JsonOnly:
             ctype = _header(scope, b"content-type")
             media = ctype.split(";")[0].strip().lower() if ctype is not None else ""
             if media not in ("", "application/json"):
+                hint = (" (or upload the image: multipart/form-data with a file field 'image', "
+                        "or a raw image/* body)" if scope.get("path") == "/classify" else "")
                 await _reply(send, 415, f"unsupported media type {media!r}: send a JSON body "
-                                        "with Content-Type: application/json")
+                                        f"with Content-Type: application/json{hint}")
                 return
         await self.app(scope, receive, send)
 

@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine, OptionsError, SampleTrace, SolveOptions, entropy_of
+from .engine import (
+    DEFAULT_SETTLE_ITERS,
+    Engine,
+    OptionsError,
+    SampleTrace,
+    SolveOptions,
+    entropy_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,8 @@ class OnnxEngine(Engine):
 
     def default_options(self, defense: str = "none") -> SolveOptions:
         return SolveOptions(max_iter=self.default_max_iter, tol=self.default_tol,
-                            solver="naive", defense=defense)
+                            solver="naive", defense=defense,
+                            settle_iters=DEFAULT_SETTLE_ITERS if defense == "none" else 0)
 
     def check_options(self, opts: SolveOptions) -> None:
         if opts.defense != "none":
@@ -103,6 +111,10 @@ class OnnxEngine(Engine):
                                f"(the exported graph's iterations), got {opts.max_iter}")
         super().check_options(opts)
 
+    def check_deadline(self, opts: SolveOptions) -> None:
+        raise OptionsError("deadline_ms needs the torch backend: the ONNX graph runs all its "
+                           "iterations in one call and cannot stop at a deadline")
+
     def defenses(self) -> list[str]:
         return ["none"]
 
@@ -114,7 +126,8 @@ class OnnxEngine(Engine):
         outs = self.session.run(None, {self.session.get_inputs()[0].name: x})
         return dict(zip(self.output_names, outs, strict=True))
 
-    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
+    def _solve(self, x: np.ndarray, opts: SolveOptions,
+               deadlines: np.ndarray | None) -> list[SampleTrace]:
         g = self.run_graph(x)
         ent, res, traj = g["entropy"], g["residual"], g["logits_trajectory"]
         stop = g.get("logits_stop", traj)
@@ -125,10 +138,30 @@ class OnnxEngine(Engine):
             # the torch solvers: stopping at step t ends on f(z_{t-1}), i.e. logits_stop[t-1]
             it = int(hits[0]) + 1 if hits.size else opts.max_iter
             stopped = bool(hits.size)
+            settled = self._settled_at(traj[:it, i], ent[:it, i], opts)
+            if settled is not None and (settled < it or not stopped):
+                it, stopped = settled, False
+                why = "settled"
+            else:
+                why = "tol" if stopped else "max_iter"
             e = ent[:it, i].astype(np.float64)
             logits = (stop if stopped else traj)[it - 1, i]
             if stopped and "logits_stop" in g:
                 e[-1] = float(entropy_of(logits))
             out.append(SampleTrace(logits=logits, entropy=e, residual=r[:it], iterations=it,
-                                   converged=stopped))
+                                   converged=stopped, stopped=why))
         return out
+
+    @staticmethod
+    def _settled_at(logits: np.ndarray, ent: np.ndarray, opts: SolveOptions) -> int | None:
+        """The step at which models.anytime.SettleRule stops this sample (the torch solver's
+        check after each step, replayed on the graph's iterates), or None."""
+        if not opts.settle_iters:
+            return None
+        top1 = logits.argmax(-1)
+        run = 0
+        for t in range(len(top1)):
+            run = run + 1 if t > 0 and top1[t] == top1[t - 1] else 1
+            if run >= opts.settle_iters and ent[t] < opts.settle_entropy:
+                return t + 1
+        return None

@@ -1,7 +1,10 @@
 """The HTTP wire contract of the deqguard service, shared by the server and the Python client.
 
 Pure pydantic, no torch: the client imports this module. Requests are JSON; images travel as
-base64 strings of their encoded bytes (PNG, JPEG, WebP, ...). Errors are answered with a 4xx
+base64 strings of their encoded bytes (PNG, JPEG, WebP, ...). POST /classify also takes the
+image as an upload (multipart/form-data, file field `image`, options as form fields) or as the raw
+body (Content-Type image/*, options as query parameters): serving/uploads.py turns both into this
+same JSON request, so every rule below applies to them too. Errors are answered with a 4xx
 status and a JSON body {"error": "<message a user can act on>"}.
 """
 
@@ -12,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SolverChoice = Literal["naive", "anderson", "broyden"]
+StopReason = Literal["tol", "settled", "deadline", "max_iter"]
 DefenseChoice = Literal["none", "entropy-reduction"]
 
 
@@ -24,6 +28,17 @@ class ClassifyOptions(BaseModel):
     solver: SolverChoice | None = None
     defense: DefenseChoice = "none"
     trajectory: bool = Field(True, description="return per-iteration entropy and residual")
+    deadline_ms: int | None = Field(
+        None, ge=1, le=600_000,
+        description="anytime: answer with the current iterate once this many ms have passed "
+                    "since the request arrived (stopped='deadline'; torch backend only)")
+    settle_iters: int | None = Field(
+        None, ge=0, le=1000,
+        description="anytime: stop once the top-1 class is unchanged over this many iterates "
+                    "and the entropy is under settle_entropy (stopped='settled'); 0 turns it "
+                    "off; default: the server's (GET /model, serving.defaults)")
+    settle_entropy: float | None = Field(
+        None, gt=0, description="anytime: entropy threshold (nats) of the settled exit")
 
 
 class ClassifyRequest(ClassifyOptions):
@@ -66,6 +81,9 @@ class ClassifyResult(BaseModel):
     residual: list[float] = Field(description="relative fixed-point residual at each iterate")
     iterations: int
     converged: bool
+    stopped: StopReason | None = Field(
+        None, description="why the solve stopped: tol (converged), settled (anytime exit), "
+                          "deadline, or max_iter (null only from servers older than this field)")
     detection: Detection
     model: ModelRef
 

@@ -14,15 +14,17 @@ import functools
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from .guards import BodySizeLimit, JsonOnly, ReadableValidationErrors
+from .openapi import OpenAPIDocument
 from .schema import (
     ClassifyBatchRequest,
     ClassifyRequest,
@@ -31,6 +33,8 @@ from .schema import (
 )
 from .settings import load_settings
 from .store import declared_model
+from .ui import ui_app
+from .uploads import Uploads
 from .validation import RequestError, decode_images, options_of, tensor_array
 
 log = logging.getLogger("deqguard.serving")
@@ -102,8 +106,9 @@ class DEQGuardModel:
 
     @bentoml.api(batchable=True, max_batch_size=MODEL_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """items: {"x": float32 [C, H, W], "options": {...}, "trajectory": bool} ->
-        a ClassifyResult dict, or {"error": message} for options this server refuses."""
+        """items: {"x": float32 [C, H, W], "options": {...}, "trajectory": bool,
+        "deadline_at": time.time() seconds or None} -> a ClassifyResult dict, or
+        {"error": message} for options this server refuses."""
         from . import metrics
         from .engine import OptionsError
 
@@ -116,7 +121,8 @@ class DEQGuardModel:
                 ok.append(i)
             except OptionsError as exc:
                 out[i] = {"error": str(exc)}
-        traces = self.engine.classify_grouped([items[i]["x"] for i in ok], opts)
+        deadlines = [items[i].get("deadline_at") or float("inf") for i in ok]
+        traces = self.engine.classify_grouped([items[i]["x"] for i in ok], opts, deadlines)
         done = []
         for i, o, t in zip(ok, opts, traces, strict=True):
             res = self.engine.result(t, o, bool(items[i].get("trajectory", True)))
@@ -137,13 +143,15 @@ async def _get_model(request: Request) -> JSONResponse:
     return JSONResponse(await front.description())
 
 
-_META_APP = Starlette(routes=[Route("/model", _get_model, methods=["GET"])])
+_META_APP = Starlette(routes=[Route("/model", _get_model, methods=["GET"]),
+                              Mount("/ui", app=ui_app(), name="ui")])
 
 
 @bentoml.service(name="deqguard", workers=1, traffic={"timeout": 300})
 @bentoml.asgi_app(_META_APP, path="/")
 class DEQGuard:
-    """POST /classify, /classify_batch, /classify_tensor; GET /model; /livez /readyz /metrics."""
+    """POST /classify (JSON, multipart or raw image), /classify_batch, /classify_tensor;
+    GET /model, /ui (the web page), /docs.json; /livez /readyz /metrics."""
 
     model = bentoml.depends(DEQGuardModel)
 
@@ -178,11 +186,15 @@ class DEQGuard:
     async def _spec(self) -> dict[str, Any]:
         return (await self.description())["input"]
 
-    async def _run(self, x: Any, request: Any) -> list[dict[str, Any]]:
+    async def _run(self, x: Any, request: Any, arrived: float) -> list[dict[str, Any]]:
         """Per-image items to the batched model; its answers are ClassifyResult dicts already
         (built by the engine from the schema), so they are returned as they are."""
         opts = options_of(request)
-        items = [{"x": xi, "options": opts, "trajectory": request.trajectory} for xi in x]
+        # The deadline counts from the request's arrival at the front (the model's queue too).
+        deadline_at = (arrived + request.deadline_ms / 1000.0
+                       if request.deadline_ms is not None else None)
+        items = [{"x": xi, "options": opts, "trajectory": request.trajectory,
+                  "deadline_at": deadline_at} for xi in x]
         answers = await self._call_model("infer", items)
         errors = [a["error"] for a in answers if "error" in a]
         if errors:
@@ -202,30 +214,34 @@ class DEQGuard:
     @bentoml.api(route="/classify", input_spec=ClassifyRequest)
     async def classify(self, **fields: Any) -> ClassifyResult:
         """One base64 image -> its prediction, trajectories and detection flag."""
+        arrived = time.time()
         req = ClassifyRequest.model_construct(**fields)
         try:
-            return JSONResponse((await self._run(await self._images([req.image]), req))[0])
+            return JSONResponse(
+                (await self._run(await self._images([req.image]), req, arrived))[0])
         except RequestError as exc:
             return _error(exc)
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchRequest)
     async def classify_batch(self, **fields: Any) -> list[ClassifyResult]:
         """Several base64 images, one set of options -> answers in the same order."""
+        arrived = time.time()
         req = ClassifyBatchRequest.model_construct(**fields)
         try:
-            return JSONResponse(await self._run(await self._images(req.images), req))
+            return JSONResponse(await self._run(await self._images(req.images), req, arrived))
         except RequestError as exc:
             return _error(exc)
 
     @bentoml.api(route="/classify_tensor", input_spec=ClassifyTensorRequest)
     async def classify_tensor(self, **fields: Any) -> list[ClassifyResult]:
         """float32 values in [0, 1] as nested lists [N, C, H, W] -> one answer per row."""
+        arrived = time.time()
         req = ClassifyTensorRequest.model_construct(**fields)
         try:
             spec = await self._spec()
             x = await asyncio.to_thread(tensor_array, req.tensor, spec,
                                         max_batch=SETTINGS.max_batch)
-            return JSONResponse(await self._run(x, req))
+            return JSONResponse(await self._run(x, req, arrived))
         except RequestError as exc:
             return _error(exc)
 
@@ -234,7 +250,10 @@ def _error(exc: RequestError) -> Any:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
-# Added in order, so the first is the outermost of the three.
+# Added in order, so the first is the outermost. The body cap applies to uploads as sent; uploads
+# become JSON before the JSON-only check.
 DEQGuard.add_asgi_middleware(ReadableValidationErrors)
+DEQGuard.add_asgi_middleware(OpenAPIDocument)
 DEQGuard.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_body_bytes)
+DEQGuard.add_asgi_middleware(Uploads)
 DEQGuard.add_asgi_middleware(JsonOnly)

@@ -308,8 +308,8 @@ def test_body_over_the_size_cap_is_413(http, images):
 
 
 def test_other_media_types_are_415(http, images):
-    pngs, _ = images
-    r = http.post("/classify", files={"image": ("x.png", pngs[0], "image/png")})
+    pngs, _ = images  # (POST /classify also takes uploads: test_serving_uploads.py)
+    r = http.post("/classify_batch", files={"image": ("x.png", pngs[0], "image/png")})
     assert r.status_code == 415 and "JSON" in r.json()["error"]
     r = http.post("/classify", content=b"\x80\x04K\x01.",
                   headers={"content-type": "application/vnd.bentoml+pickle"})

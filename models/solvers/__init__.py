@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .anderson import anderson_solve
-from .base import Fn, SolverOutput, residual
+from .base import STOP_REASONS, Fn, SolverOutput, StopHook, residual
 from .broyden import broyden_solve
 from .naive import naive_solve
 
@@ -44,5 +44,6 @@ def solver_names() -> list[str]:
     return sorted(_SOLVERS)
 
 
-__all__ = ["Fn", "SolverOutput", "get_solver", "register_solver", "residual", "solver_names",
+__all__ = ["STOP_REASONS", "Fn", "SolverOutput", "StopHook", "get_solver",
+           "register_solver", "residual", "solver_names",
            "naive_solve", "anderson_solve", "broyden_solve"]

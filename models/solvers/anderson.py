@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Fn, IterateHook, SolverOutput, StepRecorder
+from .base import Fn, IterateHook, SolverOutput, StepRecorder, StopHook
 
 
 def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mode: str = "rel",
                    anderson_m: int = 5, anderson_lam: float = 1e-4, beta: float = 1.0,
                    on_iterate: IterateHook | None = None, keep_states: bool = False,
+                   stop_when: StopHook | None = None, deadline: Tensor | None = None,
                    history: str = "auto", **_: object) -> SolverOutput:
     """Mix the last `anderson_m` iterates with weights minimising the combined residual.
 
@@ -27,7 +28,8 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
     with g_i = f(x_i) - x_i; then z <- beta sum alpha_i f(x_i) + (1 - beta) sum alpha_i x_i.
     `history="list"` forces the stacked-list history (bench/solvers.py times both).
     """
-    rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states)
+    rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
+                       deadline)
     ring = history == "ring" or (history == "auto" and not torch.is_grad_enabled())
     history = _RingHistory(z0, anderson_m) if ring else _ListHistory(anderson_m)
     z = z0

@@ -7,10 +7,17 @@ on its batch mates. Statistics are recorded per step without keeping the states 
 
 Step t (1-based) evaluates f at z_{t-1}; `residual[t-1]` is the residual of z_{t-1}, and the step
 produces z_t. A sample whose residual passes `tol` at step t ends with z_t = f(z_{t-1}).
+
+Anytime stopping (serving): besides `tol` and `max_iter`, a sample may stop because a caller's
+`stop_when` hook says its iterate is good enough ("settled", see models/anytime.py), or because its
+own wall-clock `deadline` has passed. Both act per sample, after the step, on the iterate z_t the
+step produced, so one sample's criterion never changes another's answer. `stopped` records why
+each sample stopped, as an index into STOP_REASONS.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +28,12 @@ Fn = Callable[[Tensor], Tensor]
 # Called after each step with (t, z_t, active) where `active` marks samples still iterating before
 # the step; the model uses it to decode every iterate without the solver keeping them.
 IterateHook = Callable[[int, Tensor, Tensor], None]
+# Called after the iterate hook with (t, z_t, active); returns [B] bool: samples to stop now.
+StopHook = Callable[[int, Tensor, Tensor], Tensor]
+
+# Why a sample stopped; `SolverOutput.stopped` holds indices into this tuple.
+STOP_REASONS = ("max_iter", "tol", "settled", "deadline")
+STOP_MAX_ITER, STOP_TOL, STOP_SETTLED, STOP_DEADLINE = range(4)
 
 _EPS = 1e-9
 
@@ -31,7 +44,8 @@ class SolverOutput:
 
     `residual` is [T, B] where T is the number of steps the batch ran (the largest per-sample
     count); a sample that stopped early repeats its last value. `iterations` [B] counts the steps
-    each sample took and `converged` [B] says whether it reached `tol`.
+    each sample took and `converged` [B] says whether it reached `tol`; `stopped` [B] says why it
+    stopped (an index into STOP_REASONS).
     """
 
     z: Tensor
@@ -39,6 +53,7 @@ class SolverOutput:
     iterations: Tensor
     converged: Tensor
     states: list[Tensor] | None = field(default=None, repr=False)
+    stopped: Tensor | None = None
 
 
 def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
@@ -58,7 +73,10 @@ class StepRecorder:
     """Tracks per-sample stopping and statistics across steps (shared by all solvers)."""
 
     def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str,
-                 on_iterate: IterateHook | None, keep_states: bool):
+                 on_iterate: IterateHook | None, keep_states: bool,
+                 stop_when: StopHook | None = None, deadline: Tensor | None = None):
+        """`deadline`: [B] float64 absolute `time.time()` seconds per sample (inf: none); a sample
+        whose deadline has passed stops after its current step (so always after one step)."""
         b = z0.shape[0]
         self.tol, self.stop_mode, self.max_iter = tol, stop_mode, max_iter
         self.on_iterate = on_iterate
@@ -68,6 +86,9 @@ class StepRecorder:
         self.residuals: list[Tensor] = []
         self.states: list[Tensor] | None = [] if keep_states else None
         self.t = 0
+        self.stop_when = stop_when
+        self.deadline = None if deadline is None else deadline.to(torch.float64).cpu()
+        self.stopped = torch.full((b,), STOP_MAX_ITER, dtype=torch.long, device=z0.device)
 
     def check(self, fz: Tensor, z: Tensor) -> Tensor:
         """Record the residual of z (the state this step started from); return samples now done."""
@@ -78,7 +99,9 @@ class StepRecorder:
         self.last_residual = r
         self.residuals.append(r)
         self.iterations = torch.where(self.active, self.iterations + 1, self.iterations)
-        return self.active & (r < self.tol)
+        done = self.active & (r < self.tol)
+        self.stopped = torch.where(done, STOP_TOL, self.stopped)
+        return done
 
     def commit(self, z_next: Tensor, z: Tensor, done_now: Tensor, fz: Tensor) -> Tensor:
         """Apply the step to active samples only; finished samples end on f(z)."""
@@ -89,7 +112,17 @@ class StepRecorder:
         if self.states is not None:
             self.states.append(z_new)
         self.active = self.active & ~done_now
+        if self.stop_when is not None:
+            self._stop(self.stop_when(self.t, z_new, self.active), STOP_SETTLED)
+        if self.deadline is not None:
+            late = self.deadline <= time.time()
+            self._stop(late.to(self.active.device), STOP_DEADLINE)
         return z_new
+
+    def _stop(self, mask: Tensor, reason: int) -> None:
+        mask = self.active & mask
+        self.stopped = torch.where(mask, reason, self.stopped)
+        self.active = self.active & ~mask
 
     @property
     def finished(self) -> bool:
@@ -98,4 +131,5 @@ class StepRecorder:
     def output(self, z: Tensor) -> SolverOutput:
         res = torch.stack(self.residuals) if self.residuals else z.new_zeros(0, z.shape[0])
         return SolverOutput(z=z, residual=res, iterations=self.iterations,
-                            converged=self.last_residual < self.tol, states=self.states)
+                            converged=self.last_residual < self.tol, states=self.states,
+                            stopped=self.stopped)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Fn, IterateHook, SolverOutput, StepRecorder
+from .base import Fn, IterateHook, SolverOutput, StepRecorder, StopHook
 
 
 def _matvec(us: Tensor | None, vs: Tensor | None, x: Tensor) -> Tensor:
@@ -73,9 +73,11 @@ class _Factors:
 
 def broyden_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mode: str = "rel",
                   broyden_memory: int = 30, on_iterate: IterateHook | None = None,
-                  keep_states: bool = False, **_: object) -> SolverOutput:
+                  keep_states: bool = False, stop_when: StopHook | None = None,
+                  deadline: Tensor | None = None, **_: object) -> SolverOutput:
     """Quasi-Newton root finding of f(z) - z with per-sample low-rank inverse-Jacobian updates."""
-    rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states)
+    rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
+                       deadline)
     b = z0.shape[0]
     # A solve of max_iter steps makes at most max_iter - 1 updates: no need for more memory.
     factors = _Factors(max(1, min(broyden_memory, max_iter - 1)),

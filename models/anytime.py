@@ -1,0 +1,75 @@
+"""Anytime inference: stop a sample's solve once its prediction has settled.
+
+The paper's observation is that clean inputs settle within a few iterations while attacked ones
+keep moving, so a fixed `max_iter` spends most of its budget on inputs that no longer change.
+`SettleRule` stops a sample at step t when the top-1 class of its decoded iterates has been the
+same for the last `k` iterates (z_{t-k+1} .. z_t) and the entropy of z_t's prediction is under
+`entropy` nats. The defaults serving uses were measured on Fashion-MNIST (bench/anytime.py).
+
+`IterateWatcher` is the solver hook pair that implements it: `on_iterate` decodes each iterate
+once (for the entropy trajectory and the rule), `stop_when` answers the solver's per-sample
+question. The solver freezes stopped samples, so the rule never changes another sample's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .entropy import prediction_entropy
+
+
+@dataclass(frozen=True)
+class SettleRule:
+    """Top-1 unchanged over the last `k` iterates and entropy below `entropy` (nats)."""
+
+    k: int
+    entropy: float
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"settle k must be at least 1, got {self.k}")
+        if not self.entropy > 0:
+            raise ValueError(f"settle entropy threshold must be positive, got {self.entropy}")
+
+
+class IterateWatcher:
+    """Decodes every iterate once; records its entropy and applies an optional SettleRule."""
+
+    def __init__(self, decode: Callable[[Tensor], Tensor], settle: SettleRule | None,
+                 record: bool):
+        self.decode = decode
+        self.settle = settle
+        self.record = record
+        self.entropies: list[Tensor] = []
+        self._top1: Tensor | None = None
+        self._run: Tensor | None = None  # iterates in a row with the same top-1
+        self._settled: Tensor | None = None
+
+    def on_iterate(self, _t: int, z_t: Tensor, _active: Tensor) -> None:
+        with torch.no_grad():
+            logits = self.decode(z_t.detach())
+            ent = prediction_entropy(logits)
+            if self.record:
+                self.entropies.append(ent)
+            if self.settle is None:
+                return
+            top1 = logits.argmax(dim=-1)
+            if self._top1 is None or self._run is None:
+                self._run = torch.ones_like(top1)
+            else:
+                self._run = torch.where(top1 == self._top1, self._run + 1, 1)
+            self._top1 = top1
+            self._settled = (self._run >= self.settle.k) & (ent < self.settle.entropy)
+
+    def stop_when(self, _t: int, _z_t: Tensor, active: Tensor) -> Tensor:
+        if self._settled is None:
+            return torch.zeros_like(active)
+        return self._settled
+
+    @property
+    def entropy(self) -> Tensor | None:
+        return torch.stack(self.entropies) if self.record and self.entropies else None

@@ -1,0 +1,108 @@
+"""The /ui page in a real browser: headless Chromium driven by Selenium against a real server of
+the shipped default. Skips (with the reason) where Chromium, its driver or selenium is missing;
+`make test` installs the Debian packages `chromium` and `chromium-driver` when it can.
+
+The README's screenshot comes from this test: run it with DEQGUARD_UI_SCREENSHOT=docs/ui.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deqguard.serving.ui import STATIC
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+
+def _missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    if not CHROMIUM or not DRIVER:
+        return ("headless Chromium not found: install the Debian packages chromium and "
+                "chromium-driver (make test does, as root)")
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+@pytest.fixture(scope="module")
+def default_url(tmp_path_factory):
+    """A real server of the shipped default checkpoint (the page's bundled examples are
+    Fashion-MNIST images attacked on it)."""
+    from serving_server import serve
+
+    with serve("default", tmp_path_factory.mktemp("ui") / "server.log") as url:
+        yield url
+
+
+def open_browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1100,1250", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+
+
+def classify_on_page(url: str, image: Path, screenshot: Path, timeout: float = 120) -> dict:
+    """Open /ui, upload `image`, wait for the answer; what the page shows, and a screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = open_browser()
+    try:
+        driver.get(url + "/ui/")
+        wait = WebDriverWait(driver, timeout)
+        wait.until(lambda d: "backend" in d.find_element(By.ID, "model-info").text)
+        driver.find_element(By.ID, "load-examples").click()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#examples button")))
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-state")
+                   in ("done", "error"))
+        out = {
+            "state": driver.find_element(By.ID, "output").get_attribute("data-state"),
+            "status": driver.find_element(By.ID, "status").text,
+            "prediction": driver.find_element(By.ID, "prediction").text,
+            "entropy_points": len(driver.find_elements(By.CSS_SELECTOR,
+                                                       "#entropy-chart circle.pt")),
+            "residual_points": len(driver.find_elements(By.CSS_SELECTOR,
+                                                        "#residual-chart circle.pt")),
+            "suspicious": driver.find_element(By.ID, "suspicious").text,
+        }
+        driver.save_screenshot(str(screenshot))
+        return out
+    finally:
+        driver.quit()
+
+
+def test_upload_on_the_page_shows_the_answer_and_both_trajectories(default_url, tmp_path):
+    index = json.loads((STATIC / "examples" / "index.json").read_text())
+    example = next(e for e in index["examples"] if e["attacked"])
+    image = STATIC / "examples" / example["file"]
+    shot = tmp_path / "ui.png"
+    seen = classify_on_page(default_url, image, shot)
+    assert seen["state"] == "done", seen["status"]
+    answer = httpx.post(default_url + "/classify",
+                        files={"image": (image.name, image.read_bytes(), "image/png")},
+                        timeout=120).json()
+    assert seen["prediction"] == answer["class_name"]
+    n = len(answer["entropy"])
+    assert n >= 1 and seen["entropy_points"] == n and seen["residual_points"] == n
+    assert seen["suspicious"] in ("SUSPICIOUS", "not suspicious")
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("DEQGUARD_UI_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["DEQGUARD_UI_SCREENSHOT"])
