@@ -148,11 +148,17 @@ def _entropy_step_drop(model: DEQClassifier, x: Tensor, z_star: Tensor, step: fl
     x' = clip(x - step * sign(grad_x H)) with z* held fixed, as in the paper's input update; the
     sign is a constant for the differentiable version.
     """
+    # the direction holds z* fixed (paper.md 3.1), also for the attacker's surrogate
+    xd = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        hd = prediction_entropy(model.decode(model.layer(z_star.detach(), model.inject(xd))))
+        (g,) = torch.autograd.grad(hd.sum(), xd)
+    if create_graph:
+        h0 = prediction_entropy(model.decode(model.layer(z_star, model.inject(x))))
+    else:
+        h0 = hd.detach()
     z = z_star if create_graph else z_star.detach()
-    xg = x if create_graph else x.detach().requires_grad_(True)
-    h0 = prediction_entropy(model.decode(model.layer(z, model.inject(xg))))
-    (g,) = torch.autograd.grad(h0.sum(), xg, retain_graph=create_graph)
-    x1 = (xg - step * g.sign().detach()).clamp(0.0, 1.0)
+    x1 = ((x if create_graph else x.detach()) - step * g.sign()).clamp(0.0, 1.0)
     h1 = prediction_entropy(model.decode(model.layer(z, model.inject(x1))))
     return h0 - h1
 

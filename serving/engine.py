@@ -44,6 +44,7 @@ class SolveOptions:
     tol: float
     solver: str
     defense: str = "none"
+    detect: bool = True
 
 
 @dataclass
@@ -55,6 +56,7 @@ class SampleTrace:
     residual: np.ndarray  # [T]
     iterations: int
     converged: bool
+    features: dict[str, float] | None = None  # dynamics features, when the detector needs them
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -71,7 +73,8 @@ def entropy_of(logits: np.ndarray) -> np.ndarray:
 
 
 def split_batch(logits: np.ndarray, entropy: np.ndarray | None, residual: np.ndarray,
-                iterations: np.ndarray, converged: np.ndarray) -> list[SampleTrace]:
+                iterations: np.ndarray, converged: np.ndarray,
+                features: dict[str, np.ndarray] | None = None) -> list[SampleTrace]:
     """[T, B] batch trajectories -> per-sample traces cut to each sample's iteration count."""
     out = []
     for i in range(logits.shape[0]):
@@ -81,30 +84,47 @@ def split_batch(logits: np.ndarray, entropy: np.ndarray | None, residual: np.nda
         res = residual[:it, i] if residual.size else np.zeros(1)
         out.append(SampleTrace(logits=logits[i], entropy=np.asarray(ent, np.float64),
                                residual=np.asarray(res, np.float64), iterations=it,
-                               converged=bool(converged[i])))
+                               converged=bool(converged[i]),
+                               features=None if features is None else
+                               {k: float(v[i]) for k, v in features.items()}))
     return out
 
 
 class Detector:
-    """Applies the checkpoint's detection calibration (metadata["detection"]) to one sample.
+    """Applies the checkpoint's detector to one sample.
 
-    Before a calibration exists the score is the final prediction entropy, the threshold null and
-    `suspicious` false. A calibration made for another defense than the request's is not applied
-    (its threshold would be meaningless there): the score is still computed and returned.
+    The learned detector (metadata["detector"], models/detector.py) wins when the sample's trace
+    carries the dynamics features it reads (torch engine, no defense, detect=true). Otherwise
+    the single-score calibration (metadata["detection"]) applies as before; before one exists
+    the score is the final prediction entropy, the threshold null and `suspicious` false. A
+    calibration made for another defense than the request's is not applied (its threshold would
+    be meaningless there): the score is still computed and returned.
     """
 
-    def __init__(self, calibration: dict[str, Any] | None):
+    def __init__(self, calibration: dict[str, Any] | None, learned: Any = None):
         from deqguard.models.detection import DetectionCalibration
 
         self.calibration = (DetectionCalibration.model_validate(calibration)
                             if calibration else None)
+        self.learned = learned  # LogisticDetector | None
 
-    def __call__(self, trace: SampleTrace, defense: str) -> Detection:
+    def wants_features(self, opts: SolveOptions) -> bool:
+        return self.learned is not None and opts.detect and opts.defense == "none"
+
+    def __call__(self, trace: SampleTrace, defense: str, detect: bool = True) -> Detection:
         import torch
 
         from deqguard.models.classifier import SolveResult
         from deqguard.models.detection import detection_score
 
+        if self.learned is not None and detect and trace.features is not None:
+            det = self.learned
+            feats = {k: torch.tensor([v], dtype=torch.float64)
+                     for k, v in trace.features.items()}
+            score = float(det.score(feats)[0])
+            return Detection(score_name=det.name, score=score, threshold=float(det.threshold),
+                             suspicious=bool(score > det.threshold), detector=det.name,
+                             fpr=float(det.fpr))
         cal = self.calibration
         name = cal.score if cal else "final_entropy"
         result = SolveResult(
@@ -115,10 +135,15 @@ class Detector:
             converged=torch.tensor([trace.converged]))
         kwargs = {"early_index": cal.early_index, "params": cal.params} if cal else {}
         score = float(detection_score(result, name, **kwargs)[0])
+        if not detect:
+            return Detection(score_name=name, score=score, threshold=None, suspicious=False,
+                             detector="off")
         if cal is None or (cal.defense or "none") != defense:
-            return Detection(score_name=name, score=score, threshold=None, suspicious=False)
+            return Detection(score_name=name, score=score, threshold=None, suspicious=False,
+                             detector="uncalibrated")
         return Detection(score_name=name, score=score, threshold=float(cal.threshold),
-                         suspicious=bool(score > cal.threshold))
+                         suspicious=bool(score > cal.threshold), detector="calibration",
+                         fpr=float(cal.fpr))
 
 
 class Engine(ABC):
@@ -131,7 +156,9 @@ class Engine(ABC):
         self.spec = meta.input
         self.classes = list(meta.classes)
         self.max_iter_cap = int(max_iter_cap)
-        self.detector = Detector(meta.detection)
+        from deqguard.models.detector import detector_from_metadata
+
+        self.detector = Detector(meta.detection, detector_from_metadata(meta))
         self.model_ref = ModelRef(name=meta.name or "unnamed", sha256=meta.sha256)
         self._lock = threading.Lock()
         self.ready = threading.Event()
@@ -159,13 +186,15 @@ class Engine(ABC):
                                "this one is feed-forward")
 
     def resolve(self, *, max_iter: int | None = None, tol: float | None = None,
-                solver: str | None = None, defense: str | None = None) -> SolveOptions:
+                solver: str | None = None, defense: str | None = None,
+                detect: bool | None = None) -> SolveOptions:
         """Fill unset options from the checkpoint's defaults, then check them."""
         d = self.default_options(defense or "none")
         opts = SolveOptions(max_iter=d.max_iter if max_iter is None else int(max_iter),
                             tol=d.tol if tol is None else float(tol),
                             solver=d.solver if solver is None else str(solver),
-                            defense=defense or "none")
+                            defense=defense or "none",
+                            detect=True if detect is None else bool(detect))
         self.check_options(opts)
         return opts
 
@@ -204,7 +233,7 @@ class Engine(ABC):
             entropy=[float(v) for v in trace.entropy] if trajectory else [],
             residual=[float(v) for v in trace.residual] if trajectory else [],
             iterations=trace.iterations, converged=trace.converged,
-            detection=self.detector(trace, opts.defense), model=self.model_ref)
+            detection=self.detector(trace, opts.defense, opts.detect), model=self.model_ref)
 
     def classify(self, x: np.ndarray, opts: SolveOptions, trajectory: bool = True
                  ) -> list[ClassifyResult]:
@@ -292,14 +321,18 @@ class TorchEngine(Engine):
         xt = torch.from_numpy(x).to(self.device)
         if opts.defense == "entropy-reduction":
             return self._defended(xt, opts)
+        features = (self.detector.learned.dynamics
+                    if self.is_deq and self.detector.wants_features(opts) else None)
         with torch.inference_mode():
             r = self.model.solve(xt, solver=opts.solver, max_iter=opts.max_iter, tol=opts.tol,
-                                 trajectory=True)
+                                 trajectory=True, features=features)
         return split_batch(
             r.logits.float().cpu().numpy(),
             None if r.entropy is None else r.entropy.float().cpu().numpy(),
             r.residual.float().cpu().numpy(), r.iterations.cpu().numpy(),
-            r.converged.cpu().numpy())
+            r.converged.cpu().numpy(),
+            None if r.features is None else
+            {k: v.double().cpu().numpy() for k, v in r.features.items()})
 
     def _defended(self, xt: Any, opts: SolveOptions) -> list[SampleTrace]:
         """Sample by sample: the defense's rounds are aligned across a batch, so a sample's

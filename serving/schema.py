@@ -24,6 +24,8 @@ class ClassifyOptions(BaseModel):
     solver: SolverChoice | None = None
     defense: DefenseChoice = "none"
     trajectory: bool = Field(True, description="return per-iteration entropy and residual")
+    detect: bool = Field(True, description="apply the checkpoint's attack detector (false: skip "
+                         "the dynamics features it needs and answer suspicious=false)")
 
 
 class ClassifyRequest(ClassifyOptions):
@@ -45,12 +47,20 @@ class ClassifyTensorRequest(ClassifyOptions):
 
 
 class Detection(BaseModel):
-    """Attack-detection signal from the entropy trajectory (threshold null until calibrated)."""
+    """Attack-detection signal (threshold null until calibrated).
+
+    `detector` names what produced it: "dynamics-logistic" (the learned detector over the
+    solve's dynamics features, metadata["detector"]), "calibration" (the single-score
+    calibration, metadata["detection"]), "uncalibrated", or "off" (the request said detect=false).
+    `fpr` is the false-positive rate the threshold was calibrated at on clean validation images.
+    """
 
     score_name: str | None = None
     score: float
     threshold: float | None = None
     suspicious: bool = False
+    detector: str | None = None
+    fpr: float | None = None
 
 
 class ModelRef(BaseModel):

@@ -25,7 +25,7 @@ class RequestError(Exception):
 def options_of(request: Any) -> dict[str, Any]:
     """The solve options of a ClassifyOptions-shaped request, as sent to the model process."""
     return {"max_iter": request.max_iter, "tol": request.tol, "solver": request.solver,
-            "defense": request.defense}
+            "defense": request.defense, "detect": getattr(request, "detect", True)}
 
 
 def check_count(n: int, max_batch: int, what: str = "images") -> None:
