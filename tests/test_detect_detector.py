@@ -143,3 +143,21 @@ def test_logistic_detector_scores_by_hand():
     s, flag = det.decide({"final_entropy": torch.tensor([3.0, 1.0]),
                           "max_softmax": torch.tensor([0.0, 1.0])})
     assert s.tolist() == [1.5, -0.5] and flag.tolist() == [True, False]
+
+
+def test_eval_detect_reports_the_learned_detector(fitted, pattern_idx_dir, tmp_path):
+    """`deqguard eval --attacks detect` scores the checkpoint's learned detector too."""
+    import json
+
+    from deqguard.cli import main
+
+    path, _, _, _ = fitted
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(path), "--data", "fashion-mnist", "--data-dir", str(pattern_idx_dir),
+               "--attacks", "clean,pgd,detect", "--paths", "phantom", "--intermediate", "",
+               "--steps-sweep", "1", "--eps-sweep", "1", "--val-n", "16", "--val-size", "100",
+               "--n", "8", "--pgd-steps", "1", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    det = json.loads(out.read_text())["detection"]
+    assert "learned_detector" in det["scores"]
+    assert all("learned_detector" in a["scores"] for a in det["attacks"])
