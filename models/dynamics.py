@@ -30,7 +30,7 @@ features (iterations, converged, early_disagree, restart_flip) stay constants.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,8 +38,10 @@ from torch import Tensor
 
 from .entropy import prediction_entropy
 
-if TYPE_CHECKING:
-    from .classifier import DEQClassifier, SolveResult
+# classifier.py imports this module (model.solve(features=...)): no import back, so the
+# model and its solve result are typed loosely here.
+DEQClassifier = Any  # a models.classifier.DEQClassifier
+SolveResult = Any  # a models.classifier.SolveResult
 
 BASELINE_FEATURES: tuple[str, ...] = ("final_entropy", "max_softmax", "logit_margin")
 TRAJECTORY_FEATURES: tuple[str, ...] = ("mean_entropy", "early_entropy", "entropy_drop",
