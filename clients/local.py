@@ -135,7 +135,8 @@ class ModelScorer:
         self.engine = TorchEngine(model, self.meta, device=dev, max_iter_cap=MAX_ITER)
         opts = ClassifyOptions.model_validate(options)
         self.solve_options = self.engine.resolve(max_iter=opts.max_iter, tol=opts.tol,
-                                                 solver=opts.solver, defense=opts.defense)
+                                                 solver=opts.solver, defense=opts.defense,
+                                                 detect=opts.detect)
         self.builder = RowBuilder(self.meta, self.solve_options)
 
     @property

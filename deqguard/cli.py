@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "deqguard.models.store_cli",
     "deqguard.training.cli",
     "deqguard.training.evaluation.cli",
+    "deqguard.training.evaluation.detector_cli",
     "deqguard.serving.cli",
     "deqguard.clients.cli",
 )

@@ -7,8 +7,9 @@ same for the last `k` iterates (z_{t-k+1} .. z_t) and the entropy of z_t's predi
 `entropy` nats. The defaults serving uses were measured on Fashion-MNIST (bench/anytime.py).
 
 `IterateWatcher` is the solver hook pair that implements it: `on_iterate` decodes each iterate
-once (for the entropy trajectory and the rule), `stop_when` answers the solver's per-sample
-question. The solver freezes stopped samples, so the rule never changes another sample's answer.
+once (for the entropy and prediction trajectories and the rule), `stop_when` answers the solver's
+per-sample question. The solver freezes stopped samples, so the rule never changes another
+sample's answer.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class IterateWatcher:
         self.settle = settle
         self.record = record
         self.entropies: list[Tensor] = []
+        self.predictions: list[Tensor] = []
         self._top1: Tensor | None = None
         self._run: Tensor | None = None  # iterates in a row with the same top-1
         self._settled: Tensor | None = None
@@ -53,11 +55,12 @@ class IterateWatcher:
         with torch.no_grad():
             logits = self.decode(z_t.detach())
             ent = prediction_entropy(logits)
+            top1 = logits.argmax(dim=-1)
             if self.record:
                 self.entropies.append(ent)
+                self.predictions.append(top1)
             if self.settle is None:
                 return
-            top1 = logits.argmax(dim=-1)
             if self._top1 is None or self._run is None:
                 self._run = torch.ones_like(top1)
             else:
@@ -73,3 +76,8 @@ class IterateWatcher:
     @property
     def entropy(self) -> Tensor | None:
         return torch.stack(self.entropies) if self.record and self.entropies else None
+
+    @property
+    def prediction(self) -> Tensor | None:
+        """[T, B] top-1 class of each iterate (detection's early-vs-final disagreement)."""
+        return torch.stack(self.predictions) if self.record and self.predictions else None

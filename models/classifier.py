@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from .errors import InputError
 from .grad import attach_gradient
 from .layers import VariationalDropout2d
 from .solvers import SolverOutput, get_solver
+
+if TYPE_CHECKING:
+    from .dynamics import DynamicsConfig
 
 Readout = Literal["state", "unrolled"]
 
@@ -45,6 +48,10 @@ class SolveResult:
     z: Tensor | None = field(default=None, repr=False)
     states: list[Tensor] | None = field(default=None, repr=False)
     stopped: Tensor | None = None
+    # [T, B] argmax of the head at each iterate (recorded with the entropy trajectory)
+    predictions: Tensor | None = field(default=None, repr=False)
+    # per-sample dynamics features {name: [B]} when `solve(features=...)` asked for them
+    features: dict[str, Tensor] | None = field(default=None, repr=False)
 
     @property
     def final_entropy(self) -> Tensor:
@@ -60,6 +67,8 @@ class Equilibrium:
     f: Callable[[Tensor], Tensor]
     output: SolverOutput
     entropy: Tensor | None
+    predictions: Tensor | None = None
+    u: Tensor | None = None  # the input injection f was built with
 
 
 class Classifier(nn.Module):
@@ -182,7 +191,8 @@ class DEQClassifier(Classifier):
                 with torch.no_grad():
                     out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
                 z = attach_gradient(f, out.z, grad_cfg, straight_through=readout == "state")
-        return Equilibrium(z=z, z_star=out.z.detach(), f=f, output=out, entropy=watcher.entropy)
+        return Equilibrium(z=z, z_star=out.z.detach(), f=f, output=out, entropy=watcher.entropy,
+                           predictions=watcher.prediction, u=u)
 
     def _grad_config(self, grad: GradConfig | str | None) -> GradConfig:
         if grad is None:
@@ -194,18 +204,31 @@ class DEQClassifier(Classifier):
     def solve(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
               tol: float | None = None, trajectory: bool = True,
               grad: GradConfig | str | None = None, keep_states: bool = False,
-              settle: SettleRule | None = None, deadline: Tensor | None = None) -> SolveResult:
+              settle: SettleRule | None = None, deadline: Tensor | None = None,
+              features: DynamicsConfig | bool | None = None) -> SolveResult:
         """Run the solver with a per-call budget and decode the trajectory (serving, eval).
 
         `settle` / `deadline` add the anytime stops (see `equilibrium`); `stopped` says which
-        criterion ended each sample."""
+        criterion ended each sample. `features` (opt-in: they cost extra f evaluations, see
+        `models/dynamics.py`) adds the per-sample dynamics features the learned detector reads;
+        True means the defaults.
+        """
+        want = features is not None and features is not False
         eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
-                              trajectory=trajectory, keep_states=keep_states, settle=settle,
-                              deadline=deadline)
+                              trajectory=trajectory or want, keep_states=keep_states,
+                              settle=settle, deadline=deadline)
         out = eq.output
-        return SolveResult(logits=self.decode(eq.z), entropy=eq.entropy, residual=out.residual,
-                           iterations=out.iterations, converged=out.converged, z=eq.z_star,
-                           states=out.states, stopped=out.stopped)
+        result = SolveResult(logits=self.decode(eq.z), entropy=eq.entropy,
+                             residual=out.residual, iterations=out.iterations,
+                             converged=out.converged, z=eq.z_star, states=out.states,
+                             stopped=out.stopped, predictions=eq.predictions)
+        if want:
+            from .dynamics import DynamicsConfig, dynamics_features
+
+            cfg = features if isinstance(features, DynamicsConfig) else DynamicsConfig()
+            result.features = dynamics_features(self, x, result, cfg, solver=solver,
+                                                tol=tol)
+        return result
 
     def forward(self, x: Tensor, *, solver: str | None = None, max_iter: int | None = None,
                 tol: float | None = None, grad: GradConfig | str | None = None,

@@ -58,6 +58,7 @@ class SolveOptions:
     defense: str = "none"
     settle_iters: int = 0  # 0: no settled exit
     settle_entropy: float = DEFAULT_SETTLE_ENTROPY
+    detect: bool = True
 
 
 @dataclass
@@ -70,6 +71,7 @@ class SampleTrace:
     iterations: int
     converged: bool
     stopped: str = "max_iter"  # one of STOP_REASONS
+    features: dict[str, float] | None = None  # dynamics features, when the detector needs them
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -87,7 +89,8 @@ def entropy_of(logits: np.ndarray) -> np.ndarray:
 
 def split_batch(logits: np.ndarray, entropy: np.ndarray | None, residual: np.ndarray,
                 iterations: np.ndarray, converged: np.ndarray,
-                stopped: np.ndarray | None = None) -> list[SampleTrace]:
+                stopped: np.ndarray | None = None,
+                features: dict[str, np.ndarray] | None = None) -> list[SampleTrace]:
     """[T, B] batch trajectories -> per-sample traces cut to each sample's iteration count.
 
     `stopped`: indices into STOP_REASONS; without it, "tol" when converged, else "max_iter"."""
@@ -101,30 +104,53 @@ def split_batch(logits: np.ndarray, entropy: np.ndarray | None, residual: np.nda
                else "tol" if converged[i] else "max_iter")
         out.append(SampleTrace(logits=logits[i], entropy=np.asarray(ent, np.float64),
                                residual=np.asarray(res, np.float64), iterations=it,
-                               converged=bool(converged[i]), stopped=why))
+                               converged=bool(converged[i]), stopped=why,
+                               features=None if features is None else
+                               {k: float(v[i]) for k, v in features.items()}))
     return out
 
 
 class Detector:
-    """Applies the checkpoint's detection calibration (metadata["detection"]) to one sample.
+    """Applies the checkpoint's detector to one sample.
 
-    Before a calibration exists the score is the final prediction entropy, the threshold null and
-    `suspicious` false. A calibration made for another defense than the request's is not applied
-    (its threshold would be meaningless there): the score is still computed and returned.
+    The learned detector (metadata["detector"], models/detector.py) wins when the sample's trace
+    carries the dynamics features it reads (torch engine, no defense, detect=true). Otherwise
+    the single-score calibration (metadata["detection"]) applies as before; before one exists
+    the score is the final prediction entropy, the threshold null and `suspicious` false. A
+    calibration made for another defense than the request's is not applied (its threshold would
+    be meaningless there): the score is still computed and returned.
     """
 
-    def __init__(self, calibration: dict[str, Any] | None):
+    def __init__(self, calibration: dict[str, Any] | None, learned: Any = None):
         from deqguard.models.detection import DetectionCalibration
 
         self.calibration = (DetectionCalibration.model_validate(calibration)
                             if calibration else None)
+        self.learned = learned  # LogisticDetector | None
 
-    def __call__(self, trace: SampleTrace, defense: str) -> Detection:
+    def wants_features(self, opts: SolveOptions) -> bool:
+        return self.learned is not None and opts.detect and opts.defense == "none"
+
+    def reads_dynamics(self, opts: SolveOptions) -> bool:
+        """Whether a calibrated detector will read this request's trajectory or features."""
+        calibrated = self.calibration is not None and (self.calibration.defense or "none") == \
+            opts.defense
+        return opts.detect and (self.wants_features(opts) or calibrated)
+
+    def __call__(self, trace: SampleTrace, defense: str, detect: bool = True) -> Detection:
         import torch
 
         from deqguard.models.classifier import SolveResult
         from deqguard.models.detection import detection_score
 
+        if self.learned is not None and detect and trace.features is not None:
+            det = self.learned
+            feats = {k: torch.tensor([v], dtype=torch.float64)
+                     for k, v in trace.features.items()}
+            score = float(det.score(feats)[0])
+            return Detection(score_name=det.name, score=score, threshold=float(det.threshold),
+                             suspicious=bool(score > det.threshold), detector=det.name,
+                             fpr=float(det.fpr))
         cal = self.calibration
         name = cal.score if cal else "final_entropy"
         result = SolveResult(
@@ -135,10 +161,15 @@ class Detector:
             converged=torch.tensor([trace.converged]))
         kwargs = {"early_index": cal.early_index, "params": cal.params} if cal else {}
         score = float(detection_score(result, name, **kwargs)[0])
+        if not detect:
+            return Detection(score_name=name, score=score, threshold=None, suspicious=False,
+                             detector="off")
         if cal is None or (cal.defense or "none") != defense:
-            return Detection(score_name=name, score=score, threshold=None, suspicious=False)
+            return Detection(score_name=name, score=score, threshold=None, suspicious=False,
+                             detector="uncalibrated")
         return Detection(score_name=name, score=score, threshold=float(cal.threshold),
-                         suspicious=bool(score > cal.threshold))
+                         suspicious=bool(score > cal.threshold), detector="calibration",
+                         fpr=float(cal.fpr))
 
 
 class Engine(ABC):
@@ -151,7 +182,9 @@ class Engine(ABC):
         self.spec = meta.input
         self.classes = list(meta.classes)
         self.max_iter_cap = int(max_iter_cap)
-        self.detector = Detector(meta.detection)
+        from deqguard.models.detector import detector_from_metadata
+
+        self.detector = Detector(meta.detection, detector_from_metadata(meta))
         self.model_ref = ModelRef(name=meta.name or "unnamed", sha256=meta.sha256)
         self._lock = threading.Lock()
         self.ready = threading.Event()
@@ -193,7 +226,7 @@ class Engine(ABC):
     def resolve(self, *, max_iter: int | None = None, tol: float | None = None,
                 solver: str | None = None, defense: str | None = None,
                 settle_iters: int | None = None, settle_entropy: float | None = None,
-                deadline_ms: int | None = None) -> SolveOptions:
+                deadline_ms: int | None = None, detect: bool | None = None) -> SolveOptions:
         """Fill unset options from the checkpoint's defaults, then check them. `deadline_ms` is
         only checked (deadlines travel per sample, see `trace`)."""
         d = self.default_options(defense or "none")
@@ -204,7 +237,8 @@ class Engine(ABC):
                             settle_iters=d.settle_iters if settle_iters is None
                             else int(settle_iters),
                             settle_entropy=d.settle_entropy if settle_entropy is None
-                            else float(settle_entropy))
+                            else float(settle_entropy),
+                            detect=True if detect is None else bool(detect))
         self.check_options(opts)
         if deadline_ms is not None:
             self.check_deadline(opts)
@@ -255,7 +289,7 @@ class Engine(ABC):
             entropy=[float(v) for v in trace.entropy] if trajectory else [],
             residual=[float(v) for v in trace.residual] if trajectory else [],
             iterations=trace.iterations, converged=trace.converged, stopped=trace.stopped,
-            detection=self.detector(trace, opts.defense), model=self.model_ref)
+            detection=self.detector(trace, opts.defense, opts.detect), model=self.model_ref)
 
     def classify(self, x: np.ndarray, opts: SolveOptions, trajectory: bool = True,
                  deadlines: np.ndarray | None = None) -> list[ClassifyResult]:
@@ -353,18 +387,24 @@ class TorchEngine(Engine):
             return self._defended(xt, opts)
         anytime: dict[str, Any] = {}
         if self.is_deq:
-            if opts.settle_iters:
+            # The detector was fitted and calibrated on full solves: a settled exit would feed
+            # it truncated dynamics, so it only applies where no calibrated detector reads them.
+            if opts.settle_iters and not self.detector.reads_dynamics(opts):
                 anytime["settle"] = SettleRule(opts.settle_iters, opts.settle_entropy)
             if deadlines is not None:
                 anytime["deadline"] = torch.from_numpy(deadlines)
+        features = (self.detector.learned.dynamics
+                    if self.is_deq and self.detector.wants_features(opts) else None)
         with torch.inference_mode():
             r = self.model.solve(xt, solver=opts.solver, max_iter=opts.max_iter, tol=opts.tol,
-                                 trajectory=True, **anytime)
+                                 trajectory=True, features=features, **anytime)
         return split_batch(
             r.logits.float().cpu().numpy(),
             None if r.entropy is None else r.entropy.float().cpu().numpy(),
             r.residual.float().cpu().numpy(), r.iterations.cpu().numpy(),
-            r.converged.cpu().numpy(), None if r.stopped is None else r.stopped.cpu().numpy())
+            r.converged.cpu().numpy(), None if r.stopped is None else r.stopped.cpu().numpy(),
+            None if r.features is None else
+            {k: v.double().cpu().numpy() for k, v in r.features.items()})
 
     def _defended(self, xt: Any, opts: SolveOptions) -> list[SampleTrace]:
         """Sample by sample: the defense's rounds are aligned across a batch, so a sample's

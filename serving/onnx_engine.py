@@ -138,7 +138,8 @@ class OnnxEngine(Engine):
             # the torch solvers: stopping at step t ends on f(z_{t-1}), i.e. logits_stop[t-1]
             it = int(hits[0]) + 1 if hits.size else opts.max_iter
             stopped = bool(hits.size)
-            settled = self._settled_at(traj[:it, i], ent[:it, i], opts)
+            settled = (None if self.detector.reads_dynamics(opts)  # as the torch engine
+                       else self._settled_at(traj[:it, i], ent[:it, i], opts))
             if settled is not None and (settled < it or not stopped):
                 it, stopped = settled, False
                 why = "settled"

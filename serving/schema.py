@@ -36,9 +36,13 @@ class ClassifyOptions(BaseModel):
         None, ge=0, le=1000,
         description="anytime: stop once the top-1 class is unchanged over this many iterates "
                     "and the entropy is under settle_entropy (stopped='settled'); 0 turns it "
-                    "off; default: the server's (GET /model, serving.defaults)")
+                    "off; default: the server's (GET /model, serving.defaults). Not applied "
+                    "while a calibrated detector reads the dynamics (detect=true): it was "
+                    "fitted on full solves")
     settle_entropy: float | None = Field(
         None, gt=0, description="anytime: entropy threshold (nats) of the settled exit")
+    detect: bool = Field(True, description="apply the checkpoint's attack detector (false: skip "
+                         "the dynamics features it needs and answer suspicious=false)")
 
 
 class ClassifyRequest(ClassifyOptions):
@@ -60,12 +64,20 @@ class ClassifyTensorRequest(ClassifyOptions):
 
 
 class Detection(BaseModel):
-    """Attack-detection signal from the entropy trajectory (threshold null until calibrated)."""
+    """Attack-detection signal (threshold null until calibrated).
+
+    `detector` names what produced it: "dynamics-logistic" (the learned detector over the
+    solve's dynamics features, metadata["detector"]), "calibration" (the single-score
+    calibration, metadata["detection"]), "uncalibrated", or "off" (the request said detect=false).
+    `fpr` is the false-positive rate the threshold was calibrated at on clean validation images.
+    """
 
     score_name: str | None = None
     score: float
     threshold: float | None = None
     suspicious: bool = False
+    detector: str | None = None
+    fpr: float | None = None
 
 
 class ModelRef(BaseModel):

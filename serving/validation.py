@@ -26,7 +26,8 @@ def options_of(request: Any) -> dict[str, Any]:
     """The solve options of a ClassifyOptions-shaped request, as sent to the model process."""
     return {"max_iter": request.max_iter, "tol": request.tol, "solver": request.solver,
             "defense": request.defense, "settle_iters": request.settle_iters,
-            "settle_entropy": request.settle_entropy, "deadline_ms": request.deadline_ms}
+            "settle_entropy": request.settle_entropy, "deadline_ms": request.deadline_ms,
+            "detect": getattr(request, "detect", True)}
 
 
 def check_count(n: int, max_batch: int, what: str = "images") -> None:

@@ -122,8 +122,12 @@ def _eval(args: argparse.Namespace) -> int:
     ckpt = CheckpointInfo(path=str(path), name=meta.name, sha256=meta.sha256,
                           arch=str(meta.model.get("arch", "")), is_deq=model.is_deq,
                           solver=meta.model.get("solver"))
+    from deqguard.models.detector import detector_from_metadata
+
     report = evaluate(model, x, y, settings, checkpoint=ckpt, x_val=x_val, y_val=y_val,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress,
+                      learned_detector=detector_from_metadata(meta) if "detect" in parts
+                      else None)
     if args.calibrate:
         det = report.detection
         if det is None or det.calibration is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,6 +99,7 @@ class Evaluation:
         self.specs: dict[str, AttackSpec] = {}
         self.clean_main: SolveResult | None = None
         self._seed = settings.seed
+        self.learned_detector: Any = None  # LogisticDetector from the checkpoint, if any
 
     # -- predictors ------------------------------------------------------------------------------
     def solve_undefended(self, x: Tensor) -> SolveResult:
@@ -349,11 +351,16 @@ class Evaluation:
                 params["logistic"] = fit_logistic(val_clean, val_adv)
                 names.append("logistic")
         clean_scores = score_all(self.clean_main, names, s.early_index, params)
+        learned = self._learned_scores()
+        if learned is not None:
+            clean_scores["learned_detector"] = learned(self.x)
         val_thresholds = None
         if val_clean is not None:
             from deqguard.models.detection import calibrate_threshold
 
             val_scores = score_all(val_clean, names, s.early_index, params)
+            if learned is not None:
+                val_scores["learned_detector"] = learned(self.x_val)
             val_thresholds = {k: calibrate_threshold(v, s.fpr) for k, v in val_scores.items()}
         clean_ok = self.clean_correct.cpu().numpy()
         sets = dict(self.x_adv)
@@ -366,11 +373,14 @@ class Evaluation:
             fooled = (res.logits.argmax(1) != self.y[:m]).cpu().numpy()
             successful = clean_ok[:m] & fooled
             adv_scores = score_all(res, names, s.early_index, params)
+            if learned is not None:
+                adv_scores["learned_detector"] = learned(xa)
             det_attacks.append(detect_attack(name, clean_scores, adv_scores, successful, s.fpr,
                                              val_thresholds))
             mask = torch.from_numpy(successful) if successful.any() else torch.ones(m, dtype=bool)
             trajs.append(trajectory_summary(name, subset(res, mask.to(res.logits.device))))
-        section = DetectionSection(scores=names, early_index=s.early_index, fpr=s.fpr,
+        scored = names + (["learned_detector"] if learned is not None else [])
+        section = DetectionSection(scores=scored, early_index=s.early_index, fpr=s.fpr,
                                    attacks=det_attacks, trajectories=trajs,
                                    logistic=params.get("logistic"))
         if val_clean is not None and s.calibration_score in names:
@@ -389,6 +399,16 @@ class Evaluation:
             section.clean_test_fpr_at_val_threshold = float(
                 np.mean(clean_scores[s.calibration_score] > cal.threshold))
         self.report.detection = section
+
+    def _learned_scores(self) -> Callable[[Tensor], np.ndarray] | None:
+        """x -> the checkpoint's learned detector scores (its dynamics features per image)."""
+        det = self.learned_detector
+        if det is None or self.defended or not self.model.is_deq:
+            return None
+        from .detector_fit import compute_features, score_features
+
+        return lambda x: score_features(det, compute_features(self.model, x, det.dynamics,
+                                                              batch_size=self.s.batch_size))
 
     # -- driver ----------------------------------------------------------------------------------
     def _warn(self, msg: str) -> None:
@@ -429,10 +449,17 @@ class Evaluation:
 
 def evaluate(model: Classifier, x: Tensor, y: Tensor, settings: EvalSettings, *,
              checkpoint: CheckpointInfo, x_val: Tensor | None = None,
-             y_val: Tensor | None = None, progress: bool = True) -> EvalReport:
-    """Run every part of `settings.parts` on (x, y) and return the report."""
-    return Evaluation(model, x, y, settings, checkpoint=checkpoint, x_val=x_val, y_val=y_val,
-                      progress=progress).run()
+             y_val: Tensor | None = None, progress: bool = True,
+             learned_detector: Any = None) -> EvalReport:
+    """Run every part of `settings.parts` on (x, y) and return the report.
+
+    `learned_detector` (the checkpoint's LogisticDetector) adds its score, "learned_detector",
+    to the detect part next to the trajectory scores and baselines (undefended DEQs only).
+    """
+    ev = Evaluation(model, x, y, settings, checkpoint=checkpoint, x_val=x_val, y_val=y_val,
+                    progress=progress)
+    ev.learned_detector = learned_detector
+    return ev.run()
 
 
 def _sync(device: torch.device) -> None:

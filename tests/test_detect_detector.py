@@ -1,0 +1,163 @@
+"""The learned detector: stored form, refusals, calibration, serving, adaptive attack."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from deqguard.models import CheckpointError, load_checkpoint, read_metadata, update_metadata
+from deqguard.models.detector import LogisticDetector, detector_from_metadata
+from deqguard.models.dynamics import DynamicsConfig
+from deqguard.training.evaluation.detector_fit import (
+    build_detector,
+    compute_features,
+    score_features,
+)
+
+CFG = DynamicsConfig(restart_iters=4)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_checkpoint, pattern_data, tmp_path_factory):
+    """A copy of the fixture checkpoint with a detector fitted on clean vs noisy pattern images
+    (noise stands in for attacks: the point here is the plumbing, not the detection rate)."""
+    model, meta = load_checkpoint(tiny_checkpoint, "cpu")
+    x = torch.from_numpy(pattern_data[0][:96])
+    g = torch.Generator().manual_seed(0)
+    noisy = (x[:32] + 0.3 * (2 * torch.rand(x[:32].shape, generator=g) - 1)).clamp(0, 1)
+    clean_fit = compute_features(model, x[:32], CFG)
+    adv_fit = compute_features(model, noisy, CFG)
+    cal = compute_features(model, x[32:96], CFG)
+    det = build_detector(clean_fit, adv_fit, cal, CFG, fpr=0.05, model_sha256=meta.sha256,
+                         training={"data": "pattern fixture"})
+    path = tmp_path_factory.mktemp("det") / "tiny-det.safetensors"
+    shutil.copy(tiny_checkpoint, path)
+    update_metadata(path, detector=det.model_dump(mode="json"))
+    return path, det, cal, x[:8]
+
+
+def test_threshold_gives_the_asked_fpr_on_its_calibration_data(fitted):
+    _, det, cal, _ = fitted
+    flagged = np.mean(score_features(det, cal) > det.threshold)
+    assert flagged <= 0.05 and flagged >= 0.05 - 1 / 64
+
+
+def test_round_trip_through_metadata_gives_identical_scores(fitted, tiny_checkpoint):
+    path, det, cal, _ = fitted
+    back = detector_from_metadata(read_metadata(path))
+    assert back == det
+    assert np.array_equal(score_features(back, cal), score_features(det, cal))
+    assert detector_from_metadata(read_metadata(tiny_checkpoint)) is None  # old checkpoints
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"coef": [1.0]}, "coef has 1 values"),
+    ({"features": ["final_entropy", "no_such_feature"]}, "unknown features"),
+    ({"intercept": float("nan")}, "non-finite"),
+    ({"std": None}, "std must be positive"),
+    ({"features": ["spectral_radius"], "mean": [0.0], "std": [1.0], "coef": [1.0]},
+     "not computed by the stored dynamics"),
+])
+def test_tampered_blocks_are_refused(fitted, change, message):
+    path, det, _, _ = fitted
+    raw = det.model_dump(mode="json")
+    if change.get("std", 0) is None:
+        change = {"std": [0.0] * len(det.features)}
+    raw.update(change)
+    meta = read_metadata(path).model_dump()
+    meta["detector"] = raw
+    with pytest.raises(CheckpointError, match=message):
+        detector_from_metadata(meta)
+
+
+def test_a_detector_for_other_weights_is_refused(fitted):
+    path, det, _, _ = fitted
+    meta = read_metadata(path).model_dump()
+    meta["detector"] = {**det.model_dump(mode="json"), "model_sha256": "0" * 64}
+    with pytest.raises(CheckpointError, match="fitted for other weights"):
+        detector_from_metadata(meta)
+
+
+def test_engine_applies_the_learned_detector_like_in_process(fitted):
+    from deqguard.serving.engine import TorchEngine
+
+    path, det, _, x = fitted
+    engine = TorchEngine.load(str(path), device="cpu")
+    model, _ = load_checkpoint(path, "cpu")
+    with torch.no_grad():
+        r = model.solve(x, features=det.dynamics)
+    score, flag = det.decide(r.features)
+    answers = engine.classify(x.numpy(), engine.resolve())
+    assert [a.detection.detector for a in answers] == ["dynamics-logistic"] * len(x)
+    assert np.allclose([a.detection.score for a in answers], score.numpy(), atol=1e-4)
+    assert [a.detection.suspicious for a in answers] == flag.tolist()
+    off = engine.classify(x.numpy(), engine.resolve(detect=False))
+    assert all(a.detection.detector == "off" and not a.detection.suspicious for a in off)
+
+
+def test_served_flag_equals_in_process_decision(fitted, tmp_path):
+    """A real server on the checkpoint with the detector: same scores and flags over HTTP."""
+    from serving_server import serve
+
+
+    path, det, _, x = fitted
+    model, _ = load_checkpoint(path, "cpu")
+    with torch.no_grad():
+        r = model.solve(x, features=det.dynamics)
+    score, flag = det.decide(r.features)
+    import httpx
+
+    with serve(path, tmp_path / "server.log") as url:
+        body = {"tensor": x.numpy().tolist()}
+        answers = httpx.post(f"{url}/classify_tensor", json=body, timeout=60).json()
+        off = httpx.post(f"{url}/classify_tensor", json={**body, "detect": False},
+                         timeout=60).json()
+    assert [a["detection"]["suspicious"] for a in answers] == flag.tolist()
+    assert np.allclose([a["detection"]["score"] for a in answers], score.numpy(), atol=1e-4)
+    assert all(a["detection"]["detector"] == "dynamics-logistic" for a in answers)
+    assert all(a["detection"]["detector"] == "off" for a in off)
+
+
+def test_adaptive_attack_lowers_the_detector_score(fitted):
+    from deqguard.training.evaluation.advsets import CraftSpec, _craft_chunk
+    from deqguard.training.evaluation.detector_attack import detector_aware_pgd
+
+    path, det, _, x = fitted
+    model, _ = load_checkpoint(path, "cpu")
+    y = model(x).argmax(1)
+    spec = CraftSpec("pgd", 0.1, 5, "test", 0, len(x))
+    plain = _craft_chunk(model, spec, x, y, 0)
+    adaptive = detector_aware_pgd(model, det, x, y, eps=0.1, lam=5.0, steps=5)
+    s_plain = score_features(det, compute_features(model, plain, det.dynamics)).mean()
+    s_adapt = score_features(det, compute_features(model, adaptive, det.dynamics)).mean()
+    assert s_adapt < s_plain
+
+
+def test_logistic_detector_scores_by_hand():
+    det = LogisticDetector(features=["final_entropy", "max_softmax"], mean=[1.0, 0.0],
+                           std=[2.0, 1.0], coef=[1.0, -1.0], intercept=0.5, threshold=0.0,
+                           fpr=0.05)
+    s, flag = det.decide({"final_entropy": torch.tensor([3.0, 1.0]),
+                          "max_softmax": torch.tensor([0.0, 1.0])})
+    assert s.tolist() == [1.5, -0.5] and flag.tolist() == [True, False]
+
+
+def test_eval_detect_reports_the_learned_detector(fitted, pattern_idx_dir, tmp_path):
+    """`deqguard eval --attacks detect` scores the checkpoint's learned detector too."""
+    import json
+
+    from deqguard.cli import main
+
+    path, _, _, _ = fitted
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(path), "--data", "fashion-mnist", "--data-dir", str(pattern_idx_dir),
+               "--attacks", "clean,pgd,detect", "--paths", "phantom", "--intermediate", "",
+               "--steps-sweep", "1", "--eps-sweep", "1", "--val-n", "16", "--val-size", "100",
+               "--n", "8", "--pgd-steps", "1", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    det = json.loads(out.read_text())["detection"]
+    assert "learned_detector" in det["scores"]
+    assert all("learned_detector" in a["scores"] for a in det["attacks"])

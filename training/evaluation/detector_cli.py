@@ -1,0 +1,212 @@
+"""`deqguard detect fit|evaluate`: the learned detector on a checkpoint, from cached attacked sets.
+
+    deqguard detect fit default --cache runs/detect --write          # metadata["detector"]
+    deqguard detect evaluate default --cache runs/detect --json runs/detect/eval.json \
+        --plot runs/detect/detector.png --adaptive-n 20 --lambdas 0.5,2
+
+Validation images: `advsets.VAL_PLAN` (attacked) and the clean images after them (threshold
+calibration). Test images: `advsets.TEST_PLAN` (PGD-40 at eps 0.1). Everything expensive is
+cached under --cache, so a killed run resumes and a rerun only redoes what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from deqguard.models import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_checkpoint(args.checkpoint, "cpu")
+
+
+def _val_sets(model, cache: Path, cfg, n_cal: int):
+    from .advsets import VAL_PLAN, craft_plan, split_images
+    from .detector_fit import cached_features
+
+    adv = craft_plan(model, VAL_PLAN, cache / "adv", log=lambda m: print(m, flush=True))
+    end = max(s.start + s.count for s in VAL_PLAN)
+    x_fit, _ = split_images("val", 0, end)
+    x_cal, _ = split_images("val", end, n_cal)
+    feats = cache / "features"
+    fit_clean = cached_features(model, x_fit, cfg, feats, "val-fit-clean")
+    fit_adv_parts = [cached_features(model, xa, cfg, feats, name) for name, xa in adv.items()]
+    fit_adv = {k: np.concatenate([p[k] for p in fit_adv_parts]) for k in fit_clean}
+    cal_clean = cached_features(model, x_cal, cfg, feats, "val-cal-clean")
+    return fit_clean, fit_adv, cal_clean, [s.name for s in VAL_PLAN]
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from deqguard.models import update_metadata
+    from deqguard.models.dynamics import DynamicsConfig
+
+    from .detector_fit import auroc_fast, build_detector, save_json, score_features
+
+    model, meta = _load(args)
+    cfg = DynamicsConfig()
+    cache = Path(args.cache)
+    fit_clean, fit_adv, cal_clean, plan = _val_sets(model, cache, cfg, args.n_cal)
+    det = build_detector(fit_clean, fit_adv, cal_clean, cfg, fpr=args.fpr, l2=args.l2,
+                         model_sha256=meta.sha256,
+                         training={"data": "fashion-mnist val split (5000 held-out training "
+                                   "images, seed 0)", "attacks": plan,
+                                   "fit_clean": "val images 0..249 (the attacked ones)",
+                                   "calibration_clean": f"val images 250..{249 + args.n_cal}",
+                                   "fit": "L2 logistic regression, L-BFGS, balanced classes"})
+    val_auroc = auroc_fast(score_features(det, fit_clean), score_features(det, fit_adv))
+    det = det.model_copy(update={"metrics": {
+        "validation_auroc_fit_data": val_auroc,
+        "calibration_fpr": float(np.mean(score_features(det, cal_clean) > det.threshold))}})
+    print(json.dumps({"features": det.features, "coef": [round(c, 3) for c in det.coef],
+                      "threshold": det.threshold, **det.metrics}, indent=1))
+    if args.write:
+        update_metadata(args.checkpoint, detector=det.model_dump(mode="json"))
+        print(f"wrote metadata['detector'] into {args.checkpoint}")
+    if args.json:
+        save_json(det.model_dump(mode="json"), args.json)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from deqguard.models.detector import detector_from_metadata
+
+    from .advsets import TEST_PLAN, craft_plan, split_images
+    from .detector_fit import cached_features, evaluate_scores, save_json
+
+    model, meta = _load(args)
+    det = detector_from_metadata(meta)
+    if det is None:
+        raise SystemExit("this checkpoint has no learned detector: run deqguard detect fit")
+    cache = Path(args.cache)
+    t0 = time.time()
+    fit_clean, fit_adv, cal_clean, _ = _val_sets(model, cache, det.dynamics, args.n_cal)
+    spec = TEST_PLAN[0]
+    x_test, y_test = split_images("test", spec.start, spec.count)
+    x_adv = craft_plan(model, TEST_PLAN, cache / "adv",
+                       log=lambda m: print(m, flush=True))[spec.name]
+    feats = cache / "features"
+    test_clean = cached_features(model, x_test, det.dynamics, feats, "test-clean")
+    test_adv = cached_features(model, x_adv, det.dynamics, feats, spec.name)
+    y = y_test.numpy()
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "sha256": meta.sha256,
+                              "test_attack": spec.name, "detector": det.name,
+                              "features": det.features}
+    val_clean_all = {k: np.concatenate([fit_clean[k], cal_clean[k]]) for k in fit_clean}
+    report["test"] = evaluate_scores(det, val_clean_all, fit_adv, test_clean, test_adv, y,
+                                     fpr=args.fpr, reps=args.reps)
+    if args.adaptive_n:
+        report["adaptive"] = _adaptive(model, det, x_test, y_test, x_adv, args)
+    if args.plot:
+        _plot(report["test"], test_clean, test_adv, det, args.plot)
+    report["seconds"] = time.time() - t0
+    out = {k: v for k, v in report["test"].items() if k != "_curves"}
+    print(json.dumps({"detector": out["scores"]["detector"],
+                      "max_softmax": out["scores"].get("max_softmax"),
+                      "difference": out.get("detector_minus_max_softmax"),
+                      "at_threshold": out["detector_at_stored_threshold"],
+                      "adaptive": report.get("adaptive")}, indent=1))
+    if args.json:
+        save_json(report, args.json)
+    return 0
+
+
+def _adaptive(model, det, x_test, y_test, x_adv_plain, args) -> dict[str, Any]:
+    """Detector-aware PGD on the first --adaptive-n test images, next to plain PGD-40."""
+    import torch
+
+    from .detector_attack import detector_aware_pgd, summarise
+    from .detector_fit import compute_features, score_features
+
+    n = args.adaptive_n
+    x, y = x_test[:n], y_test[:n]
+    runs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    f = compute_features(model, x_adv_plain[:n], det.dynamics)
+    runs["pgd40"] = (f["_pred"], score_features(det, f))
+    for lam in args.lambdas:
+        t = time.time()
+        xa = torch.cat([detector_aware_pgd(model, det, x[i:i + 10], y[i:i + 10], eps=args.eps,
+                                           lam=lam, steps=args.adaptive_steps, seed=i)
+                        for i in range(0, n, 10)])
+        f = compute_features(model, xa, det.dynamics)
+        runs[f"adaptive_lam{lam:g}"] = (f["_pred"], score_features(det, f))
+        print(f"adaptive lambda {lam}: {time.time() - t:.0f}s", flush=True)
+    out = summarise(y.numpy(), det.threshold, runs)
+    out["n"] = n
+    out["eps"] = args.eps
+    out["steps"] = args.adaptive_steps
+    out["gradient"] = "exact (backprop through every solver iteration and the features)"
+    return out
+
+
+def _plot(test: dict[str, Any], clean: dict, adv: dict, det, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .detector_fit import score_features
+
+    names = ["detector", *det.features[:7]]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    ax = axes[0, 0]
+    for name, (fpr, tpr) in test["_curves"].items():
+        a = test["scores"][name]["all"]["auroc"]
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {a:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.5)
+    ax.axvline(test["fpr"], color="grey", lw=0.5)
+    ax.set(xlabel="FPR (clean test)", ylabel="TPR (PGD-40 test)", title="ROC")
+    ax.legend(fontsize=7)
+    for ax, name in zip(axes.flat[1:], names, strict=False):
+        if name == "detector":
+            c, a = score_features(det, clean), score_features(det, adv)
+        else:
+            c, a = clean[name], adv[name]
+        bins = np.histogram_bin_edges(np.concatenate([c, a]), bins=30)
+        ax.hist(c, bins=bins, alpha=0.5, label="clean", density=True)
+        ax.hist(a, bins=bins, alpha=0.5, label="PGD-40", density=True)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detect", help="fit / evaluate the learned attack detector (issue 11)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_subparsers(dest="detect_command", required=True)
+    for name, func in (("fit", _fit), ("evaluate", _evaluate)):
+        q = s.add_parser(name)
+        q.add_argument("checkpoint")
+        q.add_argument("--cache", default="runs/detect")
+        q.add_argument("--n-cal", type=int, default=300,
+                       help="clean validation images for the threshold")
+        q.add_argument("--fpr", type=float, default=0.05)
+        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--json")
+        q.set_defaults(func=func)
+        if name == "fit":
+            q.add_argument("--l2", type=float, default=1e-2)
+            q.add_argument("--write", action="store_true",
+                           help="store the detector in the checkpoint's metadata['detector']")
+        else:
+            q.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
+            q.add_argument("--plot")
+            q.add_argument("--adaptive-n", type=int, default=0)
+            q.add_argument("--adaptive-steps", type=int, default=10)
+            q.add_argument("--lambdas", type=_floats, default=[0.5, 2.0])
+            q.add_argument("--eps", type=float, default=0.1)
