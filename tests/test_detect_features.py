@@ -147,7 +147,13 @@ def test_differentiable_features_match_and_carry_gradients():
                       states=out.states)
     diff = dynamics_features(model, xg, res, cfg, differentiable=True)
     for name in cfg.names():
-        assert torch.allclose(diff[name].detach(), plain[name], rtol=1e-3, atol=1e-5), name
+        a, b = diff[name].detach(), plain[name]
+        if name == "log_residual":
+            # At this contraction's z* both residuals are float32 rounding noise (~1e-7), and the
+            # two solver paths (list history with autograd, ring buffer without) round differently.
+            assert bool((a < -6).all()) and bool((b < -6).all()), (a, b)
+            continue
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
     (g,) = torch.autograd.grad(diff["final_entropy"].sum() + diff["restart_entropy"].sum(), xg)
     assert g.abs().sum() > 0
 

@@ -132,8 +132,9 @@ class _RingHistory:
         g_k = self.g[:, k]
         torch.sub(f_flat, z_flat, out=g_k)
         n = self.n
-        with torch.autocast(z.device.type, enabled=False):
-            row = torch.bmm(self.g[:, :n], g_k.unsqueeze(2)).squeeze(2)  # [B, n]
+        # Products and sums rather than bmm: BLAS picks kernels by batch size, and a sample's
+        # answer must not depend on its batch mates.
+        row = (self.g[:, :n] * g_k.unsqueeze(1)).sum(dim=2)  # [B, n]
         self.g_gram[:, k, :n] = row
         self.g_gram[:, :n, k] = row
 
@@ -143,9 +144,8 @@ class _RingHistory:
 
     def mix(self, alpha: Tensor, beta: float) -> Tensor:
         n = self.n
-        with torch.autocast(self.f.device.type, enabled=False):
-            a = alpha.transpose(1, 2).to(self.f.dtype)  # [B, 1, n]
-            mixed = torch.bmm(a, self.f[:, :n]).squeeze(1)
-            if beta != 1.0:
-                mixed = beta * mixed + (1 - beta) * torch.bmm(a, self.x[:, :n]).squeeze(1)
+        a = alpha.to(self.f.dtype)  # [B, n, 1]
+        mixed = (a * self.f[:, :n]).sum(dim=1)
+        if beta != 1.0:
+            mixed = beta * mixed + (1 - beta) * (a * self.x[:, :n]).sum(dim=1)
         return mixed
