@@ -131,3 +131,19 @@ def test_settings_precedence(monkeypatch):
     monkeypatch.setenv("DEQGUARD_BACKEND", "tensorflow")
     with pytest.raises(ValidationError):
         load_settings()
+
+
+def test_settled_exit_stands_aside_while_a_calibrated_detector_reads_the_dynamics(
+        tiny_checkpoint, tmp_path, x):
+    """A threshold calibrated on full solves must see full solves: the settled exit only applies
+    where no calibrated detector reads the trajectory (detect=false, or nothing calibrated)."""
+    loose = {"max_iter": 30, "tol": 1e-9, "settle_iters": 1, "settle_entropy": 100.0}
+    bare = TorchEngine.load(str(tiny_checkpoint), device="cpu", threads=1)
+    assert all(r.stopped == "settled" for r in bare.classify(x, bare.resolve(**loose)))
+    eng = _calibrated(tiny_checkpoint, tmp_path, score="mean_entropy", threshold=10.0)
+    detected = eng.classify(x, eng.resolve(**loose))
+    full = eng.classify(x, eng.resolve(**{**loose, "settle_iters": 0}))
+    assert all(r.stopped != "settled" for r in detected)
+    assert [r.detection.score for r in detected] == [r.detection.score for r in full]
+    skipped = eng.classify(x, eng.resolve(**loose, detect=False))
+    assert all(r.stopped == "settled" and r.detection.detector == "off" for r in skipped)
