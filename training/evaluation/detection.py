@@ -26,6 +26,7 @@ from deqguard.models.detection import (
     trajectory_features,
 )
 
+from .detector_fit import logistic_regression
 from .schema import Curve, DetectionAttack, ScoreResult, Trajectory
 
 SolveFn = Callable[[Tensor], SolveResult]
@@ -129,24 +130,8 @@ def fit_logistic(clean: SolveResult, adv: SolveResult, length: int | None = None
         rows = clean.entropy.shape[0] if clean.entropy is not None else 1
         length = max(rows, adv.entropy.shape[0] if adv.entropy is not None else 1)
     f0, f1 = trajectory_features(clean, length).cpu(), trajectory_features(adv, length).cpu()
-    feats = torch.cat([f0, f1]).double()
-    labels = torch.cat([torch.zeros(len(f0)), torch.ones(len(f1))]).double()
-    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
-    z = (feats - mean) / std
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, labels)
-        loss = loss + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return {"length": int(length), "weights": w.detach().tolist(), "bias": float(b.detach()),
+    mean, std, w, b = logistic_regression(f0, f1, l2=l2, steps=steps)
+    return {"length": int(length), "weights": w.tolist(), "bias": float(b),
             "mean": mean.tolist(), "std": std.tolist(), "l2": l2,
             "n_clean": int(len(f0)), "n_adv": int(len(f1))}
 

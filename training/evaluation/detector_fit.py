@@ -58,19 +58,20 @@ def cached_features(model: Classifier, x: Tensor, cfg: DynamicsConfig, cache: st
     return feats
 
 
-def fit_logistic(clean: Features, adv: Features, names: list[str], *, l2: float = 1e-2,
-                 steps: int = 500) -> tuple[list[float], list[float], list[float], float]:
-    """(mean, std, coef, intercept) of L2 logistic regression, attacked = 1."""
-    f0 = np.stack([clean[n] for n in names], 1)
-    f1 = np.stack([adv[n] for n in names], 1)
-    feats = torch.from_numpy(np.concatenate([f0, f1])).double()
+def logistic_regression(f0: Tensor, f1: Tensor, *, l2: float = 1e-2, steps: int = 500
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, std, coef, intercept) of L2 logistic regression on standardised features, f1 = 1.
+
+    The two classes count equally whatever their sizes (class weights). Fitted in float64 by
+    L-BFGS in torch, so no scikit-learn is needed anywhere.
+    """
+    feats = torch.cat([f0, f1]).double()
     labels = torch.cat([torch.zeros(len(f0)), torch.ones(len(f1))]).double()
     mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
     z = (feats - mean) / std
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-    # class weights: the two classes count equally whatever their sizes
     weight = torch.where(labels > 0, len(labels) / (2 * len(f1)), len(labels) / (2 * len(f0)))
 
     def closure() -> Tensor:
@@ -83,7 +84,16 @@ def fit_logistic(clean: Features, adv: Features, names: list[str], *, l2: float 
 
     with torch.enable_grad():
         opt.step(closure)
-    return mean.tolist(), std.tolist(), w.detach().tolist(), float(b.detach())
+    return mean, std, w.detach(), b.detach()
+
+
+def fit_logistic(clean: Features, adv: Features, names: list[str], *, l2: float = 1e-2,
+                 steps: int = 500) -> tuple[list[float], list[float], list[float], float]:
+    """(mean, std, coef, intercept) over the named dynamics features, attacked = 1."""
+    f0 = torch.from_numpy(np.stack([clean[n] for n in names], 1))
+    f1 = torch.from_numpy(np.stack([adv[n] for n in names], 1))
+    mean, std, w, b = logistic_regression(f0, f1, l2=l2, steps=steps)
+    return mean.tolist(), std.tolist(), w.tolist(), float(b)
 
 
 def build_detector(fit_clean: Features, fit_adv: Features, cal_clean: Features,
