@@ -6,16 +6,22 @@ intra-op threads have been seen to run 70x slower.
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+if TYPE_CHECKING:  # torch is imported where it is used, as in the fixtures below
+    import torch
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = [f"shape{i}" for i in range(4)]
@@ -39,34 +45,117 @@ def pattern_data():
     return make_pattern_images(512)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, pattern_data) -> Path:
-    """A tiny DEQ trained for a few dozen steps on the pattern data, saved as a checkpoint."""
+SEED_ENV = "DEQGUARD_TEST_SEED"
+
+
+def env_seed() -> int:
+    """The seed of the tests that train or draw at random: `DEQGUARD_TEST_SEED`, default 0.
+
+    A test must pass for every seed, not for the one it was written with: floating-point results
+    differ between CPUs (oneDNN picks other kernels), so a recipe that learns by luck on one
+    machine fails on another. Setting the variable replays the suite with another draw.
+    (Not named `test_seed`: pytest would collect it as a test wherever it is imported.)
+    """
+    raw = os.environ.get(SEED_ENV, "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_ENV} must be an integer, got {raw!r}") from None
+
+
+@dataclass
+class TinyRun:
+    """What `train_tiny_deq` trained and how far: the fixture records it in the metadata."""
+
+    model: torch.nn.Module
+    accuracy: float  # on the whole training set, eval mode
+    loss: float
+    steps: int
+
+
+# The fixture recipe. Adam at a constant 3e-3 for 60 steps learnt by luck (issue 9: seeds 0-4
+# gave 0.445 to 1.0 on one CPU): accuracy rises to 1.0, then Adam knocks it back down (seed 4:
+# 0.99 -> 0.53 in 10 steps). A cosine
+# decay over the cap settles it, clipping bounds the rare large step, and the run stops as soon
+# as the model is right AND confident, checked on the whole set, so the cost follows the need.
+TINY_LR = 2e-3
+TINY_BATCH = 32
+TINY_MAX_STEPS = 200  # seeds 0-19 stopped by step 120 when this was set (slow sweep: <= 160)
+TINY_CHECK_EVERY = 20
+TINY_TARGET_ACCURACY = 0.99
+TINY_TARGET_LOSS = 0.1  # confident as well as right, so that held-out patterns come out right
+
+
+def train_tiny_deq(x: torch.Tensor, y: torch.Tensor, seed: int, *,
+                   init_noise: float = 0.0) -> TinyRun:
+    """Train the fixture's tiny DEQ until it has learnt the patterns; raise if it cannot.
+
+    `init_noise` scales Gaussian noise added to the initial weights (relative to each tensor's
+    mean magnitude): a stand-in for another CPU's rounding, used by the recipe's slow check.
+    """
     import torch
     import torch.nn.functional as F
 
-    from deqguard.models import build_model, save_checkpoint
+    from deqguard.models import build_model
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    x, y = (torch.from_numpy(a) for a in pattern_data)
+    torch.manual_seed(seed)
     model = build_model("tiny", num_classes=len(CLASSES), width=16, head_width=32)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    model.train()
-    for step in range(60):
-        idx = torch.arange(step * 32, step * 32 + 32) % len(x)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+    if init_noise:
+        noise = torch.Generator().manual_seed(10_000 + seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(init_noise * p.abs().mean() * torch.randn(p.shape, generator=noise))
+    opt = torch.optim.Adam(model.parameters(), TINY_LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, TINY_MAX_STEPS) / TINY_MAX_STEPS)))
+    acc = loss = float("nan")
+    for step in range(1, TINY_MAX_STEPS + 1):
+        model.train()
+        idx = torch.arange((step - 1) * TINY_BATCH, step * TINY_BATCH) % len(x)
+        batch_loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
-        loss.backward()
+        batch_loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
+        sched.step()
+        if step % TINY_CHECK_EVERY == 0 and step >= 2 * TINY_CHECK_EVERY:
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)
+            acc = (logits.argmax(1) == y).float().mean().item()
+            loss = F.cross_entropy(logits, y).item()
+            if acc >= TINY_TARGET_ACCURACY and loss <= TINY_TARGET_LOSS:
+                return TinyRun(model, acc, loss, step)
+    raise RuntimeError(
+        f"tests/conftest.py::tiny_checkpoint did not learn the pattern data: training accuracy "
+        f"{acc:.3f} (needs {TINY_TARGET_ACCURACY}) and loss {loss:.3f} (needs "
+        f"{TINY_TARGET_LOSS}) after {TINY_MAX_STEPS} steps with {SEED_ENV}={seed}. The recipe "
+        f"is at its edge on this machine: fix the recipe, not the tests that use it.")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, pattern_data) -> Path:
+    """A tiny DEQ trained here, in seconds, until it has learnt the pattern data; a checkpoint.
+
+    Its seed is `DEQGUARD_TEST_SEED` (default 0, see `env_seed`): set it to replay the suite
+    with another draw of initial weights. Training stops once accuracy on the 512 training images
+    is >= 0.99 with mean cross-entropy <= 0.1 (typically 80-120 steps), and fails loudly, naming
+    this fixture, if that is not reached in 200 steps.
+    """
+    import torch
+
+    from deqguard.models import save_checkpoint
+
+    seed = env_seed()
+    x, y = (torch.from_numpy(a) for a in pattern_data)
+    run = train_tiny_deq(x, y, seed)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(model, path, {
+    save_checkpoint(run.model.eval(), path, {
         "name": "tiny-test", "classes": CLASSES,
-        "training": {"command": "tests/conftest.py::tiny_checkpoint", "steps": 60},
-        "metrics": {"train_clean_accuracy": acc},
+        "training": {"command": "tests/conftest.py::tiny_checkpoint", "steps": run.steps,
+                     "seed": seed},
+        "metrics": {"train_clean_accuracy": run.accuracy, "train_clean_loss": run.loss},
     })
     return path
 

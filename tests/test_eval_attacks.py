@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import env_seed
 from torch import nn
 
 from deqguard.training.evaluation.attacks import (
@@ -110,19 +111,26 @@ def tiny(tiny_model, pattern_data):
 
 
 def test_robust_accuracy_below_clean_and_decreasing_in_eps(tiny):
+    """Radii far enough apart that the trend holds for any fixture seed, not for one.
+
+    Across 20 fixture seeds (5-step PGD, 64 samples): eps 0.02 leaves 62-64 correct, 0.15 at
+    most 53, 0.4 at most 21, with at least 7 samples between neighbours. Radii closer together
+    are not ordered reliably: a well-trained fixture can be fully robust at 0.1, and above ~0.2
+    the phantom-gradient attack plateaus on some seeds (gradient masking, not robustness).
+    """
     model, x, y = tiny
     predict = lambda xa: model(xa).argmax(1)  # noqa: E731
     with torch.no_grad():
         clean = (predict(x) == y).float().mean().item()
     accs = []
-    for eps in (0.02, 0.1, 0.3):
+    for eps in (0.02, 0.15, 0.4):
         spec = AttackSpec(name="pgd", kind="pgd", eps=eps, steps=5, step_size=2.5 * eps / 5,
                           gradient="phantom")
         _, ok = run_attack(model, spec, x, y, predict,
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(env_seed()))
         accs.append(ok.float().mean().item())
-    assert accs[1] < clean
-    assert accs[0] >= accs[1] >= accs[2] and accs[2] < accs[0]
+    assert accs[1] < clean, accs
+    assert accs[0] >= accs[1] >= accs[2] and accs[2] < accs[0], accs
 
 
 @pytest.mark.parametrize("path", ["phantom", "implicit", "exact"])
@@ -135,11 +143,21 @@ def test_every_gradient_path_gives_a_nonzero_finite_input_gradient(tiny, path):
 
 
 def test_exact_and_phantom_gradients_differ(tiny):
+    """Compared at samples whose solve converged: only there do the paths estimate one gradient.
+
+    At an unconverged iterate the implicit and phantom paths assume a fixed point that is not
+    there; on some fixture seeds the cosine with the exact path was then negative (-0.26).
+    Over converged samples it stayed in 0.39-0.98 for 20 seeds.
+    """
     model, x, y = tiny
+    with torch.no_grad():
+        converged = model.solve(x, trajectory=False).converged.nonzero().flatten()
+    assert len(converged) >= 8, "the fixture's solver converges on too few samples"
+    xs, ys = x[converged[:8]], y[converged[:8]]
     grads = []
     for path in ("phantom", "exact"):
-        xr = x[:8].clone().requires_grad_(True)
-        F.cross_entropy(path_logits(model, xr, path), y[:8]).backward()
+        xr = xs.clone().requires_grad_(True)
+        F.cross_entropy(path_logits(model, xr, path), ys).backward()
         grads.append(xr.grad.flatten())
     cos = F.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos < 0.9999  # two different paths, not one path twice

@@ -39,8 +39,15 @@ def test_eval_json_report_and_calibration(ckpt_copy, pattern_idx_dir, tmp_path, 
     assert {"pgd2-phantom", "pgd2-implicit", "pgd2-exact", "Munroll-1-2"} <= set(names)
     assert any(n.startswith("detector-adaptive") for n in names)
     assert report.autoattack is not None and report.autoattack.n == 4
-    assert report.worst_case is not None
-    assert report.worst_case.accuracy <= min(a.accuracy for a in report.attacks) + 1e-9
+    wc = report.worst_case
+    assert wc is not None and "autoattack" in wc.attacks
+    # With AutoAttack the worst case is over its first aa-n samples (4), the attacks over --n
+    # (16): the 4-sample rate may exceed a 16-sample one (seen for some fixture seeds). What
+    # must hold: no more robust than AutoAttack on the same samples, and no sample counted
+    # robust that an attack fooled (count against count).
+    assert wc.n == report.autoattack.n
+    assert wc.accuracy <= report.autoattack.accuracy + 1e-9
+    assert all(wc.accuracy * wc.n <= a.accuracy * a.n + 1e-9 for a in report.attacks)
     assert [p.max_iter for p in report.budget] == [1, 5, 30]
     assert report.sweeps is not None and report.sweeps.eps[-1].value == 0.5
     det = report.detection

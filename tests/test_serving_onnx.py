@@ -78,6 +78,31 @@ def _compare_engines(torch_engine, onnx_engine, x, max_iter, tol):
     return [p.iterations for p in a]
 
 
+def _tol_with_varied_stops(residual: np.ndarray) -> float:
+    """A tol at which samples stop at different steps, some before the last, far from every
+    residual value so that torch's and ONNX's last-bit differences cannot split a sample.
+
+    The median residual at mid-solve assumed residuals fall steadily; on a trained fixture they
+    can oscillate, and for one seed every sample then stopped at the same step. So: scan the
+    midpoints between neighbouring residual values, keep those at least 1% from both, and take
+    the one that spreads the stopping steps most (widest gap on ties).
+    """
+    steps = residual.shape[0]
+    values = np.unique(residual.astype(np.float64))
+    best, best_key = None, (1, 0.0)
+    for lo, hi in zip(values[:-1], values[1:], strict=True):
+        tol, gap = (lo + hi) / 2, (hi - lo) / hi
+        if gap < 0.02:
+            continue
+        hits = residual < tol
+        first = np.where(hits.any(0), hits.argmax(0), steps)  # index of the stopping residual
+        key = (len(set(first.tolist())), gap)
+        if first.min() < steps - 1 and key > best_key:
+            best, best_key = float(tol), key
+    assert best is not None, "no tol makes these samples stop at different steps"
+    return best
+
+
 def test_onnx_engine_reproduces_per_sample_stopping(exported, tiny_checkpoint):
     """The engine recovers torch's stop-at-tol and any max_iter <= T from the graph's outputs."""
     from deqguard.serving.engine import TorchEngine
@@ -87,7 +112,7 @@ def test_onnx_engine_reproduces_per_sample_stopping(exported, tiny_checkpoint):
     oe = OnnxEngine(exported)
     x = _inputs(16, seed=3)
     g = oe.run_graph(x)
-    tol = float(np.median(g["residual"][ITERS // 2]))  # half the samples stop by mid-solve
+    tol = _tol_with_varied_stops(g["residual"])
     its = _compare_engines(te, oe, x, ITERS, tol)
     assert min(its) < ITERS and len(set(its)) > 1  # samples stopped, each at its own step
     _compare_engines(te, oe, x, 3, 1e-6)
@@ -111,7 +136,7 @@ def test_damped_naive_solver_exports_and_stops_like_torch(tmp_path):
     assert "logits_stop" in info["outputs"]
     te, oe = TorchEngine.load(str(ckpt), device="cpu"), OnnxEngine(tmp_path / "damped.onnx")
     x = _inputs(12, seed=5)
-    tol = float(np.median(oe.run_graph(x)["residual"][4]))
+    tol = _tol_with_varied_stops(oe.run_graph(x)["residual"])
     its = _compare_engines(te, oe, x, 8, tol)
     assert min(its) < 8 and len(set(its)) > 1
 

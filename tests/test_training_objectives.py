@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import env_seed
 
 from deqguard.models import GradConfig, build_model
 from deqguard.training.config import ObjectiveConfig
@@ -19,12 +20,14 @@ def batch(pattern_data):
     return torch.from_numpy(x[:32]), torch.from_numpy(y[:32])
 
 
-def _model(seed: int = 0, **kw):
-    torch.manual_seed(seed)
+def _model(seed: int | None = None, **kw):
+    """A fresh tiny DEQ; its initial weights follow DEQGUARD_TEST_SEED (conftest.env_seed)."""
+    torch.manual_seed(env_seed() if seed is None else seed)
     return build_model("tiny", num_classes=4, width=8, head_width=16, **kw)
 
 
-def _loss(model, kind, x, y, *, regulated=True, seed=0, **jac):
+def _loss(model, kind, x, y, *, regulated=True, seed=None, **jac):
+    seed = env_seed() if seed is None else seed
     fwd = TrainForward(model, solver="anderson", max_iter=6, tol=1e-3, readout="unrolled",
                        random_depth=regulated, generator=torch.Generator().manual_seed(seed))
     cfg = ObjectiveConfig(kind=kind, eps=0.1, step_size=0.03, steps=3, beta=6.0)
@@ -131,11 +134,13 @@ def test_implicit_gradient_mode_trains(batch):
 
 
 def test_jacobian_estimate_matches_frobenius_norm():
-    torch.manual_seed(0)
+    """1000 probe vectors: over seeds 0-199 the relative error stayed under 0.047."""
+    seed = env_seed()
+    torch.manual_seed(seed)
     a = torch.randn(6, 6) * 0.3
     z = torch.randn(4, 6)
     est = jacobian_frobenius(lambda v: v @ a.T, z, vectors=1000,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(seed))
     exact = (a ** 2).sum() * 4 / z.numel()  # ||J||_F^2 per sample, summed, per element
     assert abs(float(est) - float(exact)) / float(exact) < 0.1
 
