@@ -71,7 +71,7 @@ class DEQGuardModel:
     def preflight() -> None:
         """Once, before any worker starts: refuse to serve an unusable checkpoint (a worker that
         fails in __init__ is restarted forever, so the error would only scroll by in the log)."""
-        from deqguard.models import CheckpointError, read_metadata
+        from deqguard.models import CheckpointError, load_checkpoint
 
         s = load_settings()
         if s.backend == "onnx" and s.onnx_path:
@@ -79,7 +79,9 @@ class DEQGuardModel:
                 raise CheckpointError(f"ONNX graph not found: {s.onnx_path} (DEQGUARD_ONNX)")
             return
         try:
-            read_metadata(s.checkpoint)
+            # The full load, tensor hash included: a tampered file refused inside a worker
+            # would only make BentoML restart that worker forever.
+            load_checkpoint(s.checkpoint, device="cpu")
         except CheckpointError as exc:
             raise CheckpointError(
                 f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path or name:version> or "

@@ -356,3 +356,24 @@ def test_an_unusable_checkpoint_stops_the_server_with_a_clear_message(tmp_path, 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"checkpoint not found: {missing}" in proc.stdout + proc.stderr
+
+
+def test_a_tampered_checkpoint_stops_the_server_before_any_worker(tmp_path, tiny_checkpoint):
+    """The preflight checks the tensor hash too, so BentoML never restarts a failing worker."""
+    import os
+    import subprocess
+    import sys
+
+    from deqguard.serving.launch import SERVICE, free_port
+
+    bad = tmp_path / "tampered.safetensors"
+    data = bytearray(tiny_checkpoint.read_bytes())
+    data[-3] ^= 0x55  # a tensor byte, at the end of the file
+    bad.write_bytes(bytes(data))
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "DEQGUARD_CHECKPOINT": str(bad),
+           "BENTOML_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
+           "--port", str(free_port())]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "the file was altered or corrupted" in proc.stdout + proc.stderr
