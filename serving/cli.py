@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 
@@ -53,7 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
         env["DEQGUARD_ONNX"] = args.onnx
     cmd = [sys.executable, "-m", "bentoml", "serve", "deqguard.serving.service:DEQGuard",
            "--host", args.host, "--port", str(args.port)]
-    return subprocess.call(cmd, env=env)
+    # Become the server rather than wait on it: a signal to this process (Ctrl-C, a supervisor's
+    # TERM) then reaches BentoML's arbiter, which stops its workers, instead of orphaning them.
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
 
 
 def register(sub: argparse._SubParsersAction) -> None:

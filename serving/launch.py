@@ -73,14 +73,32 @@ def serve_subprocess(checkpoint: str | os.PathLike, log_path: str | os.PathLike,
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """TERM the server's process group, wait, then KILL whatever of the server is left.
+
+    BentoML starts its workers in sessions of their own, so the group signal does not reach
+    them; a worker its arbiter failed to stop is re-parented to init and would outlive the server
+    (and a test run). Its descendants are therefore listed first and killed last.
+    """
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    stop_process_group(proc)

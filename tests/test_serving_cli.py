@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import httpx
+import psutil
 
 from deqguard.cli import build_parser
 
@@ -28,7 +28,7 @@ def test_the_environment_is_the_flags_default(monkeypatch):
 
 
 def test_deqguard_serve_with_deqguard_backend_onnx_serves_onnx(tiny_checkpoint, tmp_path):
-    from deqguard.serving.launch import free_port
+    from deqguard.serving.launch import free_port, stop_process_group
 
     port = free_port()
     env = {**os.environ, "DEQGUARD_BACKEND": "onnx", "BENTOML_HOME": str(tmp_path / "home"),
@@ -50,11 +50,9 @@ def test_deqguard_serve_with_deqguard_backend_onnx_serves_onnx(tiny_checkpoint, 
             time.sleep(0.5)
         served = httpx.get(url + "/model", timeout=30).json()["serving"]
         assert served["backend"] == "onnx" and served["solvers"] == ["naive"]
+        family = psutil.Process(proc.pid).children(recursive=True)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
+    time.sleep(0.5)
+    alive = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"processes of the server outlived it: {alive}"
