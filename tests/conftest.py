@@ -209,3 +209,12 @@ def tiny_model(tiny_checkpoint):
     torch.set_num_threads(1)
     model, _ = load_checkpoint(tiny_checkpoint, device="cpu")
     return model
+
+
+@pytest.fixture(scope="module")
+def http(served_url):
+    """An HTTP client on the shared real server."""
+    import httpx
+
+    with httpx.Client(base_url=served_url, timeout=120) as client:
+        yield client

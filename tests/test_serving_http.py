@@ -4,49 +4,20 @@ every kind of bad input (a 4xx, and the server keeps serving), /model and /metri
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from pngs import png_bomb, png_bytes
 
 from deqguard.serving.schema import ClassifyResult
 
 
-def _png(arr: np.ndarray) -> bytes:
-    """uint8 [H, W] or float [C, H, W] in [0, 1] -> PNG bytes."""
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height: what a decompression bomb looks like."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0,
-                                                               0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
-
-
-@pytest.fixture(scope="module")
-def http(served_url):
-    with httpx.Client(base_url=served_url, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +26,7 @@ def images(pattern_data):
     from deqguard.serving.images import decode_image
 
     x, _ = pattern_data
-    pngs = [_png(x[i]) for i in range(8)]
+    pngs = [png_bytes(x[i]) for i in range(8)]
     arrays = np.stack([decode_image(p, channels=1, height=28, width=28) for p in pngs])
     return pngs, arrays
 
@@ -232,10 +203,10 @@ def _bad_cases(pngs: list[bytes]) -> list[tuple[str, str, dict | bytes, int, str
          "not a recognised image"),
         ("truncated png", "/classify", {"image": _b64(png[: len(png) // 2])}, 400,
          "truncated"),
-        ("bomb", "/classify", {"image": _b64(_png_header_only(50_000, 50_000))}, 400,
+        ("bomb", "/classify", {"image": _b64(png_bomb(50_000, 50_000))}, 400,
          "decompression bomb"),
         ("request pixels", "/classify_batch",
-         {"images": [_b64(_png_header_only(4000, 4000))] * 5}, 413, "pixels together"),
+         {"images": [_b64(png_bomb(4000, 4000))] * 5}, 413, "pixels together"),
         ("invalid base64", "/classify", {"image": "%%% not base64 %%%"}, 400, "base64"),
         ("empty image", "/classify", {"image": ""}, 400, "empty"),
         ("empty batch", "/classify_batch", {"images": []}, 400, "empty batch"),

@@ -5,43 +5,20 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(arr[0], 0, 1) * 255).round().astype(np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _bomb(width: int = 50_000, height: int = 50_000) -> bytes:
-    """A PNG whose header claims width x height pixels."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
-
-
-@pytest.fixture(scope="module")
-def http(served_url):
-    with httpx.Client(base_url=served_url, timeout=120) as client:
-        yield client
+from pngs import png_bomb, png_bytes
 
 
 @pytest.fixture(scope="module")
 def pngs(pattern_data):
     x, _ = pattern_data
-    return [_png(x[i]) for i in range(4)]
+    return [png_bytes(x[i]) for i in range(4)]
 
 
 def _json(http, png: bytes, **opts) -> httpx.Response:
@@ -94,7 +71,7 @@ def test_raw_bodies_of_other_image_types_are_accepted(http, pattern_data):
 BAD = [  # name, image bytes (None: the good PNG), options, status, words in the error
     ("non-image", b"this is plain text, not an image", {}, 400, "not a recognised image"),
     ("truncated", "half", {}, 400, "truncated"),
-    ("bomb", _bomb(), {}, 400, "decompression bomb"),
+    ("bomb", png_bomb(50_000, 50_000), {}, 400, "decompression bomb"),
     ("oversized", b"\x89PNG" + b"A" * (9 * 1024 * 1024), {}, 413, "limit of 8388608 bytes"),
     ("unknown field", None, {"max_iters": 3}, 400, "max_iters"),
     ("bad value", None, {"max_iter": "many"}, 400, "max_iter"),
