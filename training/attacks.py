@@ -32,8 +32,7 @@ def pgd(loss_fn: LossFn, x: Tensor, *, eps: float, step_size: float, steps: int,
     """
     x = x.detach()
     if start == "uniform":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = x + (2 * noise - 1) * eps
+        x_adv = x + _uniform(x, eps, generator)
     elif start == "normal":
         x_adv = x + 0.001 * torch.randn(x.shape, generator=generator, device=x.device,
                                         dtype=x.dtype)
@@ -41,11 +40,7 @@ def pgd(loss_fn: LossFn, x: Tensor, *, eps: float, step_size: float, steps: int,
         x_adv = x.clone()
     x_adv = project_linf(x_adv, x, eps)
     for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            loss = loss_fn(x_adv).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+        x_adv = project_linf(x_adv + step_size * _ascent_sign(loss_fn, x_adv), x, eps)
     return x_adv.detach()
 
 
@@ -56,28 +51,13 @@ def pgd_ce(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, eps: f
                step_size=step_size, steps=steps, start="uniform", generator=generator)
 
 
-def _ce_grad_sign(model_fn: Callable[[Tensor], Tensor], x_start: Tensor, y: Tensor) -> Tensor:
-    x_start = x_start.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(model_fn(x_start), y, reduction="none").sum()
-        (grad,) = torch.autograd.grad(loss, x_start)
-    return grad.sign()
-
-
-def _uniform(x: Tensor, radius: float, generator: torch.Generator | None) -> Tensor:
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (2 * noise - 1) * radius
-
-
 def fgsm_rs(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, eps: float,
             step_size: float, generator: torch.Generator | None = None) -> Tensor:
-    """FGSM with a random start (Wong, Rice, Kolter 2020): one step, projected to the ball.
+    """FGSM with a random start (Wong, Rice, Kolter 2020): one-step PGD from a uniform start.
 
     Returns a detached tensor inside the eps-ball and [0, 1].
     """
-    x = x.detach()
-    x_start = project_linf(x + _uniform(x, eps, generator), x, eps)
-    return project_linf(x_start + step_size * _ce_grad_sign(model_fn, x_start, y), x, eps)
+    return pgd_ce(model_fn, x, y, eps=eps, step_size=step_size, steps=1, generator=generator)
 
 
 def n_fgsm(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, eps: float,
@@ -91,5 +71,18 @@ def n_fgsm(model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, eps: f
     """
     x = x.detach()
     x_start = (x + _uniform(x, noise * eps, generator)).clamp(0.0, 1.0)
-    x_adv = x_start + step_size * _ce_grad_sign(model_fn, x_start, y)
-    return x_adv.clamp(0.0, 1.0).detach()
+    step = _ascent_sign(lambda xa: F.cross_entropy(model_fn(xa), y, reduction="none"), x_start)
+    return (x_start + step_size * step).clamp(0.0, 1.0).detach()
+
+
+def _uniform(x: Tensor, radius: float, generator: torch.Generator | None) -> Tensor:
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (2 * noise - 1) * radius
+
+
+def _ascent_sign(loss_fn: LossFn, x_adv: Tensor) -> Tensor:
+    """sign of d/dx sum(loss_fn(x)) at x_adv: the signed-gradient step every attack here takes."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_fn(x_adv).sum(), x_adv)
+    return grad.sign()

@@ -67,6 +67,9 @@ class RegulationConfig(_Strict):
     enabled: bool = False
 
 
+SINGLE_STEP_KINDS = ("fgsm-rs", "n-fgsm")  # one attack gradient per step; the overfitting guard
+
+
 class ObjectiveConfig(_Strict):
     """The training loss. Single-step kinds cost one attack gradient instead of `steps`:
 

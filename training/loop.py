@@ -35,7 +35,7 @@ from ..models.builder import resolve_config
 from ..models.classifier import Classifier
 from ..models.errors import DeqguardError
 from . import distributed
-from .config import TrainConfig, deep_merge, resolve
+from .config import SINGLE_STEP_KINDS, TrainConfig, deep_merge, resolve
 from .data import DataError, DatasetInfo, data_fingerprint, dataset_info, load_dataset
 from .guard import catastrophic_overfitting
 from .objectives import TrainForward, objective_loss
@@ -172,13 +172,14 @@ class Trainer:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=total, eta_min=self.cfg.optim.min_lr)
         elif self.cfg.optim.schedule == "one-cycle":
-            # Wong et al.'s cyclic schedule for short runs: linear up to lr, then down to ~0.
+            # Wong et al.'s cyclic schedule for short runs: linear up from lr / 25 to lr, then
+            # linearly down to min_lr (OneCycleLR's end is its start divided by final_div_factor).
+            o, rise = self.cfg.optim, 25.0
+            start = o.lr / rise
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, max_lr=self.cfg.optim.lr, total_steps=total + 1,
-                pct_start=self.cfg.optim.warmup_fraction, anneal_strategy="linear",
-                cycle_momentum=False, div_factor=25.0,
-                final_div_factor=max(self.cfg.optim.lr / 25.0 / max(self.cfg.optim.min_lr,
-                                                                   1e-12), 1.0))
+                self.optimizer, max_lr=o.lr, total_steps=total + 1,
+                pct_start=o.warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
+                div_factor=rise, final_div_factor=max(start / max(o.min_lr, 1e-12), 1.0))
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.epoch, self.step, self.global_step = 0, 0, 0
@@ -441,7 +442,7 @@ class Trainer:
     def _overfitted(self) -> bool:
         """The guard: on catastrophic overfitting, restore the best epoch's weights and stop."""
         cfg = self.cfg
-        if not cfg.train.overfit_guard or cfg.objective.kind not in ("fgsm-rs", "n-fgsm"):
+        if not cfg.train.overfit_guard or cfg.objective.kind not in SINGLE_STEP_KINDS:
             return False
         why = catastrophic_overfitting(self.history, cfg.train.overfit_drop)
         if why is None:

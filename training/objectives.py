@@ -24,7 +24,7 @@ from torch import Tensor
 from ..models.classifier import Classifier
 from ..models.config import GradConfig
 from .attacks import fgsm_rs, n_fgsm, pgd, pgd_ce
-from .config import ObjectiveConfig
+from .config import SINGLE_STEP_KINDS, ObjectiveConfig
 
 
 @dataclass
@@ -220,7 +220,7 @@ def objective_loss(cfg: ObjectiveConfig, fwd: TrainForward, x: Tensor, y: Tensor
     if cfg.kind == "pgd-at":
         return pgd_at_loss(fwd, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                            clean_weight=cfg.clean_weight, **jac)
-    if cfg.kind in ("fgsm-rs", "n-fgsm"):
+    if cfg.kind in SINGLE_STEP_KINDS:
         return single_step_loss(cfg, fwd, x, y, **jac)
     if cfg.kind == "trades":
         return trades_loss(fwd, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,

@@ -16,12 +16,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from deqguard.fileio import atomic_write_bytes
 from deqguard.models.classifier import Classifier
-from deqguard.training.attacks import pgd
+from deqguard.training.attacks import pgd_ce
 
 from .attacks import default_step_size, path_logits
 
@@ -50,10 +49,9 @@ class CraftSpec:
 def _craft_chunk(model: Classifier, spec: CraftSpec, x: Tensor, y: Tensor, seed: int) -> Tensor:
     if spec.attack == "pgd":
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        return pgd(lambda xa: F.cross_entropy(path_logits(model, xa, spec.gradient), y,
-                                              reduction="none"),
-                   x, eps=spec.eps, step_size=default_step_size(spec.eps, spec.steps),
-                   steps=spec.steps, start="uniform", generator=gen)
+        return pgd_ce(lambda xa: path_logits(model, xa, spec.gradient), x, y, eps=spec.eps,
+                      step_size=default_step_size(spec.eps, spec.steps), steps=spec.steps,
+                      generator=gen)
     if spec.attack == "apgd-ce":
         from pyautoattack.autopgd_base import APGDAttack
 
