@@ -68,7 +68,6 @@ class Equilibrium:
     output: SolverOutput
     entropy: Tensor | None
     predictions: Tensor | None = None
-    u: Tensor | None = None  # the input injection f was built with
 
 
 class Classifier(nn.Module):
@@ -192,7 +191,7 @@ class DEQClassifier(Classifier):
                     out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
                 z = attach_gradient(f, out.z, grad_cfg, straight_through=readout == "state")
         return Equilibrium(z=z, z_star=out.z.detach(), f=f, output=out, entropy=watcher.entropy,
-                           predictions=watcher.prediction, u=u)
+                           predictions=watcher.prediction)
 
     def _grad_config(self, grad: GradConfig | str | None) -> GradConfig:
         if grad is None:

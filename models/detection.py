@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .classifier import SolveResult
-from .entropy import prediction_entropy
+from .entropy import mean_over_own_iterates, prediction_entropy
 
 ScoreName = Literal["final_entropy", "max_softmax", "mean_entropy", "early_entropy",
                     "iterations", "final_residual", "logistic"]
@@ -68,14 +68,10 @@ def detection_score(result: SolveResult, name: str, *, early_index: int = 1,
     if name == "max_softmax":
         return 1.0 - torch.softmax(logits, dim=-1).max(dim=-1).values
     if name == "mean_entropy":
-        # over the sample's own iterates only: rows after it stopped repeat its last value, and
-        # their number depends on its batch mates (serving cuts them off the same way)
         rows = entropy_rows(result)
-        steps = result.iterations.to(rows.device).clamp(1, rows.shape[0])
         if rows.shape[0] == 1:
             return rows[0]
-        valid = torch.arange(rows.shape[0], device=rows.device)[:, None] < steps[None, :]
-        return (rows * valid).sum(dim=0) / steps.to(rows.dtype)
+        return mean_over_own_iterates(rows, result.iterations)
     if name == "early_entropy":
         rows = entropy_rows(result)
         return rows[min(max(early_index, 0), rows.shape[0] - 1)]

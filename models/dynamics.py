@@ -36,7 +36,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .entropy import prediction_entropy
+from .entropy import mean_over_own_iterates, prediction_entropy
+from .solvers.base import residual
 
 # classifier.py imports this module (model.solve(features=...)): no import back, so the
 # model and its solve result are typed loosely here.
@@ -117,8 +118,7 @@ def jacobian_features(f, z_star: Tensor, cfg: DynamicsConfig, *, create_graph: b
     """
     z = z_star if create_graph else z_star.detach().requires_grad_(True)
     fz = f(z)
-    out = {"log_residual": torch.log10(
-        (_norm(fz - z) / (_norm(fz) + 1e-9)).clamp_min(1e-8))}
+    out = {"log_residual": torch.log10(residual(fz, z, "rel").clamp_min(1e-8))}
     d = z[0].numel()
     if cfg.jacobian_vjps:
         acc = torch.zeros(z.shape[0], device=z.device, dtype=fz.dtype)
@@ -200,15 +200,13 @@ def trajectory_features(result: SolveResult, cfg: DynamicsConfig, *,
         ent = final_h.unsqueeze(0)
     if preds is None or preds.numel() == 0:
         preds = logits.argmax(-1).unsqueeze(0)
-    steps = result.iterations.to(ent.device).clamp(1, ent.shape[0])
-    valid = (torch.arange(ent.shape[0], device=ent.device)[:, None] < steps[None, :])
     k = min(cfg.early_index, ent.shape[0] - 1)
     early_h = ent[k]
     return {
         "final_entropy": final_h,
         "max_softmax": 1.0 - torch.softmax(logits, dim=-1).max(dim=-1).values,
         "logit_margin": _margin(logits),
-        "mean_entropy": (ent * valid).sum(0) / steps.to(ent.dtype),
+        "mean_entropy": mean_over_own_iterates(ent, result.iterations),
         "early_entropy": early_h,
         "entropy_drop": early_h - final_h,
         "early_disagree": (preds[min(cfg.early_index, preds.shape[0] - 1)]

@@ -131,11 +131,13 @@ class Detector:
     def wants_features(self, opts: SolveOptions) -> bool:
         return self.learned is not None and opts.detect and opts.defense == "none"
 
+    def calibrated_for(self, defense: str) -> bool:
+        """A calibration made for another defense is not applied: its threshold means nothing."""
+        return self.calibration is not None and (self.calibration.defense or "none") == defense
+
     def reads_dynamics(self, opts: SolveOptions) -> bool:
         """Whether a calibrated detector will read this request's trajectory or features."""
-        calibrated = self.calibration is not None and (self.calibration.defense or "none") == \
-            opts.defense
-        return opts.detect and (self.wants_features(opts) or calibrated)
+        return opts.detect and (self.wants_features(opts) or self.calibrated_for(opts.defense))
 
     def __call__(self, trace: SampleTrace, defense: str, detect: bool = True) -> Detection:
         import torch
@@ -164,7 +166,7 @@ class Detector:
         if not detect:
             return Detection(score_name=name, score=score, threshold=None, suspicious=False,
                              detector="off")
-        if cal is None or (cal.defense or "none") != defense:
+        if cal is None or not self.calibrated_for(defense):
             return Detection(score_name=name, score=score, threshold=None, suspicious=False,
                              detector="uncalibrated")
         return Detection(score_name=name, score=score, threshold=float(cal.threshold),

@@ -58,3 +58,10 @@ def test_settle_rule_on_a_model(tiny_model, pattern_data):
         torch.testing.assert_close(ruled.entropy[it - 1, i], plain.entropy[it - 1, i])
     with pytest.raises(ValueError):
         SettleRule(0, 0.1)
+
+
+def test_serving_names_the_stop_reasons_in_the_solvers_order():
+    # serving/engine.py keeps its own copy so that it imports without torch
+    from deqguard.serving.engine import STOP_REASONS as SERVED
+
+    assert SERVED == STOP_REASONS
