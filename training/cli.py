@@ -5,6 +5,7 @@
     deqguard train --preset cifar-large-trades-regulated --data-dir data/cifar10 --download
     deqguard train --preset fashion-tiny-regulated --set objective.eps=0.15 --set jacobian.weight=1
     deqguard train --preset fashion-tiny-regulated --resume          # continue after a crash
+    deqguard train --preset fashion-small-regulated --init default   # train the default further
     torchrun --nproc_per_node=2 -m deqguard.cli train --preset ...   # data parallel
 
 Every field of the training config can be set with `--set section.field=value` (value parsed as
@@ -21,7 +22,7 @@ import sys
 _FLAG_FIELDS = {
     "epochs": "train.epochs", "limit": "data.limit", "device": "train.device",
     "data_dir": "data.data_dir", "seed": "train.seed", "batch_size": "train.batch_size",
-    "workers": "train.num_workers",
+    "workers": "train.num_workers", "init": "train.init_from",
 }
 
 
@@ -73,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default runs/<preset name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last saved step")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="train.init_from: start from this checkpoint's weights (same model)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     p.add_argument("--data-dir", help="data.data_dir (dataset files or image folder)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 (needs internet)")

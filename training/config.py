@@ -137,6 +137,9 @@ class RunConfig(_Strict):
         "auto", description="bf16 autocast: auto = on for CUDA, off for CPU")
     deterministic: bool = True
     progress: bool = True
+    init_from: str | None = Field(
+        None, description="start from this checkpoint's weights (path, shipped name or store "
+        "tag) instead of a fresh init; its provenance goes into the metadata")
     overfit_guard: bool = Field(
         True, description="stop and restore the best epoch on catastrophic overfitting")
     overfit_drop: float = Field(

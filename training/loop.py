@@ -41,6 +41,7 @@ from .guard import catastrophic_overfitting
 from .objectives import TrainForward, objective_loss
 from .resume import RESUME_FILE, load_state, save_state
 from .validation import clean_accuracy, validate
+from .warm_start import warm_start
 
 LAST, BEST, LOG = "last.safetensors", "best.safetensors", "train_log.jsonl"
 
@@ -152,7 +153,13 @@ class Trainer:
             self.info = DatasetInfo(self.info.classes, self.info.in_channels, d.image_size)
         model_cfg = model_config_for(cfg, self.info)
         torch.manual_seed(derive_seed(cfg.train.seed, "init"))
-        self.model: Classifier = build_model(model_cfg).to(self.device)
+        try:
+            self.model: Classifier = build_model(model_cfg)
+        except ValueError as exc:  # e.g. a width the normalisation groups do not divide
+            raise DeqguardError(f"cannot build the model {cfg.model.overrides}: {exc}") from None
+        self.init = (warm_start(self.model, model_cfg, cfg.train.init_from)
+                     if cfg.train.init_from else None)
+        self.model.to(self.device)
         self.cfg = resolve(cfg, getattr(model_cfg, "solver", None))
         self.fingerprint = data_fingerprint(d.dataset, d.data_dir)
         common = {"data_dir": d.data_dir, "val_size": d.val_size, "seed": d.split_seed,
@@ -374,6 +381,7 @@ class Trainer:
                 "epochs_completed": self.epoch, "global_step": self.global_step,
                 "world_size": self.dist.world_size, "device": self.device.type,
                 "bf16_autocast": self.amp, "torch_version": torch.__version__,
+                **({"init": self.init} if self.init else {}),
             },
             "metrics": metrics,
         }
