@@ -70,3 +70,24 @@ def test_an_unbuildable_model_is_a_clear_error(pattern_idx_dir, tmp_path, capsys
                      epochs=1)
     assert main(args) == 2
     assert "cannot build the model" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_its_parent_from_the_resume_state(pattern_idx_dir, tmp_path):
+    """The parent is read once, at the start: replacing its file later changes nothing."""
+    parent_dir, other_dir = tmp_path / "parent", tmp_path / "other"
+    assert main(tiny_args(pattern_idx_dir, parent_dir, epochs=1)) == 0
+    assert main(tiny_args(pattern_idx_dir, other_dir, "--seed", "1", epochs=1)) == 0
+    parent_path = tmp_path / "parent.safetensors"
+    parent_path.write_bytes((parent_dir / "last.safetensors").read_bytes())
+    sha = read_metadata(parent_path).sha256
+    child = tmp_path / "child"
+    assert main(tiny_args(pattern_idx_dir, child, "--init", str(parent_path), epochs=1)) == 0
+    parent_path.write_bytes((other_dir / "last.safetensors").read_bytes())
+    assert read_metadata(parent_path).sha256 != sha
+    cfg = _config(pattern_idx_dir)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"init_from": str(parent_path), "epochs": 1})})
+    resumed = Trainer(cfg, out_dir=child, resume=True, argv=["x"])
+    assert resumed.init["sha256"] == sha
+    trained = load_checkpoint(child / "last.safetensors", device="cpu")[0].state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in resumed.model.state_dict().items())

@@ -157,8 +157,6 @@ class Trainer:
             self.model: Classifier = build_model(model_cfg)
         except ValueError as exc:  # e.g. a width the normalisation groups do not divide
             raise DeqguardError(f"cannot build the model {cfg.model.overrides}: {exc}") from None
-        self.init = (warm_start(self.model, model_cfg, cfg.train.init_from)
-                     if cfg.train.init_from else None)
         self.model.to(self.device)
         self.cfg = resolve(cfg, getattr(model_cfg, "solver", None))
         self.fingerprint = data_fingerprint(d.dataset, d.data_dir)
@@ -193,7 +191,10 @@ class Trainer:
         self.best = {"value": -math.inf, "epoch": None}
         self.tally_state: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
-        self._start(resume)
+        self.init: dict[str, Any] | None = None
+        if not self._start(resume) and cfg.train.init_from:
+            # a resumed run has its weights and its parent's provenance in the resume state
+            self.init = warm_start(self.model, model_cfg, cfg.train.init_from)
         distributed.broadcast_parameters(self.model)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -212,13 +213,14 @@ class Trainer:
     def _config_dict(self) -> dict[str, Any]:
         return self.cfg.model_dump(mode="json")
 
-    def _start(self, resume: bool) -> None:
+    def _start(self, resume: bool) -> bool:
+        """Load the resume state when there is one; True when the run was resumed."""
         path = self.resume_path
         if not path.exists():
             if resume and self.dist.is_main:
                 print(f"deqguard train: no resume state in {self.out}, starting a new run",
                       file=sys.stderr)
-            return
+            return False
         if not resume:
             raise DeqguardError(f"{self.out} already holds a run ({path}); pass --resume to "
                                 "continue it, or choose another --out")
@@ -237,6 +239,8 @@ class Trainer:
         self.best = dict(state.get("best", self.best))
         self.tally_state = state.get("tally")
         self.history = list(state.get("history", []))
+        self.init = state.get("init")
+        return True
 
     def _save_resume(self, tally: _Tally | None) -> None:
         if not self.dist.is_main:
@@ -247,6 +251,7 @@ class Trainer:
             "global_step": self.global_step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "best": self.best, "tally": tally.v if tally else None, "history": self.history,
+            "init": self.init,
         })
 
     # -- one step -------------------------------------------------------------------------------
