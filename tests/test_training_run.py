@@ -16,7 +16,7 @@ import torch
 from deqguard.cli import main
 from deqguard.models import load_checkpoint, read_metadata
 from deqguard.models.checkpoint import tensor_sha256
-from deqguard.training.config import ConfigError, build_config, preset_names
+from deqguard.training.config import ConfigError, TrainConfig, build_config, preset_names
 from deqguard.training.loop import EpochBatches
 from deqguard.training.resume import ResumeError
 
@@ -24,17 +24,27 @@ PRESETS = ["fashion-tiny-pgdat", "fashion-tiny-regulated", "fashion-cnn-pgdat",
            "cifar-large-trades-regulated", "cifar-resnet18-trades"]
 
 
+# A regulated PGD-AT run of 14 steps per epoch (about a second each epoch).
+TINY_PRESET = "fashion-tiny-regulated"
+TINY_SETS = ("data.val_size=64", "model.overrides={width: 8, head_width: 16, dropout: 0.1}",
+             "train.batch_size=16", "objective.steps=2", "solver.max_iter=4", "eval.val_limit=32",
+             "eval.steps=2", "eval.test_limit=64", "train.save_every_steps=3")
+
+
 def tiny_args(data_dir: Path, out: Path, *extra: str, epochs: int = 2) -> list[str]:
-    """A regulated PGD-AT run of 14 steps per epoch (about a second each epoch)."""
-    sets = ["data.val_size=64", "model.overrides={width: 8, head_width: 16, dropout: 0.1}",
-            "train.batch_size=16", "objective.steps=2", "solver.max_iter=4", "eval.val_limit=32",
-            "eval.steps=2", "eval.test_limit=64", "train.save_every_steps=3"]
-    args = ["train", "--preset", "fashion-tiny-regulated", "--data-dir", str(data_dir),
+    """The `deqguard train` command line of the tiny run."""
+    args = ["train", "--preset", TINY_PRESET, "--data-dir", str(data_dir),
             "--epochs", str(epochs), "--out", str(out), "--no-progress", "--device", "cpu",
             "--limit", "224"]
-    for s in sets:
+    for s in TINY_SETS:
         args += ["--set", s]
     return args + list(extra)
+
+
+def tiny_config(data_dir: Path, *sets: str) -> TrainConfig:
+    """The tiny run's config as `build_config` makes it, for tests that drive `Trainer` directly."""
+    return build_config(TINY_PRESET, [*TINY_SETS, *sets, f"data.data_dir={data_dir}",
+                                      "data.limit=224", "train.device=cpu"])
 
 
 def test_shipped_presets_validate():

@@ -5,19 +5,11 @@ from __future__ import annotations
 import sys
 
 import torch
-from test_training_run import tiny_args
+from test_training_run import tiny_args, tiny_config
 
 from deqguard.cli import main
 from deqguard.models import load_checkpoint, read_metadata
-from deqguard.training.config import build_config
 from deqguard.training.loop import Trainer
-
-
-def _config(data_dir, *extra: str):
-    args = tiny_args(data_dir, data_dir / "unused", *extra)
-    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    return build_config("fashion-tiny-regulated",
-                        [*sets, f"data.data_dir={data_dir}", "data.limit=224", "train.device=cpu"])
 
 
 def test_init_loads_the_parent_and_records_its_provenance(pattern_idx_dir, tmp_path, monkeypatch,
@@ -27,7 +19,7 @@ def test_init_loads_the_parent_and_records_its_provenance(pattern_idx_dir, tmp_p
     parent_path = parent_dir / "last.safetensors"
     parent, parent_meta = load_checkpoint(parent_path, device="cpu")
 
-    cfg = _config(pattern_idx_dir)
+    cfg = tiny_config(pattern_idx_dir)
     fresh = Trainer(cfg, out_dir=tmp_path / "fresh", argv=["x"])
     warm = Trainer(cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"init_from": str(parent_path)})}), out_dir=tmp_path / "warm", argv=["x"])
@@ -84,7 +76,7 @@ def test_a_resumed_run_keeps_its_parent_from_the_resume_state(pattern_idx_dir, t
     assert main(tiny_args(pattern_idx_dir, child, "--init", str(parent_path), epochs=1)) == 0
     parent_path.write_bytes((other_dir / "last.safetensors").read_bytes())
     assert read_metadata(parent_path).sha256 != sha
-    cfg = _config(pattern_idx_dir)
+    cfg = tiny_config(pattern_idx_dir)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"init_from": str(parent_path), "epochs": 1})})
     resumed = Trainer(cfg, out_dir=child, resume=True, argv=["x"])

@@ -12,11 +12,12 @@ from typing import Any
 
 from ..models import load_checkpoint
 from ..models.classifier import Classifier
+from ..models.config import ModelConfig
 from ..models.errors import DeqguardError
 from .config import config_differences
 
 
-def warm_start(model: Classifier, model_cfg: Any, source: str) -> dict[str, Any]:
+def warm_start(model: Classifier, model_cfg: ModelConfig, source: str) -> dict[str, Any]:
     """Load `source`'s weights into `model` (same architecture only); returns its provenance.
 
     The architecture must match field for field, the solver settings included, so that a run's
