@@ -164,6 +164,28 @@ def test_exact_and_phantom_gradients_differ(tiny):
     assert cos > 0  # and both point uphill on the same loss
 
 
+@pytest.mark.parametrize("path", ["exact", "implicit"])
+def test_autoattack_module_attacks_through_the_requested_gradient(tiny, path):
+    """AutoAttack sees a plain logits module; its gradient must be the chosen path's.
+
+    The fixture trains with the phantom path, as the shipped presets do: a module that fell back
+    to the checkpoint's default would be attacked through that weaker approximation.
+    """
+    from deqguard.training.evaluation.runner import _Logits
+
+    model, x, y = tiny
+    assert model.config.grad.mode == "phantom"
+
+    def input_grad(fn) -> torch.Tensor:
+        xr = x[:8].clone().requires_grad_(True)
+        F.cross_entropy(fn(xr), y[:8]).backward()
+        return xr.grad
+
+    got = input_grad(_Logits(model, path))
+    assert torch.allclose(got, input_grad(lambda t: path_logits(model, t, path)), atol=1e-6)
+    assert not torch.allclose(got, input_grad(model), atol=1e-6)
+
+
 def test_intermediate_and_detector_losses_have_gradients(tiny):
     model, x, y = tiny
     xr = x[:8].clone().requires_grad_(True)

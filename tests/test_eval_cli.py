@@ -39,6 +39,7 @@ def test_eval_json_report_and_calibration(ckpt_copy, pattern_idx_dir, tmp_path, 
     assert {"pgd2-phantom", "pgd2-implicit", "pgd2-exact", "Munroll-1-2"} <= set(names)
     assert any(n.startswith("detector-adaptive") for n in names)
     assert report.autoattack is not None and report.autoattack.n == 4
+    assert report.autoattack.gradient == "exact"  # not the phantom path it trained with
     wc = report.worst_case
     assert wc is not None and "autoattack" in wc.attacks
     # With AutoAttack the worst case is over its first aa-n samples (4), the attacks over --n

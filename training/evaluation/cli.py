@@ -113,6 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
         steps_sweep=_ints(args.steps_sweep), eps_sweep=_floats(args.eps_sweep),
         large_eps=args.large_eps, budgets=_ints(args.budgets),
         aa_attacks=_names(args.aa_attacks) if args.aa_attacks else None, aa_n=args.aa_n,
+        aa_gradient=args.aa_gradient,
         sweep_n=args.sweep_n,
         detect_scores=_names(args.scores), early_index=args.early_index,
         detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
@@ -210,6 +211,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep-n", type=int,
                    help="gradient-masking sweeps on the first N images (default all)")
     p.add_argument("--aa-attacks", help="subset of apgd-ce,apgd-t,fab-t,square (default all)")
+    p.add_argument("--aa-gradient", default="exact", choices=["exact", "implicit", "phantom"],
+                   help="gradient path of AutoAttack's gradient attacks on a DEQ (default exact: "
+                        "backprop through the solver; phantom overstates robustness)")
     p.add_argument("--scores", default="final_entropy,max_softmax,mean_entropy,early_entropy,"
                    "iterations,final_residual")
     p.add_argument("--early-index", type=int, default=1)

@@ -177,7 +177,8 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
         if report.autoattack:
             aa = report.autoattack
             after = ", ".join(f"{k} {_pct(v)}" for k, v in aa.accuracy_after.items())
-            lines.append(f"| AutoAttack {aa.version} | {aa.forward} | {_pct(aa.accuracy)} | | "
+            forward = f"{aa.forward}, {aa.gradient} gradient" if aa.gradient else aa.forward
+            lines.append(f"| AutoAttack {aa.version} | {forward} | {_pct(aa.accuracy)} | | "
                          f"n={aa.n}; after: {after} | {sum(aa.seconds.values()):.0f} |")
         if report.worst_case:
             w = report.worst_case

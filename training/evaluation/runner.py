@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from deqguard.models.classifier import Classifier, SolveResult
+from deqguard.models.config import GradMode
 from deqguard.models.defense import (
     DefendedClassifier,
     EntropyReductionConfig,
@@ -31,6 +32,7 @@ from .attacks import (
     AttackSpec,
     default_step_size,
     gradient_paths,
+    path_logits,
     run_attack,
     worst_case,
 )
@@ -65,14 +67,19 @@ def _slack(n: int) -> float:
 
 
 class _Logits(torch.nn.Module):
-    """The model's deterministic forward as a plain logits module (AutoAttack wraps this)."""
+    """The model's deterministic forward as a plain logits module (AutoAttack wraps this).
 
-    def __init__(self, model: Classifier):
+    Its gradient path is explicit: left to the checkpoint's default, a DEQ trained with the
+    phantom gradient would be attacked through that approximation, which is weaker than exact
+    backprop through the solver and so overstates robustness.
+    """
+
+    def __init__(self, model: Classifier, grad: GradMode):
         super().__init__()
-        self.model = model
+        self.model, self.grad = model, grad
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        return path_logits(self.model, x, self.grad)
 
 
 class Evaluation:
@@ -282,8 +289,9 @@ class Evaluation:
         from .autoattack import run_autoattack
 
         m = min(self.s.aa_n or len(self.x), len(self.x))
-        module = (DefendedClassifier(self.model, self.defense_cfg) if self.defended
-                  else _Logits(self.model))
+        grad = self.s.aa_gradient
+        module = (DefendedClassifier(self.model, self.defense_cfg, grad=grad) if self.defended
+                  else _Logits(self.model, grad))
         res = run_autoattack(module, self.x[:m], self.y[:m], eps=self.s.eps,
                              num_classes=self.model.config.num_classes, seed=self.s.seed,
                              batch_size=self.s.batch_size, attacks=self.s.aa_attacks,
@@ -292,6 +300,7 @@ class Evaluation:
         self.report.autoattack = AutoAttackSection(
             version=self.s.aa_version, attacks=res.attacks, eps=self.s.eps, n=m,
             forward="defended (BPDA gradient)" if self.defended else "deterministic",
+            gradient=grad if self.model.is_deq else "direct",
             accuracy=_mean(res.correct), accuracy_after=res.accuracy_after,
             seconds=res.seconds, warnings=res.warnings)
         for w in res.warnings:

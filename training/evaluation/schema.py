@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deqguard.models.config import GradMode
 from deqguard.models.defense import EntropyReductionConfig
 
 SCHEMA_VERSION = 1
@@ -52,6 +53,10 @@ class EvalSettings(_Model):
     aa_version: Literal["standard"] = "standard"
     aa_attacks: list[str] | None = Field(None, description="None: the full standard suite")
     aa_n: int | None = Field(None, description="samples for AutoAttack (None: all n)")
+    aa_gradient: GradMode = Field(
+        "exact", description="gradient path of AutoAttack's gradient attacks on an undefended "
+        "DEQ: exact backprop through the solver iterations (the strongest); the checkpoint's own "
+        "training path (phantom) overstates robustness")
     sweep_n: int | None = Field(
         None, description="samples for the gradient-masking sweeps (None: all n)")
     detect_scores: list[str] = Field(default_factory=lambda: [
@@ -132,6 +137,9 @@ class AutoAttackSection(_Model):
     version: str
     attacks: list[str]
     forward: Literal["deterministic", "defended (BPDA gradient)"]
+    gradient: str | None = Field(
+        None, description="gradient path of its gradient attacks (None: reports written before "
+        "the path was recorded, which used the checkpoint's training path)")
     eps: float
     n: int
     accuracy: float
