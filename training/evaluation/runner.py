@@ -289,7 +289,7 @@ class Evaluation:
         from .autoattack import run_autoattack
 
         m = min(self.s.aa_n or len(self.x), len(self.x))
-        grad = self.s.aa_gradient
+        grad = self.s.aa_gradient or "exact"
         module = (DefendedClassifier(self.model, self.defense_cfg, grad=grad) if self.defended
                   else _Logits(self.model, grad))
         res = run_autoattack(module, self.x[:m], self.y[:m], eps=self.s.eps,

@@ -53,10 +53,11 @@ class EvalSettings(_Model):
     aa_version: Literal["standard"] = "standard"
     aa_attacks: list[str] | None = Field(None, description="None: the full standard suite")
     aa_n: int | None = Field(None, description="samples for AutoAttack (None: all n)")
-    aa_gradient: GradMode = Field(
-        "exact", description="gradient path of AutoAttack's gradient attacks on an undefended "
-        "DEQ: exact backprop through the solver iterations (the strongest); the checkpoint's own "
-        "training path (phantom) overstates robustness")
+    aa_gradient: GradMode | None = Field(
+        None, description="gradient path of AutoAttack's gradient attacks on a DEQ. None: exact "
+        "backprop through the solver iterations (the strongest); reports written before this "
+        "field existed attacked through the checkpoint's training path (phantom), which "
+        "overstates robustness, and have autoattack.gradient null")
     sweep_n: int | None = Field(
         None, description="samples for the gradient-masking sweeps (None: all n)")
     detect_scores: list[str] = Field(default_factory=lambda: [
