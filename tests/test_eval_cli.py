@@ -83,6 +83,18 @@ def test_eval_with_defense(ckpt_copy, pattern_idx_dir, tmp_path):
     assert r.clean.mean_iterations == 8  # 4 rounds x 2 solver steps
 
 
+def test_aa_gradient_choices_are_the_models_gradient_modes():
+    """The CLI spells the modes out (importing models.config would load torch for --help)."""
+    from typing import get_args
+
+    from deqguard.cli import build_parser
+    from deqguard.models.config import GradMode
+
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    action = next(a for a in eval_parser._actions if a.dest == "aa_gradient")
+    assert sorted(action.choices) == sorted(get_args(GradMode))
+
+
 def test_schema_flag_prints_the_schema(capsys):
     assert main(["eval", "--schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
