@@ -51,6 +51,7 @@ def test_eval_json_report_and_calibration(ckpt_copy, pattern_idx_dir, tmp_path, 
     assert all(wc.accuracy * wc.n <= a.accuracy * a.n + 1e-9 for a in report.attacks)
     assert [p.max_iter for p in report.budget] == [1, 5, 30]
     assert report.sweeps is not None and report.sweeps.eps[-1].value == 0.5
+    assert report.sweeps.attack == "pgd2-exact"  # not the phantom path it trained with
     det = report.detection
     assert det is not None and "logistic" in det.scores
     assert det.trajectories[0].label == "clean" and len(det.trajectories[0].entropy_mean) > 1
@@ -64,6 +65,16 @@ def test_eval_json_report_and_calibration(ckpt_copy, pattern_idx_dir, tmp_path, 
               "sweeps.png", "budget.png"):
         assert (rep / f).stat().st_size > 0, f
     assert "worst case per sample" in (rep / "report.md").read_text()
+
+
+def test_sweeps_go_through_the_requested_gradient(tiny_checkpoint, pattern_idx_dir, tmp_path):
+    out = tmp_path / "sweep.json"
+    assert main(["eval", str(tiny_checkpoint), "--data", "fashion-mnist", "--data-dir",
+                 str(pattern_idx_dir), "--json", str(out), "--attacks", "pgd", "--paths",
+                 "phantom", "--sweep-gradient", "implicit", *FAST]) == 0
+    report = EvalReport.model_validate_json(out.read_text())
+    assert report.settings.sweep_gradient == "implicit"
+    assert report.sweeps is not None and report.sweeps.attack == "pgd2-implicit"
 
 
 def test_eval_with_defense(ckpt_copy, pattern_idx_dir, tmp_path):
@@ -83,7 +94,8 @@ def test_eval_with_defense(ckpt_copy, pattern_idx_dir, tmp_path):
     assert r.clean.mean_iterations == 8  # 4 rounds x 2 solver steps
 
 
-def test_aa_gradient_choices_are_the_models_gradient_modes():
+@pytest.mark.parametrize("dest", ["aa_gradient", "sweep_gradient"])
+def test_gradient_choices_are_the_models_gradient_modes(dest):
     """The CLI spells the modes out (importing models.config would load torch for --help)."""
     from typing import get_args
 
@@ -91,7 +103,7 @@ def test_aa_gradient_choices_are_the_models_gradient_modes():
     from deqguard.models.config import GradMode
 
     eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
-    action = next(a for a in eval_parser._actions if a.dest == "aa_gradient")
+    action = next(a for a in eval_parser._actions if a.dest == dest)
     assert sorted(action.choices) == sorted(get_args(GradMode))
 
 

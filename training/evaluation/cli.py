@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 _PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect")
+# deqguard.models.config.GradMode, spelled out: importing it would load torch for --help.
+GRAD_MODES = ("exact", "implicit", "phantom")
 
 
 def _ints(text: str) -> list[int]:
@@ -114,7 +116,7 @@ def _eval(args: argparse.Namespace) -> int:
         large_eps=args.large_eps, budgets=_ints(args.budgets),
         aa_attacks=_names(args.aa_attacks) if args.aa_attacks else None, aa_n=args.aa_n,
         aa_gradient=args.aa_gradient,
-        sweep_n=args.sweep_n,
+        sweep_n=args.sweep_n, sweep_gradient=args.sweep_gradient,
         detect_scores=_names(args.scores), early_index=args.early_index,
         detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
         calibrate=args.calibrate, calibration_score=args.calibration_score,
@@ -210,8 +212,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aa-n", type=int, help="AutoAttack on the first N images (default all)")
     p.add_argument("--sweep-n", type=int,
                    help="gradient-masking sweeps on the first N images (default all)")
+    p.add_argument("--sweep-gradient", default="exact", choices=GRAD_MODES,
+                   help="gradient path of the gradient-masking sweeps on a DEQ (default exact)")
     p.add_argument("--aa-attacks", help="subset of apgd-ce,apgd-t,fab-t,square (default all)")
-    p.add_argument("--aa-gradient", default="exact", choices=["exact", "implicit", "phantom"],
+    p.add_argument("--aa-gradient", default="exact", choices=GRAD_MODES,
                    help="gradient path of AutoAttack's gradient attacks on a DEQ (default exact: "
                         "backprop through the solver; phantom overstates robustness)")
     p.add_argument("--scores", default="final_entropy,max_softmax,mean_entropy,early_entropy,"

@@ -60,6 +60,10 @@ class EvalSettings(_Model):
         "overstates robustness, and have autoattack.gradient null")
     sweep_n: int | None = Field(
         None, description="samples for the gradient-masking sweeps (None: all n)")
+    sweep_gradient: GradMode | None = Field(
+        None, description="gradient path of the gradient-masking sweeps on an undefended DEQ. "
+        "None: exact; reports written before this field existed swept the checkpoint's "
+        "training path. sweeps.attack names the path either way")
     detect_scores: list[str] = Field(default_factory=lambda: [
         "final_entropy", "max_softmax", "mean_entropy", "early_entropy", "iterations",
         "final_residual"])
