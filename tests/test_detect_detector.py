@@ -81,6 +81,37 @@ def test_a_detector_for_other_weights_is_refused(fitted):
         detector_from_metadata(meta)
 
 
+def test_each_set_of_weights_gets_its_own_detection_cache(fitted, tiny_checkpoint, tmp_path,
+                                                          monkeypatch):
+    """Attacked sets and features of one model must never feed another's detector."""
+    from deqguard.cli import main
+    from deqguard.models import save_checkpoint
+    from deqguard.training.evaluation import detector_cli
+
+    class Reached(Exception):
+        pass
+
+    caches = []
+
+    def record(model, cache, cfg, n_cal):
+        caches.append(cache)
+        raise Reached
+
+    monkeypatch.setattr(detector_cli, "_val_sets", record)
+    model, meta = load_checkpoint(tiny_checkpoint, "cpu")
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(model, other, {"name": "other", "classes": meta.classes})
+    det_path = fitted[0]  # same weights as tiny_checkpoint, other metadata
+    for ckpt, command in ((tiny_checkpoint, "fit"), (other, "fit"), (det_path, "evaluate")):
+        with pytest.raises(Reached):
+            main(["detect", command, str(ckpt), "--cache", str(tmp_path / "cache")])
+    assert caches[0] != caches[1]
+    assert caches[0] == caches[2]
+    assert all(c.parent == tmp_path / "cache" for c in caches)
+
+
 def test_engine_applies_the_learned_detector_like_in_process(fitted):
     from deqguard.serving.engine import TorchEngine
 

@@ -6,7 +6,8 @@
 
 Validation images: `advsets.VAL_PLAN` (attacked) and the clean images after them (threshold
 calibration). Test images: `advsets.TEST_PLAN` (PGD-40 at eps 0.1). Everything expensive is
-cached under --cache, so a killed run resumes and a rerun only redoes what changed.
+cached under --cache/<the first 16 hex digits of the weights' sha256>, so a killed run resumes,
+a rerun only redoes what changed, and another checkpoint gets its own sets.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def _load(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_checkpoint(args.checkpoint, "cpu")
+
+
+def checkpoint_cache(root: str | Path, sha256: str) -> Path:
+    """The cache folder of one set of weights: attacked sets and features belong to the model
+    they were computed on, so a detector fitted for another checkpoint never reuses them."""
+    return Path(root) / sha256[:16]
 
 
 def _val_sets(model, cache: Path, cfg, n_cal: int):
@@ -54,7 +61,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     model, meta = _load(args)
     cfg = DynamicsConfig()
-    cache = Path(args.cache)
+    cache = checkpoint_cache(args.cache, meta.sha256)
     fit_clean, fit_adv, cal_clean, plan = _val_sets(model, cache, cfg, args.n_cal)
     det = build_detector(fit_clean, fit_adv, cal_clean, cfg, fpr=args.fpr, l2=args.l2,
                          model_sha256=meta.sha256,
@@ -87,7 +94,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     det = detector_from_metadata(meta)
     if det is None:
         raise SystemExit("this checkpoint has no learned detector: run deqguard detect fit")
-    cache = Path(args.cache)
+    cache = checkpoint_cache(args.cache, meta.sha256)
     t0 = time.time()
     fit_clean, fit_adv, cal_clean, _ = _val_sets(model, cache, det.dynamics, args.n_cal)
     spec = TEST_PLAN[0]
@@ -192,7 +199,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, func in (("fit", _fit), ("evaluate", _evaluate)):
         q = s.add_parser(name)
         q.add_argument("checkpoint")
-        q.add_argument("--cache", default="runs/detect")
+        q.add_argument("--cache", default="runs/detect",
+                       help="root of the attacked sets and features, one folder per weights")
         q.add_argument("--n-cal", type=int, default=300,
                        help="clean validation images for the threshold")
         q.add_argument("--fpr", type=float, default=0.05)
