@@ -2,8 +2,9 @@
 
 The detector is fitted and calibrated in-process; what a user sees is the flag in the HTTP
 answer at the server's default options. This sends the first `--n` Fashion-MNIST test images and
-their PGD-`--steps` versions (crafted on the checkpoint with the project's attack, cached under
-`--cache` and reused) to a real server and counts flags:
+their PGD-`--steps` versions (crafted on the checkpoint with the project's attack, cached where
+`deqguard detect evaluate` keeps its test set, `--cache/<sha256[:16]>/adv`, and reused) to a real
+server and counts flags:
 
     .venv/bin/python bench/detect_http.py --checkpoint default --n 200 --cache runs/detect
 
@@ -24,6 +25,7 @@ import torch
 from deqguard.models import load_checkpoint, resolve_checkpoint
 from deqguard.serving.launch import serve_subprocess
 from deqguard.training.evaluation.advsets import CraftSpec, craft, split_images
+from deqguard.training.evaluation.detector_cli import checkpoint_cache
 
 
 def classify(url: str, x: np.ndarray, batch: int = 50) -> list[dict]:
@@ -51,10 +53,10 @@ def main() -> None:
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model, _ = load_checkpoint(args.checkpoint, device="cpu")
+    model, meta = load_checkpoint(args.checkpoint, device="cpu")
     x, y = split_images("test", 0, args.n)
     spec = CraftSpec("pgd", args.eps, args.steps, "test", 0, args.n)
-    x_adv = craft(model, spec, x, y, args.cache)
+    x_adv = craft(model, spec, x, y, checkpoint_cache(args.cache, meta.sha256) / "adv")
     if args.url:
         clean, attacked = classify(args.url, x.numpy()), classify(args.url, x_adv.numpy())
     else:
