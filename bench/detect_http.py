@@ -2,7 +2,8 @@
 
 The detector is fitted and calibrated in-process; what a user sees is the flag in the HTTP
 answer at the server's default options. This sends the first `--n` Fashion-MNIST test images and
-their PGD-`--steps` versions (crafted on the checkpoint with the project's attack, cached where
+their PGD-`--steps` versions (crafted on the checkpoint with the project's attack through the
+exact gradient, as `deqguard detect` crafts its sets by default, cached where
 `deqguard detect evaluate` keeps its test set, `--cache/<sha256[:16]>/adv`, and reused) to a real
 server and counts flags:
 

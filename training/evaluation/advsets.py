@@ -5,12 +5,17 @@ fitted, calibrated and evaluated on the same sets many times over; so each set i
 chunks of `chunk` images to `<cache>/<name>/<start>.npz` and a rerun skips the chunks it
 already has (a killed run resumes where it stopped). The attack does not know the detector:
 detector-aware attacks live in `detector_attack.py`.
+
+On a DEQ the attacks backprop through every solver iteration (`exact`) unless a spec says
+otherwise: a detector measured only against the phantom training gradient would be judged on
+weaker attacks than the ones robustness is judged by. The gradient is part of each set's name,
+so sets crafted through another path are never reused.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +43,7 @@ class CraftSpec:
     start: int
     count: int
     seed: int = 0
-    gradient: str = "phantom"
+    gradient: str = "exact"
 
     @property
     def name(self) -> str:
@@ -99,6 +104,11 @@ VAL_PLAN: tuple[CraftSpec, ...] = (
     CraftSpec("apgd-ce", 0.1, 10, "val", 200, 50),
 )
 TEST_PLAN: tuple[CraftSpec, ...] = (CraftSpec("pgd", 0.1, 40, "test", 0, 200),)
+
+
+def with_gradient(plan: tuple[CraftSpec, ...], gradient: str) -> tuple[CraftSpec, ...]:
+    """The same plan crafted through another gradient path (`deqguard detect --gradient`)."""
+    return tuple(replace(spec, gradient=gradient) for spec in plan)
 
 
 def split_images(split: str, start: int, count: int) -> tuple[Tensor, Tensor]:

@@ -5,9 +5,11 @@
         --plot runs/detect/detector.png --adaptive-n 20 --lambdas 0.5,2
 
 Validation images: `advsets.VAL_PLAN` (attacked) and the clean images after them (threshold
-calibration). Test images: `advsets.TEST_PLAN` (PGD-40 at eps 0.1). Everything expensive is
-cached under --cache/<the first 16 hex digits of the weights' sha256>, so a killed run resumes,
-a rerun only redoes what changed, and another checkpoint gets its own sets.
+calibration). Test images: `advsets.TEST_PLAN` (PGD-40 at eps 0.1). Both are crafted through
+`--gradient` (default exact: backprop through the solver, the path robustness is judged by).
+Everything expensive is cached under --cache/<the first 16 hex digits of the weights' sha256>,
+so a killed run resumes, a rerun only redoes what changed, and another checkpoint gets its own
+sets.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .cli import GRAD_MODES
 
 
 def _load(args: argparse.Namespace):
@@ -37,12 +41,13 @@ def checkpoint_cache(root: str | Path, sha256: str) -> Path:
     return Path(root) / sha256[:16]
 
 
-def _val_sets(model, cache: Path, cfg, n_cal: int):
-    from .advsets import VAL_PLAN, craft_plan, split_images
+def _val_sets(model, cache: Path, cfg, n_cal: int, gradient: str):
+    from .advsets import VAL_PLAN, craft_plan, split_images, with_gradient
     from .detector_fit import cached_features
 
-    adv = craft_plan(model, VAL_PLAN, cache / "adv", log=lambda m: print(m, flush=True))
-    end = max(s.start + s.count for s in VAL_PLAN)
+    plan = with_gradient(VAL_PLAN, gradient)
+    adv = craft_plan(model, plan, cache / "adv", log=lambda m: print(m, flush=True))
+    end = max(s.start + s.count for s in plan)
     x_fit, _ = split_images("val", 0, end)
     x_cal, _ = split_images("val", end, n_cal)
     feats = cache / "features"
@@ -50,7 +55,7 @@ def _val_sets(model, cache: Path, cfg, n_cal: int):
     fit_adv_parts = [cached_features(model, xa, cfg, feats, name) for name, xa in adv.items()]
     fit_adv = {k: np.concatenate([p[k] for p in fit_adv_parts]) for k in fit_clean}
     cal_clean = cached_features(model, x_cal, cfg, feats, "val-cal-clean")
-    return fit_clean, fit_adv, cal_clean, [s.name for s in VAL_PLAN]
+    return fit_clean, fit_adv, cal_clean, [s.name for s in plan]
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -62,7 +67,8 @@ def _fit(args: argparse.Namespace) -> int:
     model, meta = _load(args)
     cfg = DynamicsConfig()
     cache = checkpoint_cache(args.cache, meta.sha256)
-    fit_clean, fit_adv, cal_clean, plan = _val_sets(model, cache, cfg, args.n_cal)
+    fit_clean, fit_adv, cal_clean, plan = _val_sets(model, cache, cfg, args.n_cal,
+                                                    args.gradient)
     det = build_detector(fit_clean, fit_adv, cal_clean, cfg, fpr=args.fpr, l2=args.l2,
                          model_sha256=meta.sha256,
                          training={"data": "fashion-mnist val split (5000 held-out training "
@@ -87,7 +93,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from deqguard.models.detector import detector_from_metadata
 
-    from .advsets import TEST_PLAN, craft_plan, split_images
+    from .advsets import TEST_PLAN, craft_plan, split_images, with_gradient
     from .detector_fit import cached_features, evaluate_scores, save_json
 
     model, meta = _load(args)
@@ -96,10 +102,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("this checkpoint has no learned detector: run deqguard detect fit")
     cache = checkpoint_cache(args.cache, meta.sha256)
     t0 = time.time()
-    fit_clean, fit_adv, cal_clean, _ = _val_sets(model, cache, det.dynamics, args.n_cal)
-    spec = TEST_PLAN[0]
+    fit_clean, fit_adv, cal_clean, _ = _val_sets(model, cache, det.dynamics, args.n_cal,
+                                                 args.gradient)
+    plan = with_gradient(TEST_PLAN, args.gradient)
+    spec = plan[0]
     x_test, y_test = split_images("test", spec.start, spec.count)
-    x_adv = craft_plan(model, TEST_PLAN, cache / "adv",
+    x_adv = craft_plan(model, plan, cache / "adv",
                        log=lambda m: print(m, flush=True))[spec.name]
     feats = cache / "features"
     test_clean = cached_features(model, x_test, det.dynamics, feats, "test-clean")
@@ -205,6 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="clean validation images for the threshold")
         q.add_argument("--fpr", type=float, default=0.05)
         q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--gradient", default="exact", choices=GRAD_MODES,
+                       help="gradient path the attacked sets are crafted through on a DEQ "
+                            "(default exact: backprop through every solver iteration)")
         q.add_argument("--json")
         q.set_defaults(func=func)
         if name == "fit":
