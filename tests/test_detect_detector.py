@@ -20,17 +20,22 @@ from deqguard.training.evaluation.detector_fit import (
 CFG = DynamicsConfig(restart_iters=4)
 
 
-@pytest.fixture(scope="module")
-def fitted(tiny_checkpoint, pattern_data, tmp_path_factory):
-    """A copy of the fixture checkpoint with a detector fitted on clean vs noisy pattern images
-    (noise stands in for attacks: the point here is the plumbing, not the detection rate)."""
-    model, meta = load_checkpoint(tiny_checkpoint, "cpu")
+def noise_features(model, pattern_data):
+    """Features of 32 clean pattern images, of their noisy twins and of 64 other clean ones
+    (calibration), and the images: noise stands in for attacks in these plumbing tests."""
     x = torch.from_numpy(pattern_data[0][:96])
     g = torch.Generator().manual_seed(0)
     noisy = (x[:32] + 0.3 * (2 * torch.rand(x[:32].shape, generator=g) - 1)).clamp(0, 1)
-    clean_fit = compute_features(model, x[:32], CFG)
-    adv_fit = compute_features(model, noisy, CFG)
-    cal = compute_features(model, x[32:96], CFG)
+    feats = [compute_features(model, v, CFG) for v in (x[:32], noisy, x[32:96])]
+    return (*feats, x)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_checkpoint, pattern_data, tmp_path_factory):
+    """A copy of the fixture checkpoint with a detector fitted on clean vs noisy pattern images
+    (the point here is the plumbing, not the detection rate)."""
+    model, meta = load_checkpoint(tiny_checkpoint, "cpu")
+    clean_fit, adv_fit, cal, x = noise_features(model, pattern_data)
     det = build_detector(clean_fit, adv_fit, cal, CFG, fpr=0.05, model_sha256=meta.sha256,
                          training={"data": "pattern fixture"})
     path = tmp_path_factory.mktemp("det") / "tiny-det.safetensors"
@@ -189,12 +194,9 @@ def test_adaptive_attack_lowers_the_detector_score(tiny_checkpoint, pattern_data
     from deqguard.training.evaluation.detector_attack import detector_aware_pgd
 
     model, _ = load_checkpoint(tiny_checkpoint, "cpu")
-    x = torch.from_numpy(pattern_data[0][:96])
-    noisy = (x[:32] + 0.3 * (2 * torch.rand(x[:32].shape, generator=torch.Generator()
-                                            .manual_seed(0)) - 1)).clamp(0, 1)
-    feats = [compute_features(model, v, CFG) for v in (x[:32], noisy, x[32:96])]
-    det = build_detector(*feats, CFG, names=["final_entropy", "max_softmax", "logit_margin",
-                                              "mean_entropy"])
+    clean_fit, adv_fit, cal, x = noise_features(model, pattern_data)
+    det = build_detector(clean_fit, adv_fit, cal, CFG,
+                         names=["final_entropy", "max_softmax", "logit_margin", "mean_entropy"])
     xs = x[:16]
     y = model(xs).argmax(1)
 
