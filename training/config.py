@@ -38,6 +38,10 @@ class DataConfig(_Strict):
     augment: bool = True
     limit: int | None = Field(None, ge=1, description="use the first N training images")
     image_size: int | None = Field(None, ge=8, description="resize an imagefolder")
+    pipeline: Literal["auto", "resident", "loader"] = Field(
+        "auto", description="resident: the split held on the training device, augmented a "
+        "batch at a time (fashion-mnist, cifar10); loader: a DataLoader, image by image; auto: "
+        "resident where the dataset allows it")
 
 
 class ModelSection(_Strict):

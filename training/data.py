@@ -251,12 +251,50 @@ def _load_imagefolder(root: Path, image_size: int | None):
 
 
 # -- public API -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CropFlip:
+    """The training augmentation: a random crop after zero padding, and maybe a mirror flip.
+
+    One description serves both pipelines, the per-sample transform and the batched one on the
+    device (`training/batches.py`), so the two cannot drift apart.
+    """
+
+    padding: int
+    flip: bool
+
+
+def augmentation_for(name: str) -> CropFlip:
+    """Fashion-MNIST is not mirror-symmetric in meaning (a left shoe stays a left shoe): no flip."""
+    return CropFlip(2, False) if name == "fashion-mnist" else CropFlip(4, True)
+
+
 def _augmentation(name: str, image_size: int):
     from torchvision.transforms import v2
 
-    if name == "fashion-mnist":
-        return v2.RandomCrop(image_size, padding=2)
-    return v2.Compose([v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()])
+    spec = augmentation_for(name)
+    crop = v2.RandomCrop(image_size, padding=spec.padding)
+    return v2.Compose([crop, v2.RandomHorizontalFlip()]) if spec.flip else crop
+
+
+def resident_tensors(dataset: Dataset) -> tuple[Tensor, Tensor] | None:
+    """(uint8 images [N,C,H,W], labels [N]) of a tensor-backed split, un-augmented; None for data
+    read file by file (an image folder), which has to go through a DataLoader."""
+    indices = None
+    while True:
+        if isinstance(dataset, (Augmented, _IgnoreSeed)):
+            dataset = dataset.base
+        elif isinstance(dataset, _Indexed):
+            if indices is None:
+                indices = torch.tensor(dataset.indices, dtype=torch.long)
+            else:
+                indices = torch.tensor(dataset.indices, dtype=torch.long)[indices]
+            dataset = dataset.base
+        elif isinstance(dataset, TensorImages):
+            if indices is None:
+                return dataset.images, dataset.labels
+            return dataset.images[indices], dataset.labels[indices]
+        else:
+            return None
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:

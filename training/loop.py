@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..models import build_model, save_checkpoint, update_metadata
@@ -35,8 +36,17 @@ from ..models.builder import resolve_config
 from ..models.classifier import Classifier
 from ..models.errors import DeqguardError
 from . import distributed
+from .batches import ResidentBatches
 from .config import SINGLE_STEP_KINDS, TrainConfig, deep_merge, resolve
-from .data import DataError, DatasetInfo, data_fingerprint, dataset_info, load_dataset
+from .data import (
+    DataError,
+    DatasetInfo,
+    augmentation_for,
+    data_fingerprint,
+    dataset_info,
+    load_dataset,
+    resident_tensors,
+)
 from .guard import catastrophic_overfitting
 from .objectives import TrainForward, objective_loss
 from .resume import RESUME_FILE, load_state, save_state
@@ -71,13 +81,18 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         return max(self.steps - self.start, 0)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for idx, aug in self.index_tensors():
+            yield list(zip(idx.tolist(), aug.tolist(), strict=True))
+
+    def index_tensors(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The same batches as (indices [B], augmentation seeds [B]) tensors."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
         perm = torch.randperm(self.n, generator=g)
         aug = torch.randint(0, 2**62, (self.n,), generator=g)
         gb = self.b * self.world
         for step in range(self.start, self.steps):
             lo = step * gb + self.rank * self.b
-            yield [(int(perm[p]), int(aug[p])) for p in range(lo, lo + self.b)]
+            yield perm[lo:lo + self.b], aug[lo:lo + self.b]
 
 
 @dataclass
@@ -166,6 +181,7 @@ class Trainer:
                                       **common)
         self.val_set = load_dataset(d.dataset, "val", limit=self.cfg.eval.val_limit, **common)
         self.common = common
+        self.resident = self._resident_batches()
         b, w = self.cfg.train.batch_size, self.dist.world_size
         self.steps_per_epoch = len(self.train_set) // (b * w)
         if self.steps_per_epoch == 0:
@@ -311,6 +327,25 @@ class Trainer:
             return DataLoader(dataset, batch_sampler=sampler, **kw)
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)
 
+    def _resident_batches(self) -> ResidentBatches | None:
+        """The training split on the device when the config and the dataset allow it."""
+        d = self.cfg.data
+        if d.pipeline == "loader":
+            return None
+        arrays = resident_tensors(self.train_set)
+        if arrays is None:
+            if d.pipeline == "resident":
+                raise DeqguardError(f"data.pipeline=resident needs an in-memory dataset "
+                                    f"(fashion-mnist, cifar10), not {d.dataset}")
+            return None
+        augment = augmentation_for(d.dataset) if d.augment else None
+        return ResidentBatches(*arrays, augment, self.device)
+
+    def _train_batches(self, sampler: EpochBatches) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.resident is not None:
+            return self.resident.epoch(sampler.index_tensors())
+        return iter(self._loader(self.train_set, sampler))
+
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """This process's share of an evaluation set (every W-th image)."""
         if self.dist.enabled:
@@ -331,7 +366,7 @@ class Trainer:
                    desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
                    disable=not (cfg.train.progress and self.dist.is_main))
         t0 = time.perf_counter() - tally.v["seconds"]
-        for x, y in self._loader(self.train_set, sampler):
+        for x, y in self._train_batches(sampler):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             loss = self.train_step(x, y, tally)
             self.step += 1
