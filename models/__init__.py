@@ -20,6 +20,8 @@ from .checkpoint import (
 from .classifier import Classifier, DEQClassifier, Equilibrium, SolveResult
 from .config import (
     PRESETS,
+    AnchorCNNConfig,
+    AnchorDEQConfig,
     CNNConfig,
     GradConfig,
     MDEQConfig,
@@ -33,7 +35,8 @@ from .errors import CheckpointError, DeqguardError, InputError
 from .solvers import get_solver, register_solver, solver_names
 
 __all__ = [
-    "PRESETS", "CNNConfig", "CheckpointError", "CheckpointMetadata", "Classifier",
+    "PRESETS", "AnchorCNNConfig", "AnchorDEQConfig", "CNNConfig", "CheckpointError",
+    "CheckpointMetadata", "Classifier",
     "DEQClassifier", "DeqguardError", "Equilibrium", "GradConfig", "InputError", "InputSpec",
     "MDEQConfig", "ResNetConfig", "SolveResult", "SolverConfig", "TinyDEQConfig", "build_model",
     "get_solver", "load_checkpoint", "parse_model_config", "prediction_entropy", "read_metadata",

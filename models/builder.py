@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from .classifier import Classifier
-from .config import PRESETS, CNNConfig, MDEQConfig, ModelConfig, ResNetConfig, TinyDEQConfig
+from .config import (
+    PRESETS,
+    AnchorCNNConfig,
+    AnchorDEQConfig,
+    CNNConfig,
+    MDEQConfig,
+    ModelConfig,
+    ResNetConfig,
+    TinyDEQConfig,
+)
 
 
 def resolve_config(preset_or_config: str | ModelConfig, **overrides: Any) -> ModelConfig:
@@ -36,6 +45,12 @@ def build_model(preset_or_config: str | ModelConfig, *, num_classes: int | None 
     if isinstance(cfg, MDEQConfig):
         from .mdeq import MDEQ
         return MDEQ(cfg)
+    if isinstance(cfg, AnchorDEQConfig):
+        from .anchor import AnchorDEQ
+        return AnchorDEQ(cfg)
+    if isinstance(cfg, AnchorCNNConfig):
+        from .anchor import AnchorCNN
+        return AnchorCNN(cfg)
     if isinstance(cfg, CNNConfig):
         from .feedforward import SmallCNN
         return SmallCNN(cfg)

@@ -105,6 +105,50 @@ class CNNConfig(_ClassifierBase):
     head_width: int = Field(128, ge=4)
 
 
+class AnchorCNNConfig(_ClassifierBase):
+    """The anchor paper's CNN (Croce, Andriushchenko, Hein, AISTATS 2019, Table 1; Wong and
+    Kolter's "small"): conv 16 4x4/2, conv 32 4x4/2, fc 100, fc 10. 166,406 parameters on
+    28x28x1: the baseline every Fashion-MNIST DEQ here has to beat at equal cost."""
+
+    arch: Literal["cnn-wk"] = "cnn-wk"
+    channels: tuple[int, int] = (16, 32)
+    hidden: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _halves_twice(self) -> AnchorCNNConfig:
+        _check_quartered(self.image_size)
+        return self
+
+
+class AnchorDEQConfig(_ClassifierBase):
+    """A DEQ at the anchor CNN's cost: the anchor's two strided convolutions inject the image
+    into a state of size/4 x size/4 x channels[-1] (7x7x32 on Fashion-MNIST), one residual cell
+    is iterated there, and the anchor's fc head (`head="fc"`) or a pooled linear one decodes it.
+    """
+
+    arch: Literal["deq-wk"] = "deq-wk"
+    channels: tuple[int, int] = (16, 32)
+    expansion: int = Field(1, ge=1)
+    num_groups: int = Field(4, ge=1)
+    head: Literal["fc", "pool"] = "fc"
+    hidden: int = Field(100, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    weight_norm: bool = True
+    solver: SolverConfig = SolverConfig()
+    grad: GradConfig = GradConfig()
+
+    @model_validator(mode="after")
+    def _halves_twice(self) -> AnchorDEQConfig:
+        _check_quartered(self.image_size)
+        return self
+
+
+def _check_quartered(image_size: int) -> None:
+    # two 4x4 stride-2 convolutions with padding 1 halve exactly only an even size, twice
+    if image_size % 4:
+        raise ValueError(f"image_size {image_size} must be divisible by 4 for the anchor's stem")
+
+
 class ResNetConfig(_ClassifierBase):
     """torchvision ResNet-18 with a CIFAR stem (3x3 conv, no max-pool): the paper's baseline."""
 
@@ -114,14 +158,16 @@ class ResNetConfig(_ClassifierBase):
 
 
 ModelConfig = Annotated[
-    TinyDEQConfig | MDEQConfig | CNNConfig | ResNetConfig, Field(discriminator="arch")
+    TinyDEQConfig | MDEQConfig | AnchorDEQConfig | CNNConfig | AnchorCNNConfig | ResNetConfig,
+    Field(discriminator="arch"),
 ]
-DEQConfig = TinyDEQConfig | MDEQConfig
+DEQConfig = TinyDEQConfig | MDEQConfig | AnchorDEQConfig
 
 _MODEL_CONFIG_ADAPTER: TypeAdapter = TypeAdapter(ModelConfig)
 
 
-def parse_model_config(data: dict | str) -> TinyDEQConfig | MDEQConfig | CNNConfig | ResNetConfig:
+def parse_model_config(data: dict | str) -> (TinyDEQConfig | MDEQConfig | AnchorDEQConfig
+                                              | CNNConfig | AnchorCNNConfig | ResNetConfig):
     """Rebuild a model config from its JSON form (as stored in checkpoint metadata)."""
     if isinstance(data, str):
         return _MODEL_CONFIG_ADAPTER.validate_json(data)
@@ -134,5 +180,7 @@ PRESETS: dict[str, ModelConfig] = {
     "xl": MDEQConfig(channels=(72, 144, 288, 576), head_channels=(20, 40, 80, 160),
                      final_channels=1800),
     "cnn": CNNConfig(),
+    "cnn-wk": AnchorCNNConfig(),
+    "deq-wk": AnchorDEQConfig(),
     "resnet18": ResNetConfig(),
 }

@@ -19,6 +19,9 @@ CASES = [
     ("tiny", dict(in_channels=3, image_size=32), 2),
     ("large", dict(), 2),
     ("cnn", dict(in_channels=1, image_size=28), 2),
+    ("cnn-wk", dict(in_channels=1, image_size=28), 2),
+    ("deq-wk", dict(in_channels=1, image_size=28), 2),
+    ("deq-wk", dict(in_channels=3, image_size=32, head="pool", expansion=2), 2),
     ("resnet18", dict(), 2),
 ]
 
@@ -62,6 +65,33 @@ def test_preset_forward_and_solve(preset, shape, batch):
         torch.testing.assert_close(result.logits, model(x, max_iter=3), rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(result.logits, logits)
+
+
+def test_anchor_cnn_is_the_papers_network():
+    # Croce, Andriushchenko, Hein 2019, Table 1: conv 16 4x4/2, conv 32 4x4/2, fc 100, fc 10
+    model = build_model("cnn-wk", num_classes=10, in_channels=1, image_size=28)
+    assert n_params(model) == 166_406
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    shapes = [tuple(m.weight.shape) for m in layers]
+    assert shapes == [(16, 1, 4, 4), (32, 16, 4, 4), (100, 1568), (10, 100)]
+    assert [m.stride for m in layers[:2]] == [(2, 2), (2, 2)]
+    assert [m.padding for m in layers[:2]] == [(1, 1), (1, 1)]
+    acts = [type(m) for m in model.net.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(acts) == 3
+
+
+def test_anchor_deq_keeps_the_anchors_stem_and_head():
+    anchor = build_model("cnn-wk", num_classes=10, in_channels=1, image_size=28)
+    deq = build_model("deq-wk", num_classes=10, in_channels=1, image_size=28)
+    assert deq.is_deq
+    stem = [tuple(m.weight.shape) for m in deq.stem if isinstance(m, torch.nn.Conv2d)]
+    head = [tuple(m.weight.shape) for m in deq.head if isinstance(m, torch.nn.Linear)]
+    assert stem == [(16, 1, 4, 4), (32, 16, 4, 4)] and head == [(100, 1568), (10, 100)]
+    u = deq.inject(torch.rand(3, 1, 28, 28))
+    assert u.shape == (3, 32, 7, 7)  # the 7x7x32 state
+    assert n_params(deq) - n_params(anchor) == n_params(deq.cell)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_model("deq-wk", image_size=30)
 
 
 def test_training_mode_forward_backward_on_large():

@@ -1,0 +1,145 @@
+"""Recipe and design searches: one `deqguard train` run per named grid entry, then one table.
+
+A baseline is judged with its own best recipe, never only the DEQ's (issue 21), so each model
+family has a grid here; every row of the printed table is a `deqguard train` command (printed
+with it) and the validation split's numbers (the test set is not used for the choice). Runs are
+resumable: an entry whose log has its final line is skipped, an unfinished one continues.
+
+    python bench/recipes.py --grid anchor --epochs 15 --root runs/search/anchor --threads 1
+    python bench/recipes.py --grid deq-designs --epochs 10 --root runs/search/deq --threads 1
+    python bench/recipes.py --grid anchor --root runs/search/anchor --table   # table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+FGSM_RS = ["objective.kind=fgsm-rs", "objective.step_size=0.125"]
+N_FGSM = ["objective.kind=n-fgsm", "objective.step_size=0.1", "objective.noise=2.0"]
+PGD7 = ["objective.kind=pgd-at", "objective.steps=7", "objective.step_size=0.025"]
+CLEAN = ["objective.clean_weight=0.5"]  # the published PGD-AT models' half-clean batches
+AUG = ["data.augment=true"]
+
+# name -> (preset, overrides)
+GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "anchor": {
+        "fgsm-rs": ("fashion-cnn-wk", FGSM_RS),
+        "fgsm-rs-clean": ("fashion-cnn-wk", FGSM_RS + CLEAN),
+        "fgsm-rs-aug": ("fashion-cnn-wk", FGSM_RS + AUG),
+        "n-fgsm": ("fashion-cnn-wk", N_FGSM),
+        "n-fgsm-clean": ("fashion-cnn-wk", N_FGSM + CLEAN),
+        "n-fgsm-aug": ("fashion-cnn-wk", N_FGSM + AUG),
+        "pgd7": ("fashion-cnn-wk", PGD7),
+        "pgd7-clean": ("fashion-cnn-wk", PGD7 + CLEAN),
+        "pgd7-aug": ("fashion-cnn-wk", PGD7 + AUG),
+        "pgd7-lr2e-3": ("fashion-cnn-wk", PGD7 + ["optim.lr=2e-3"]),
+    },
+    "deq-designs": {
+        "fc-e1-regulated": ("fashion-wk-regulated", []),
+        "fc-e1-plain": ("fashion-wk-plain", []),
+        "fc-e2-regulated": ("fashion-wk-regulated", ["model.overrides.expansion=2"]),
+        "fc-e2-plain": ("fashion-wk-plain", ["model.overrides.expansion=2"]),
+        "pool-e2-regulated": ("fashion-wk-regulated", ["model.overrides.expansion=2",
+                                                       "model.overrides.head=pool"]),
+        "pool-e2-plain": ("fashion-wk-plain", ["model.overrides.expansion=2",
+                                               "model.overrides.head=pool"]),
+    },
+    "deq-recipes": {
+        "regulated-fgsm-rs": ("fashion-wk-regulated", FGSM_RS),
+        "regulated-n-fgsm": ("fashion-wk-regulated", N_FGSM),
+        "regulated-pgd7": ("fashion-wk-regulated", PGD7),
+        "regulated-fgsm-rs-clean": ("fashion-wk-regulated", FGSM_RS + CLEAN),
+    },
+}
+
+
+def command(preset: str, sets: list[str], out: Path, epochs: int | None) -> list[str]:
+    cmd = ["deqguard", "train", "--preset", preset, "--out", str(out), "--no-progress",
+           "--resume"]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def log_rows(out: Path) -> list[dict]:
+    path = out / "train_log.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def finished(out: Path) -> bool:
+    return any(r.get("event") == "final" for r in log_rows(out))
+
+
+def table(grid: dict[str, tuple[str, list[str]]], root: Path, epochs: int | None) -> str:
+    lines = ["| entry | epochs | s / epoch | train img/s | val clean (last) | val PGD-10 (last) "
+             "| best val PGD-10 (epoch) | val mean iters | command |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, (preset, sets) in grid.items():
+        out = root / name
+        epochs_rows = [r for r in log_rows(out) if "epoch" in r and "event" not in r]
+        cmd = shlex.join(command(preset, sets, out, epochs))
+        if not epochs_rows:
+            lines.append(f"| {name} | 0 | | | | | | | `{cmd}` |")
+            continue
+        last = epochs_rows[-1]
+        best = max(epochs_rows, key=lambda r: r["val_pgd_accuracy"])
+        secs = sum(r["train_seconds"] for r in epochs_rows) / len(epochs_rows)
+        iters = last.get("val_mean_iterations")
+        lines.append(
+            f"| {name} | {last['epoch']} | {secs:.0f} | {last['images_per_second']:.0f} "
+            f"| {last['val_clean_accuracy']:.1%} | {last['val_pgd_accuracy']:.1%} "
+            f"| {best['val_pgd_accuracy']:.1%} ({best['epoch']}) "
+            f"| {iters:.1f} | `{cmd}` |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=sorted(GRIDS), required=True)
+    ap.add_argument("--root", type=Path, required=True, help="one run folder per entry")
+    ap.add_argument("--epochs", type=int, help="train.epochs for every entry (default: preset)")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    ap.add_argument("--only", help="comma list of entries to run")
+    ap.add_argument("--table", action="store_true", help="print the table, train nothing")
+    args = ap.parse_args()
+    grid = GRIDS[args.grid]
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(grid))
+        if unknown:
+            ap.error(f"unknown entries {unknown}; {args.grid} has {sorted(grid)}")
+        grid = {k: v for k, v in grid.items() if k in wanted}
+    if not args.table:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        exe = Path(sys.executable).with_name("deqguard")
+        for name, (preset, sets) in grid.items():
+            out = args.root / name
+            if finished(out):
+                continue
+            cmd = command(preset, sets, out, args.epochs)
+            print(f"[recipes] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+            rc = subprocess.call([str(exe), *cmd[1:]], env=env)
+            if rc != 0:
+                print(f"[recipes] {name} exited with {rc}", file=sys.stderr, flush=True)
+    print(table(grid, args.root, args.epochs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
