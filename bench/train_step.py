@@ -1,12 +1,18 @@
 """Training throughput of a preset's objective on random data (images/s), CPU or CUDA.
 
 Used for the GPU smoke of `cifar-large-trades-regulated` (issue 3): the paper's recipe, timed
-without needing CIFAR-10 on the machine; and for the cost of the training objectives on one
-preset, printed as ratios to the first one measured in the same run (issue 10):
+without needing CIFAR-10 on the machine; for the cost of the training objectives on one
+preset, printed as ratios to the first one measured in the same run (issue 10); and for what
+bf16 autocast buys over fp32 (issue 21): each objective is timed in every `--precision`
+(default fp32 and bf16) and the two rates are printed side by side with their ratio. On a CPU
+without AMX-BF16 / AVX512-BF16 bf16 is still timed, emulated (as under DEQGUARD_CPU_BF16=force),
+and labelled so; `deqguard train` would refuse train.amp=bf16 there.
 
     python bench/train_step.py --preset cifar-large-trades-regulated --steps 50 --device cuda
     python bench/train_step.py --preset fashion-tiny-regulated --channels 1 --size 28 \
         --compare pgd-at,fgsm-rs,n-fgsm --threads 2
+    python bench/train_step.py --preset fashion-small-regulated --channels 1 --size 28 \
+        --precision fp32,bf16 --channels-last --threads 2
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch
 from deqguard.models import build_model
 from deqguard.training.config import build_config
 from deqguard.training.objectives import TrainForward, objective_loss
+from deqguard.training.precision import NO_BF16, Precision, choose_precision, cpu_native_bf16
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def main() -> None:
@@ -35,35 +44,70 @@ def main() -> None:
                     help="config override, as for deqguard train")
     ap.add_argument("--compare", help="comma list of objective kinds to time in turn; "
                     "single-step kinds use their published step (fgsm-rs 1.25 eps, n-fgsm eps)")
+    ap.add_argument("--precision", default=",".join(PRECISIONS), type=_precisions,
+                    help="comma list of fp32, bf16 (default both): each objective is timed in "
+                    "each; bf16 is autocast over fp32 weights, emulated on a CPU without "
+                    "AMX-BF16 / AVX512-BF16")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="model and batch in channels_last memory format (train.channels_last)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.compare:
-        images_per_second(args, build_config(args.preset, args.set))
-        return
-    rates = {}
-    for kind in args.compare.split(","):
-        eps = build_config(args.preset, args.set).objective.eps
-        step = {"fgsm-rs": 1.25 * eps, "n-fgsm": eps}.get(kind)
-        extra = [f"objective.kind={kind}"] + ([f"objective.step_size={step}"] if step else [])
-        rates[kind] = images_per_second(args, build_config(args.preset, [*args.set, *extra]))
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        native = cpu_native_bf16()
+        print(f"cpu native bf16: {'yes' if native else 'no'}"
+              + ("" if native or "bf16" not in args.precision
+                 else f" ({NO_BF16}): bf16 below is emulated"))
+    precisions = {p: choose_precision("bf16" if p == "bf16" else "off", device.type,
+                                      emulate=True) for p in args.precision}
+    kinds = args.compare.split(",") if args.compare else [None]
+    rates: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        extra = []
+        if kind is not None:
+            eps = build_config(args.preset, args.set).objective.eps
+            step = {"fgsm-rs": 1.25 * eps, "n-fgsm": eps}.get(kind)
+            extra = [f"objective.kind={kind}"] + ([f"objective.step_size={step}"] if step else [])
+        cfg = build_config(args.preset, [*args.set, *extra])
+        rates[cfg.objective.kind] = {p: images_per_second(args, cfg, prec)
+                                     for p, prec in precisions.items()}
     first = next(iter(rates))
-    for kind, rate in rates.items():
-        print(f"{kind}: {rate:.1f} images/s, {rate / rates[first]:.2f}x {first}")
+    if args.compare:
+        for p, prec in precisions.items():
+            for kind, rate in rates.items():
+                print(f"{kind}: {rate[p]:.1f} images/s, {rate[p] / rates[first][p]:.2f}x {first}"
+                      f" ({prec.label})")
+    if len(precisions) == 2:
+        for kind, rate in rates.items():
+            print(f"{kind}: fp32 {rate['fp32']:.1f} images/s, {precisions['bf16'].label} "
+                  f"{rate['bf16']:.1f} images/s, bf16/fp32 {rate['bf16'] / rate['fp32']:.2f}x")
 
 
-def images_per_second(args: argparse.Namespace, cfg) -> float:
+def _precisions(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRECISIONS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(PRECISIONS)}")
+    return names
+
+
+def images_per_second(args: argparse.Namespace, cfg, precision: Precision) -> float:
+    """Images/s of `args.steps` training steps of `cfg`'s objective after `args.warmup` ones."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     batch = args.batch_size or cfg.train.batch_size
     model = build_model(cfg.model.preset, num_classes=10, in_channels=args.channels,
                         image_size=args.size, **cfg.model.overrides).to(device).train()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     fwd = TrainForward(model, solver=cfg.solver.solver, max_iter=cfg.solver.max_iter,
                        tol=cfg.solver.tol, grad=cfg.grad, readout=cfg.objective.readout,
                        random_depth=cfg.regulation.enabled)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
-    amp = device.type == "cuda"
+    amp = precision.bf16
     x = torch.rand(batch, args.channels, args.size, args.size, device=device)
+    x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> float:
@@ -88,7 +132,8 @@ def images_per_second(args: argparse.Namespace, cfg) -> float:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"preset={args.preset} device={name} params={params} batch={batch} "
           f"objective={cfg.objective.kind} steps={args.steps} "
-          f"regulated={cfg.regulation.enabled} bf16={amp} last_loss={loss:.3f}")
+          f"regulated={cfg.regulation.enabled} bf16={amp} precision={precision.label} "
+          f"channels_last={args.channels_last} last_loss={loss:.3f}")
     print(f"train images/s: {args.steps * batch / dt:.1f} ({dt / args.steps * 1000:.0f} ms/step)")
     return args.steps * batch / dt
 

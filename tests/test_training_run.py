@@ -148,18 +148,34 @@ def test_corrupt_and_mismatched_resume_files(pattern_idx_dir, tmp_path, capsys):
             pattern_idx_dir)]), out_dir=out, resume=True)
 
 
-def _run_cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def _run_cli(args: list[str], **env_extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env_extra}
     return subprocess.Popen([sys.executable, "-m", "deqguard.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(pattern_idx_dir, tmp_path):
+# (extra args, environment, epochs, bf16 autocast): fp32, and the bf16 path on any CPU
+# (DEQGUARD_CPU_BF16=force: emulated where the CPU has no bf16, so one epoch to stay fast) with
+# channels_last on.
+RESUME_CASES = {
+    "fp32": ((), {"DEQGUARD_CPU_BF16": "off"}, 2, False),
+    "bf16-channels-last": (("--set", "train.amp=bf16", "--set", "train.channels_last=true"),
+                           {"DEQGUARD_CPU_BF16": "force"}, 1, True),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(pattern_idx_dir, tmp_path, case):
     """Dropout, augmentation, attack noise and random depths all on; killed with SIGKILL after
     the first mid-epoch save, resumed, it must end bit-identical to an uninterrupted run."""
-    ref = _run_cli(tiny_args(pattern_idx_dir, tmp_path / "ref"))
+    extra, env, epochs, bf16 = RESUME_CASES[case]
+
+    def args(out: Path, *more: str) -> list[str]:
+        return tiny_args(pattern_idx_dir, out, *extra, *more, epochs=epochs)
+
+    ref = _run_cli(args(tmp_path / "ref"), **env)
     killed_out = tmp_path / "killed"
-    proc = _run_cli(tiny_args(pattern_idx_dir, killed_out))
+    proc = _run_cli(args(killed_out), **env)
     deadline = time.monotonic() + 120
     while not (killed_out / "resume.pt").exists():
         assert proc.poll() is None, proc.communicate()[1]
@@ -170,7 +186,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(pattern_idx_dir, t
     assert proc.returncode == -signal.SIGKILL
     state = torch.load(killed_out / "resume.pt", weights_only=True)
     assert state["epoch"] == 0 and 0 < state["step"] < 14  # really mid-epoch
-    resumed = _run_cli(tiny_args(pattern_idx_dir, killed_out, "--resume"))
+    resumed = _run_cli(args(killed_out, "--resume"), **env)
     for p in (ref, resumed):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -179,9 +195,10 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(pattern_idx_dir, t
         b = read_metadata(killed_out / name)
         assert a.sha256 == b.sha256, name
         assert a.metrics["val_pgd_accuracy"] == b.metrics["val_pgd_accuracy"]
+        assert a.training["bf16_autocast"] is b.training["bf16_autocast"] is bf16
     log_a = (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()
     log_b = (killed_out / "train_log.jsonl").read_text().splitlines()
-    assert len(log_a) == len(log_b) == 3
+    assert len(log_a) == len(log_b) == epochs + 1
     for la, lb in zip(log_a, log_b, strict=True):
         ra, rb = json.loads(la), json.loads(lb)
         for k in ("train_loss", "train_adv_accuracy", "val_clean_accuracy", "val_pgd_accuracy"):
@@ -189,3 +206,5 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(pattern_idx_dir, t
     model, _ = load_checkpoint(killed_out / "last.safetensors", device="cpu")
     assert tensor_sha256(model.state_dict()) == read_metadata(tmp_path / "ref" /
                                                               "last.safetensors").sha256
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {
+        torch.float32}  # fp32 master weights, whatever the autocast

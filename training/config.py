@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..models.config import PRESETS as MODEL_PRESETS
 from ..models.config import GradConfig, SolverName
@@ -138,7 +145,14 @@ class RunConfig(_Strict):
     save_every_steps: int = Field(50, ge=1, description="resume state every N steps")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="bf16 autocast: auto = on for CUDA, off for CPU")
+        "auto", description="off: fp32. bf16: bf16 autocast over fp32 master weights "
+        "(parameters, optimizer state and checkpoints stay fp32); on a CPU without AMX-BF16 / "
+        "AVX512-BF16 refused, since emulated bf16 is slower than fp32. auto: bf16 on CUDA and "
+        "on a CPU with bf16 arithmetic, else fp32 (one line on stderr says why). "
+        "DEQGUARD_CPU_BF16=force|off overrides the CPU detection (tests, benchmarks)")
+    channels_last: bool = Field(
+        False, description="model and 4-D input batches in channels_last memory format (can "
+        "speed up convolutions on CPUs with oneDNN bf16 kernels and on GPUs)")
     deterministic: bool = True
     progress: bool = True
     init_from: str | None = Field(
@@ -149,6 +163,12 @@ class RunConfig(_Strict):
     overfit_drop: float = Field(
         0.2, gt=0, le=1, description="guard: validation PGD accuracy this far (absolute) under "
         "its best while the training attack's accuracy rises")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `off` as false: `--set train.amp=off` must still mean off."""
+        return "off" if value is False else value
 
 
 class TrainConfig(_Strict):
@@ -169,6 +189,10 @@ class TrainConfig(_Strict):
 # Fields that may differ between a run and its resumption: they do not change the computation.
 RESUME_FREE_FIELDS = frozenset({"data.data_dir", "data.download", "train.num_workers",
                                 "train.device", "train.progress"})
+# Fields added after resume states may have been written: a saved config without one of them
+# ran with the value given here, so resuming such a run under that value is no difference.
+# (A run saved before `data.pipeline` read its batches through the DataLoader.)
+ADDED_FIELDS: dict[str, Any] = {"train.channels_last": False, "data.pipeline": "loader"}
 
 
 # -- presets ---------------------------------------------------------------------------------------
@@ -257,7 +281,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(a: dict[str, Any], b: dict[str, Any],
                        ignore: frozenset[str] = RESUME_FREE_FIELDS) -> list[str]:
     """Dotted keys whose values differ between two config dicts (ignoring `ignore`)."""
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = ({**ADDED_FIELDS, **flatten(c)} for c in (a, b))
     keys = sorted(set(fa) | set(fb))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys
             if k not in ignore and fa.get(k) != fb.get(k)]

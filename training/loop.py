@@ -49,6 +49,7 @@ from .data import (
 )
 from .guard import catastrophic_overfitting
 from .objectives import TrainForward, objective_loss
+from .precision import choose_precision
 from .resume import RESUME_FILE, load_state, save_state
 from .validation import clean_accuracy, validate
 from .warm_start import warm_start
@@ -159,8 +160,11 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        self.amp = cfg.train.amp == "bf16" or (
-            cfg.train.amp == "auto" and self.device.type == "cuda")
+        # bf16 autocast over fp32 parameters; refused early on a CPU that would only emulate it
+        self.precision = choose_precision(cfg.train.amp, self.device.type)
+        self.amp = self.precision.bf16
+        if self.precision.note and self.dist.is_main:
+            print(f"deqguard train: {self.precision.note}", file=sys.stderr)
 
         d = cfg.data
         self.info = dataset_info(d.dataset, d.data_dir)
@@ -173,6 +177,8 @@ class Trainer:
         except ValueError as exc:  # e.g. a width the normalisation groups do not divide
             raise DeqguardError(f"cannot build the model {cfg.model.overrides}: {exc}") from None
         self.model.to(self.device)
+        if cfg.train.channels_last:  # 4-D weights only; later load_state_dict copies keep it
+            self.model.to(memory_format=torch.channels_last)
         self.cfg = resolve(cfg, getattr(model_cfg, "solver", None))
         self.fingerprint = data_fingerprint(d.dataset, d.data_dir)
         common = {"data_dir": d.data_dir, "val_size": d.val_size, "seed": d.split_seed,
@@ -256,6 +262,13 @@ class Trainer:
         self.tally_state = state.get("tally")
         self.history = list(state.get("history", []))
         self.init = state.get("init")
+        saved_amp = state.get("bf16_autocast")
+        if saved_amp is not None and bool(saved_amp) != self.amp and self.dist.is_main:
+            # train.amp=auto can resolve differently on another machine (train.device is free)
+            print(f"deqguard train: this run was started with bf16 autocast "
+                  f"{'on' if saved_amp else 'off'} and continues with it "
+                  f"{'on' if self.amp else 'off'}: it will not repeat an uninterrupted run",
+                  file=sys.stderr)
         return True
 
     def _save_resume(self, tally: _Tally | None) -> None:
@@ -267,7 +280,7 @@ class Trainer:
             "global_step": self.global_step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "best": self.best, "tally": tally.v if tally else None, "history": self.history,
-            "init": self.init,
+            "init": self.init, "bf16_autocast": self.amp,
         })
 
     # -- one step -------------------------------------------------------------------------------
@@ -287,6 +300,8 @@ class Trainer:
         j = cfg.jacobian
         use_jac = (self.model.is_deq and j.weight > 0 and self.epoch < j.stop_epoch
                    and float(torch.rand((), generator=coin)) < j.freq)
+        if self.cfg.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         fwd = self._forward(depth_gen)
         self.model.train()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
@@ -420,7 +435,8 @@ class Trainer:
                 "data_fingerprint": self.fingerprint,
                 "epochs_completed": self.epoch, "global_step": self.global_step,
                 "world_size": self.dist.world_size, "device": self.device.type,
-                "bf16_autocast": self.amp, "torch_version": torch.__version__,
+                "bf16_autocast": self.amp, "precision": self.precision.label,
+                "channels_last": c.train.channels_last, "torch_version": torch.__version__,
                 **({"init": self.init} if self.init else {}),
             },
             "metrics": metrics,
