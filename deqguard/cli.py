@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "deqguard.models.cli",
     "deqguard.models.store_cli",
     "deqguard.training.cli",
+    "deqguard.training.window",
     "deqguard.training.evaluation.cli",
     "deqguard.training.evaluation.detector_cli",
     "deqguard.serving.cli",

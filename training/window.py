@@ -1,0 +1,251 @@
+"""`deqguard window`: train and evaluate the default and its baselines in one device window.
+
+A GPU is lent to a session for 15 minutes at most, start-up included, and one command may run 10
+minutes; what it writes comes back only as a few files. So one prepared command does it all:
+train each preset (resumable runs, the data resident on the device), stop training at a deadline
+that leaves time to evaluate, evaluate every run that produced a checkpoint with the same
+`deqguard eval` line, and pack the runs, logs and reports into one archive plus a summary.
+Without a GPU the same command runs on the CPU with fewer epochs (tests do, on tiny data).
+
+    deqguard window --out runs/window --epochs 30 --batch-size 512 --jobs 3 --deadline-s 540 \
+        --data-dir .devdata/fashion-mnist --pack $OUT/window.tar.gz
+
+Every command it ran is in summary.json, next to what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+# the regulated DEQ (the default's preset), the same DEQ without the regulation, the anchor CNN
+WINDOW_PRESETS = ("fashion-wk-regulated", "fashion-wk-plain", "fashion-cnn-wk")
+EVAL_PARTS = "clean,budget,pgd,aa"
+
+
+def _deqguard() -> list[str]:
+    return [sys.executable, "-m", "deqguard.cli"]
+
+
+def train_command(preset: str, out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = ["deqguard", "train", "--preset", preset, "--out", str(out), "--resume",
+           "--no-progress", "--epochs", str(args.epochs), "--device", args.device]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    for s in args.set or []:
+        cmd += ["--set", s]
+    return cmd
+
+
+def eval_command(checkpoint: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = ["deqguard", "eval", str(checkpoint), "--data", "fashion-mnist", "--n",
+           str(args.eval_n), "--attacks", EVAL_PARTS, "--aa-attacks", "apgd-ce,apgd-t",
+           "--aa-n", str(args.aa_n), "--sweep-n", str(min(args.aa_n, args.eval_n)),
+           "--batch-size", str(args.eval_batch_size), "--device", args.device,
+           "--json", str(out / "eval.json"), "--report", str(out / "report"), "--no-progress"]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    return cmd + shlex.split(args.eval_args or "")
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_all(commands: dict[str, list[str]], *, jobs: int, deadline: float, threads: int,
+            logs: Path) -> dict[str, dict[str, Any]]:
+    """Run the commands, `jobs` at a time; kill what is still running at `deadline`."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = list(commands.items())
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    done: dict[str, dict[str, Any]] = {}
+    while pending or running:
+        while pending and len(running) < jobs and time.time() < deadline:
+            name, cmd = pending.pop(0)
+            fh = (logs / f"{name}.log").open("w")
+            print(f"[window] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+            proc = subprocess.Popen([*_deqguard(), *cmd[1:]], stdout=fh, stderr=subprocess.STDOUT,
+                                    env=_env(threads))
+            running[name] = (proc, time.time(), fh)
+        if not running:  # the deadline passed before these could start
+            for name, cmd in pending:
+                done[name] = {"command": shlex.join(cmd), "returncode": None, "seconds": 0.0,
+                              "stopped_at_deadline": True}
+            break
+        time.sleep(0.5)
+        for name, (proc, t0, fh) in list(running.items()):
+            late = time.time() >= deadline
+            if proc.poll() is None and not late:
+                continue
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            fh.close()
+            done[name] = {"command": shlex.join(commands[name]), "returncode": proc.returncode,
+                          "seconds": round(time.time() - t0, 1), "stopped_at_deadline": late}
+            del running[name]
+    return done
+
+
+def _train_summary(run_dir: Path) -> dict[str, Any]:
+    rows = []
+    log = run_dir / "train_log.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "epoch" in row and "event" not in row:
+                rows.append(row)
+    if not rows:
+        return {"epochs_completed": 0}
+    secs = [r["train_seconds"] for r in rows]
+    return {"epochs_completed": rows[-1]["epoch"],
+            "train_seconds_per_epoch": round(sum(secs) / len(secs), 2),
+            "train_seconds_first_epoch": secs[0],
+            "train_seconds_per_epoch_after_first": (round(sum(secs[1:]) / len(secs[1:]), 2)
+                                                    if len(secs) > 1 else None),
+            "images_per_second_last_epoch": rows[-1]["images_per_second"],
+            "val_clean_accuracy": rows[-1]["val_clean_accuracy"],
+            "val_pgd_accuracy": rows[-1]["val_pgd_accuracy"],
+            "val_mean_iterations": rows[-1]["val_mean_iterations"],
+            "val_converged_fraction": rows[-1]["val_converged_fraction"]}
+
+
+def _eval_summary(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    out: dict[str, Any] = {"n": report["settings"]["n"]}
+    if report.get("clean"):
+        out["clean_accuracy"] = report["clean"]["accuracy"]
+        out["converged_fraction"] = report["clean"]["converged_fraction"]
+    if report.get("worst_case"):
+        out["worst_case_accuracy"] = report["worst_case"]["accuracy"]
+    if report.get("autoattack"):
+        out["autoattack_accuracy"] = report["autoattack"]["accuracy"]
+        out["autoattack_n"] = report["autoattack"].get("n")
+    out["attacks"] = {a["name"]: a["accuracy"] for a in report.get("attacks", [])}
+    out["warnings"] = report.get("warnings", [])
+    return out
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def window(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    presets = [p for p in args.presets.split(",") if p]
+    eval_share = args.eval_share if args.deadline_s else 0.0
+    deadline = start + args.deadline_s if args.deadline_s else float("inf")
+    train_deadline = start + args.deadline_s * (1 - eval_share) if args.deadline_s else deadline
+    runs = {p: out / "runs" / p for p in presets}
+    trained = run_all({p: train_command(p, runs[p], args) for p in presets}, jobs=args.jobs,
+                      deadline=train_deadline, threads=args.threads, logs=out / "logs" / "train")
+    evals = {p: eval_command(_checkpoint(runs[p]), out / "eval" / p, args)
+             for p in presets if _checkpoint(runs[p]).exists()}
+    evaluated = run_all(evals, jobs=args.jobs, deadline=deadline, threads=args.threads,
+                        logs=out / "logs" / "eval")
+    summary: dict[str, Any] = {"environment": _environment(), "presets": {},
+                               "seconds_total": None,
+                               "arguments": {k: v for k, v in vars(args).items() if k != "func"}}
+    for p in presets:
+        summary["presets"][p] = {
+            "train": {**trained.get(p, {}), **_train_summary(runs[p])},
+            "checkpoint": str(_checkpoint(runs[p])) if _checkpoint(runs[p]).exists() else None,
+            "eval": {**evaluated.get(p, {}), **_eval_summary(out / "eval" / p / "eval.json")},
+        }
+    summary["seconds_total"] = round(time.time() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.pack:
+        pack(out, Path(args.pack))
+    return summary
+
+
+def _checkpoint(run_dir: Path) -> Path:
+    """best.safetensors: chosen by validation PGD accuracy, never by the test set."""
+    return run_dir / "best.safetensors"
+
+
+def pack(folder: Path, archive: Path) -> None:
+    """One archive of the window's folder: a device returns a handful of files, not a tree.
+
+    resume.pt files stay out (optimizer state, several times the weights); the checkpoints,
+    logs and reports go in.
+    """
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.name != "resume.pt" and path.resolve() != archive.resolve():
+                tar.add(path, arcname=str(path.relative_to(folder.parent)))
+
+
+def _window(args: argparse.Namespace) -> int:
+    summary = window(args)
+    short = {p: {"epochs": s["train"].get("epochs_completed"),
+                 "s/epoch": s["train"].get("train_seconds_per_epoch"),
+                 "clean": s["eval"].get("clean_accuracy"),
+                 "worst_case": s["eval"].get("worst_case_accuracy"),
+                 "autoattack": s["eval"].get("autoattack_accuracy")}
+             for p, s in summary["presets"].items()}
+    print(json.dumps({"out": args.out, "seconds_total": summary["seconds_total"],
+                      "presets": short}, indent=2))
+    failed = [p for p, s in summary["presets"].items() if s["checkpoint"] is None]
+    return 1 if failed else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "window", help="train and evaluate the default and its baselines in one device window",
+        description="Train each preset (resumable, stopped at a deadline), evaluate every run "
+                    "that left a checkpoint with the same deqguard eval line, write summary.json "
+                    "and optionally pack everything into one archive.")
+    p.add_argument("--out", required=True, help="folder for runs/, eval/, logs/, summary.json")
+    p.add_argument("--presets", default=",".join(WINDOW_PRESETS))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, help="train.batch_size (default: each preset's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--limit", type=int, help="data.limit: the first N training images")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="training config override for every preset (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (3 on a large GPU)")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each run")
+    p.add_argument("--deadline-s", type=float, help="stop everything this many seconds in")
+    p.add_argument("--eval-share", type=float, default=0.35,
+                   help="share of --deadline-s kept for evaluation (training stops before)")
+    p.add_argument("--eval-n", type=int, default=1000, help="test images for clean/PGD")
+    p.add_argument("--aa-n", type=int, default=1000, help="test images for APGD-CE + APGD-T")
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--eval-args", help="more deqguard eval options for every run, one string")
+    p.add_argument("--pack", help="write a .tar.gz of --out here")
+    p.set_defaults(func=_window)
