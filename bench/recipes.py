@@ -3,7 +3,8 @@
 A baseline is judged with its own best recipe, never only the DEQ's (issue 21), so each model
 family has a grid here; every row of the printed table is a `deqguard train` command (printed
 with it) and the validation split's numbers (the test set is not used for the choice). Runs are
-resumable: an entry whose log has its final line is skipped, an unfinished one continues.
+resumable: an entry whose log has its final line is skipped, an unfinished one continues, and
+an entry another runner is training is left to it, so two runners can share a grid.
 
     python bench/recipes.py --grid anchor --epochs 15 --root runs/search/anchor --threads 1
     python bench/recipes.py --grid deq-designs --epochs 10 --root runs/search/deq --threads 1
@@ -86,6 +87,25 @@ def finished(out: Path) -> bool:
     return any(r.get("event") == "final" for r in log_rows(out))
 
 
+def claim(out: Path) -> Path | None:
+    """A lock file in the run folder, or None when a live runner holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".runner.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text() or "0")
+            os.kill(pid, 0)
+            return None
+        except (ValueError, ProcessLookupError):  # left by a runner that died
+            lock.unlink(missing_ok=True)
+            return claim(out)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return lock
+
+
 def table(grid: dict[str, tuple[str, list[str]]], root: Path, epochs: int | None) -> str:
     lines = ["| entry | epochs | s / epoch | train img/s | val clean (last) | val PGD-10 (last) "
              "| best val PGD-10 (epoch) | val mean iters | command |",
@@ -132,9 +152,15 @@ def main() -> int:
             out = args.root / name
             if finished(out):
                 continue
+            lock = claim(out)
+            if lock is None:  # another runner of the same grid has it (two cores, two runners)
+                continue
             cmd = command(preset, sets, out, args.epochs)
             print(f"[recipes] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-            rc = subprocess.call([str(exe), *cmd[1:]], env=env)
+            try:
+                rc = subprocess.call([str(exe), *cmd[1:]], env=env)
+            finally:
+                lock.unlink(missing_ok=True)
             if rc != 0:
                 print(f"[recipes] {name} exited with {rc}", file=sys.stderr, flush=True)
     print(table(grid, args.root, args.epochs))
