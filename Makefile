@@ -7,7 +7,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser test test-slow lint serve bento clean
+.PHONY: setup data browser test test-slow lint serve bento clean device-carry
 
 setup: $(STAMP) data
 
@@ -57,6 +57,20 @@ serve: setup
 bento: setup
 	rm -rf dist build && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 	$(BIN)/python -m bentoml build $(if $(findstring :,$(DEQGUARD_CHECKPOINT)),--arg checkpoint=$(DEQGUARD_CHECKPOINT))
+
+# What `deqguard window` needs on a lent GPU machine (Python 3.12, torch, no network, none of the
+# packages below, no Fashion-MNIST), in the two ignored folders the device call carries (README
+# "One device window"). pyautoattack's wheel ships a 45 MB example model; it stays behind.
+DEVICE_PACKAGES := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 pyautoattack==0.2.0
+device-carry: setup data
+	rm -rf .devsite .devdata
+	$(BIN)/pip install -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --target .devsite \
+	  $(DEVICE_PACKAGES)
+	rm -rf .devsite/pyautoattack/examples .devsite/bin
+	mkdir -p .devdata/fashion-mnist && cp $(FASHION_DIR)/*.gz .devdata/fashion-mnist/
+	du -sh .devsite .devdata
 
 lint: setup
 	$(BIN)/ruff check .
