@@ -39,7 +39,6 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "pgd7": ("fashion-cnn-wk", PGD7),
         "pgd7-clean": ("fashion-cnn-wk", PGD7 + CLEAN),
         "pgd7-aug": ("fashion-cnn-wk", PGD7 + AUG),
-        "pgd7-lr2e-3": ("fashion-cnn-wk", PGD7 + ["optim.lr=2e-3"]),
     },
     "deq-designs": {
         "fc-e1-regulated": ("fashion-wk-regulated", []),
@@ -51,11 +50,11 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "pool-e2-plain": ("fashion-wk-plain", ["model.overrides.expansion=2",
                                                "model.overrides.head=pool"]),
     },
+    # fashion-wk-* train with N-FGSM (fc-e1 rows of deq-designs); these try the anchor's best
     "deq-recipes": {
-        "regulated-fgsm-rs": ("fashion-wk-regulated", FGSM_RS),
-        "regulated-n-fgsm": ("fashion-wk-regulated", N_FGSM),
         "regulated-pgd7": ("fashion-wk-regulated", PGD7),
-        "regulated-fgsm-rs-clean": ("fashion-wk-regulated", FGSM_RS + CLEAN),
+        "plain-pgd7": ("fashion-wk-plain", PGD7),
+        "regulated-fgsm-rs": ("fashion-wk-regulated", FGSM_RS),
     },
 }
 
