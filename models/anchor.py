@@ -10,10 +10,9 @@ comparison isolates what the equilibrium (and the paper's regulation of it) adds
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from .classifier import DEQClassifier, FeedForwardClassifier
+from .classifier import FeedForwardClassifier, StemCellDEQ
 from .config import AnchorCNNConfig, AnchorDEQConfig
 from .layers import ResidualCell
 
@@ -40,7 +39,7 @@ class AnchorCNN(FeedForwardClassifier):
         return self.net(x)
 
 
-class AnchorDEQ(DEQClassifier):
+class AnchorDEQ(StemCellDEQ):
     def __init__(self, config: AnchorDEQConfig):
         super().__init__(config)
         c = config
@@ -54,15 +53,3 @@ class AnchorDEQ(DEQClassifier):
         else:
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                       nn.Linear(c2, c.num_classes))
-
-    def inject(self, x: Tensor) -> Tensor:
-        return self.stem(x)
-
-    def layer(self, z: Tensor, u: Tensor) -> Tensor:
-        return self.cell(z, u)
-
-    def initial_state(self, u: Tensor) -> Tensor:
-        return torch.zeros_like(u)
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self.head(z)

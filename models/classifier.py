@@ -235,3 +235,24 @@ class DEQClassifier(Classifier):
         eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
                               readout=readout)
         return self.decode(eq.z)
+
+
+class StemCellDEQ(DEQClassifier):
+    """The single-scale DEQ shape shared by the small architectures: a `stem` injects the image,
+    one `cell(z, u)` is iterated from a zero state, a `head` decodes the state."""
+
+    stem: nn.Module
+    cell: nn.Module
+    head: nn.Module
+
+    def inject(self, x: Tensor) -> Tensor:
+        return self.stem(x)
+
+    def layer(self, z: Tensor, u: Tensor) -> Tensor:
+        return self.cell(z, u)
+
+    def initial_state(self, u: Tensor) -> Tensor:
+        return torch.zeros_like(u)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.head(z)

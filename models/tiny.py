@@ -6,10 +6,9 @@ iterations (times attack steps) stays cheap; one MDEQ-style residual block is it
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .classifier import DEQClassifier
+from .classifier import StemCellDEQ
 from .config import TinyDEQConfig
 from .layers import ResidualCell, conv1x1, conv3x3
 
@@ -25,7 +24,7 @@ def _stem(cfg: TinyDEQConfig) -> nn.Sequential:
     )
 
 
-class TinyDEQ(DEQClassifier):
+class TinyDEQ(StemCellDEQ):
     def __init__(self, config: TinyDEQConfig):
         super().__init__(config)
         c = config
@@ -35,15 +34,3 @@ class TinyDEQ(DEQClassifier):
             conv1x1(c.width, c.head_width), nn.GroupNorm(c.num_groups, c.head_width), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c.head_width, c.num_classes),
         )
-
-    def inject(self, x: Tensor) -> Tensor:
-        return self.stem(x)
-
-    def layer(self, z: Tensor, u: Tensor) -> Tensor:
-        return self.cell(z, u)
-
-    def initial_state(self, u: Tensor) -> Tensor:
-        return torch.zeros_like(u)
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self.head(z)
