@@ -40,17 +40,19 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "pgd7-clean": ("fashion-cnn-wk", PGD7 + CLEAN),
         "pgd7-aug": ("fashion-cnn-wk", PGD7 + AUG),
     },
+    # the design study runs every design with N-FGSM, the cheap recipe, with and without the
+    # regulation (the presets now hold the DEQs' best recipe, PGD-7, found by deq-recipes)
     "deq-designs": {
-        "fc-e1-regulated": ("fashion-wk-regulated", []),
-        "fc-e1-plain": ("fashion-wk-plain", []),
-        "fc-e2-regulated": ("fashion-wk-regulated", ["model.overrides.expansion=2"]),
-        "fc-e2-plain": ("fashion-wk-plain", ["model.overrides.expansion=2"]),
-        "pool-e2-regulated": ("fashion-wk-regulated", ["model.overrides.expansion=2",
-                                                       "model.overrides.head=pool"]),
-        "pool-e2-plain": ("fashion-wk-plain", ["model.overrides.expansion=2",
-                                               "model.overrides.head=pool"]),
+        "fc-e1-regulated": ("fashion-wk-regulated", N_FGSM),
+        "fc-e1-plain": ("fashion-wk-plain", N_FGSM),
+        "fc-e2-regulated": ("fashion-wk-regulated", N_FGSM + ["model.overrides.expansion=2"]),
+        "fc-e2-plain": ("fashion-wk-plain", N_FGSM + ["model.overrides.expansion=2"]),
+        "pool-e2-regulated": ("fashion-wk-regulated", N_FGSM + ["model.overrides.expansion=2",
+                                                                "model.overrides.head=pool"]),
+        "pool-e2-plain": ("fashion-wk-plain", N_FGSM + ["model.overrides.expansion=2",
+                                                        "model.overrides.head=pool"]),
     },
-    # fashion-wk-* train with N-FGSM (fc-e1 rows of deq-designs); these try the anchor's best
+    # N-FGSM is the fc-e1 rows of deq-designs; these try the anchor's best on both DEQs
     "deq-recipes": {
         "regulated-pgd7": ("fashion-wk-regulated", PGD7),
         "plain-pgd7": ("fashion-wk-plain", PGD7),
