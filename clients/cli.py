@@ -22,7 +22,8 @@ def _score(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     options = {k: v for k, v in {"max_iter": args.max_iter, "tol": args.tol,
-                                 "solver": args.solver, "defense": args.defense}.items()
+                                 "solver": args.solver, "defense": args.defense,
+                                 "coverage": args.coverage}.items()
                if v is not None}
     cfg = ScoreConfig(
         input_dir=args.input_dir, out=args.out, checkpoint=args.checkpoint, url=args.url,
@@ -72,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float, default=None, help="relative residual to stop at")
     p.add_argument("--solver", choices=["naive", "anderson", "broyden"], default=None)
     p.add_argument("--defense", choices=["none", "entropy-reduction"], default=None)
+    p.add_argument("--coverage", type=float, default=None,
+                   help="selective answers: the share of clean inputs to answer, 0 < C <= 1 "
+                        "(default 1: always); rows over the checkpoint's calibrated threshold "
+                        "get abstained=true (the prediction is still given)")
     p.add_argument("--device", default=None, help="torch device for local scoring "
                    "(default: cuda when present, else cpu)")
     p.add_argument("--threads", type=_positive, default=None,

@@ -9,6 +9,8 @@ and raises `ServerError` at once, carrying the server's message.
     with Client("http://127.0.0.1:3000") as client:
         result = client.classify("shirt.png", max_iter=20)
         result.class_name, result.entropy, result.detection.suspicious
+        sure = client.classify("shirt.png", coverage=0.9)   # selective: answer ~90% of clean inputs
+        sure.abstained, sure.selective.score, sure.selective.threshold
 """
 
 from __future__ import annotations
@@ -169,7 +171,13 @@ class Client:
         return self._request("GET", "/model")
 
     def classify(self, image: ImageInput, **options: Any) -> ClassifyResult:
-        """One image; options are `ClassifyOptions` fields (max_iter, tol, solver, defense...)."""
+        """One image; options are `ClassifyOptions` fields (max_iter, tol, solver, defense...).
+
+        `coverage=c` (0 < c <= 1) asks for selective answering: `abstained` is true when the
+        checkpoint's doubt score is over the threshold calibrated to answer a share c of clean
+        inputs (the prediction is still given); a checkpoint without that calibration refuses
+        c < 1 with a ServerError (422).
+        """
         opts = request_options(options)
         return ClassifyResult.model_validate(
             self._request("POST", "/classify", {"image": image_b64(image), **opts}))

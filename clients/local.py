@@ -136,7 +136,7 @@ class ModelScorer:
         opts = ClassifyOptions.model_validate(options)
         self.solve_options = self.engine.resolve(max_iter=opts.max_iter, tol=opts.tol,
                                                  solver=opts.solver, defense=opts.defense,
-                                                 detect=opts.detect)
+                                                 detect=opts.detect, coverage=opts.coverage)
         self.builder = RowBuilder(self.meta, self.solve_options)
 
     @property

@@ -32,6 +32,7 @@ COLUMNS: dict[str, str] = {
     "converged": "bool",
     "detection_score": "float",
     "suspicious": "bool",
+    "abstained": "bool",
     "error": "str",
     "model_sha256": "str",
 }
@@ -53,6 +54,7 @@ def result_row(item: Item, result: ClassifyResult) -> Row:
         "converged": result.converged,
         "detection_score": result.detection.score,
         "suspicious": result.detection.suspicious,
+        "abstained": result.abstained,
         "error": None,
         "model_sha256": result.model.sha256,
     }
@@ -109,7 +111,7 @@ def _encode(rows: Iterable[Row], fmt: str) -> bytes:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(COLUMNS)
         for r in rows:
-            writer.writerow([_csv_cell(kind, r[name]) for name, kind in COLUMNS.items()])
+            writer.writerow([_csv_cell(kind, r.get(name)) for name, kind in COLUMNS.items()])
         return buf.getvalue().encode()
     if fmt == "parquet":
         try:

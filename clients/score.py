@@ -31,10 +31,18 @@ class Summary:
     scored_now: int
     seconds: float
     out: str
+    abstained: int = 0
+    answered_labelled: int = 0  # labelled rows without error that did not abstain
+    answered_correct: int = 0
 
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def answered_accuracy(self) -> float | None:
+        """Accuracy among the labelled rows that did not abstain (selective answers)."""
+        return self.answered_correct / self.answered_labelled if self.answered_labelled else None
 
     def lines(self) -> list[str]:
         rate = self.scored_now / self.seconds if self.seconds > 0 else 0.0
@@ -43,6 +51,13 @@ class Summary:
         if self.accuracy is not None:
             out.append(f"accuracy: {self.accuracy:.4f} ({self.correct}/{self.labelled} labelled "
                        "images without error)")
+        if self.abstained:
+            ok = self.rows - self.errors
+            out.append(f"abstained: {self.abstained} ({self.abstained / ok:.1%} of "
+                       f"{ok} answered rows)")
+            if self.answered_accuracy is not None:
+                out.append(f"accuracy among answered: {self.answered_accuracy:.4f} "
+                           f"({self.answered_correct}/{self.answered_labelled})")
         out.append(f"output: {self.out}")
         return out
 
@@ -50,10 +65,14 @@ class Summary:
 def summarise(rows: list[Row], *, scored_now: int, seconds: float, out: str) -> Summary:
     ok = [r for r in rows if r["error"] is None]
     labelled = [r for r in ok if r["label"] is not None]
+    answered = [r for r in labelled if not r.get("abstained")]  # rows of older runs lack it
     return Summary(rows=len(rows), errors=len(rows) - len(ok),
                    suspicious=sum(bool(r["suspicious"]) for r in ok), labelled=len(labelled),
                    correct=sum(r["label"] == r["pred"] for r in labelled),
-                   scored_now=scored_now, seconds=seconds, out=out)
+                   scored_now=scored_now, seconds=seconds, out=out,
+                   abstained=sum(bool(r.get("abstained")) for r in ok),
+                   answered_labelled=len(answered),
+                   answered_correct=sum(r["label"] == r["pred"] for r in answered))
 
 
 @dataclass

@@ -16,8 +16,11 @@ def mean_over_own_iterates(rows: Tensor, iterations: Tensor) -> Tensor:
     """Per-sample mean of a [T, B] trajectory over the sample's own first `iterations` rows.
 
     Rows after a sample stopped repeat its last value, and their number depends on its batch
-    mates (serving cuts them off the same way), so they must not count.
+    mates (serving cuts them off the same way), so they must not count. The sum is a running
+    (prefix) sum read at the sample's own last row: a reduction over all T rows, zeros
+    included, rounds differently for another T, and a selective threshold sits exactly on one
+    calibration image's score.
     """
     steps = iterations.to(rows.device).clamp(1, rows.shape[0])
-    valid = torch.arange(rows.shape[0], device=rows.device)[:, None] < steps[None, :]
-    return (rows * valid).sum(dim=0) / steps.to(rows.dtype)
+    sums = rows.cumsum(dim=0).gather(0, (steps - 1).long()[None, :])[0]
+    return sums / steps.to(rows.dtype)

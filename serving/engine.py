@@ -19,6 +19,9 @@ deadline never changes an answer. `stopped` says which criterion ended a sample.
 
 Trajectories are always computed, since detection scores read them; the `trajectory` flag only
 decides whether they are returned.
+
+Selective answers (`coverage` < 1, selective.py): the coverage is part of the options key, and
+like a calibrated detector it reads full solves, so the settled exit stands aside for it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .schema import ClassifyResult, Detection, ModelRef
+from .selective import Selector, trace_result
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class SolveOptions:
     settle_iters: int = 0  # 0: no settled exit
     settle_entropy: float = DEFAULT_SETTLE_ENTROPY
     detect: bool = True
+    coverage: float = 1.0  # selective answering: 1 answers everything
 
 
 @dataclass
@@ -142,7 +147,6 @@ class Detector:
     def __call__(self, trace: SampleTrace, defense: str, detect: bool = True) -> Detection:
         import torch
 
-        from deqguard.models.classifier import SolveResult
         from deqguard.models.detection import detection_score
 
         if self.learned is not None and detect and trace.features is not None:
@@ -155,12 +159,7 @@ class Detector:
                              fpr=float(det.fpr))
         cal = self.calibration
         name = cal.score if cal else "final_entropy"
-        result = SolveResult(
-            logits=torch.from_numpy(np.asarray(trace.logits, np.float32))[None],
-            entropy=torch.from_numpy(trace.entropy.astype(np.float32))[:, None],
-            residual=torch.from_numpy(trace.residual.astype(np.float32))[:, None],
-            iterations=torch.tensor([trace.iterations]),
-            converged=torch.tensor([trace.converged]))
+        result = trace_result(trace)
         kwargs = {"early_index": cal.early_index, "params": cal.params} if cal else {}
         score = float(detection_score(result, name, **kwargs)[0])
         if not detect:
@@ -178,6 +177,7 @@ class Engine(ABC):
     """A loaded checkpoint that classifies batches of arrays; one call at a time (a lock)."""
 
     backend: str = "?"
+    computes_features: bool = True  # dynamics features (the learned detector's inputs)
 
     def __init__(self, meta: Any, *, max_iter_cap: int):
         self.meta = meta  # deqguard.models.CheckpointMetadata
@@ -185,8 +185,11 @@ class Engine(ABC):
         self.classes = list(meta.classes)
         self.max_iter_cap = int(max_iter_cap)
         from deqguard.models.detector import detector_from_metadata
+        from deqguard.models.selective import selective_from_metadata
 
-        self.detector = Detector(meta.detection, detector_from_metadata(meta))
+        learned = detector_from_metadata(meta)
+        self.detector = Detector(meta.detection, learned)
+        self.selector = Selector(selective_from_metadata(meta), learned)
         self.model_ref = ModelRef(name=meta.name or "unnamed", sha256=meta.sha256)
         self._lock = threading.Lock()
         self.ready = threading.Event()
@@ -218,17 +221,34 @@ class Engine(ABC):
         if opts.settle_iters and opts.defense != "none":
             raise OptionsError("the settled exit applies to the plain solve, not to the "
                                f"{opts.defense} defense; leave settle_iters unset or 0")
+        problem = self.selector.problem(opts, features=self.computes_features and self.is_deq)
+        if problem:
+            raise OptionsError(problem)
 
     def check_deadline(self, opts: SolveOptions) -> None:
         """Raise OptionsError when this engine cannot stop `opts` at a deadline."""
         if opts.defense != "none":
             raise OptionsError(f"deadline_ms applies to the plain solve, not to the "
                                f"{opts.defense} defense")
+        problem = self.selector.problem(opts, features=self.computes_features and self.is_deq,
+                                        deadline=True)
+        if problem:
+            raise OptionsError(problem)
+
+    def wants_features(self, opts: SolveOptions) -> bool:
+        """Whether the solve must compute the dynamics features (detector or selective score)."""
+        return self.detector.wants_features(opts) or self.selector.needs_features(opts)
+
+    def reads_dynamics(self, opts: SolveOptions) -> bool:
+        """Whether a calibrated decision reads this request's full trajectory: the settled exit
+        would truncate it, so it stands aside (the detector's or a coverage below 1)."""
+        return self.detector.reads_dynamics(opts) or opts.coverage < 1
 
     def resolve(self, *, max_iter: int | None = None, tol: float | None = None,
                 solver: str | None = None, defense: str | None = None,
                 settle_iters: int | None = None, settle_entropy: float | None = None,
-                deadline_ms: int | None = None, detect: bool | None = None) -> SolveOptions:
+                deadline_ms: int | None = None, detect: bool | None = None,
+                coverage: float | None = None) -> SolveOptions:
         """Fill unset options from the checkpoint's defaults, then check them. `deadline_ms` is
         only checked (deadlines travel per sample, see `trace`)."""
         d = self.default_options(defense or "none")
@@ -240,7 +260,8 @@ class Engine(ABC):
                             else int(settle_iters),
                             settle_entropy=d.settle_entropy if settle_entropy is None
                             else float(settle_entropy),
-                            detect=True if detect is None else bool(detect))
+                            detect=True if detect is None else bool(detect),
+                            coverage=1.0 if coverage is None else coverage)
         self.check_options(opts)
         if deadline_ms is not None:
             self.check_deadline(opts)
@@ -285,13 +306,15 @@ class Engine(ABC):
     def result(self, trace: SampleTrace, opts: SolveOptions, trajectory: bool) -> ClassifyResult:
         probs = softmax(trace.logits)
         label = int(np.argmax(trace.logits))
+        abstained, selective = self.selector(trace, opts)
         return ClassifyResult(
             label=label, class_name=self.classes[label],
             probabilities=[float(p) for p in probs],
             entropy=[float(v) for v in trace.entropy] if trajectory else [],
             residual=[float(v) for v in trace.residual] if trajectory else [],
             iterations=trace.iterations, converged=trace.converged, stopped=trace.stopped,
-            detection=self.detector(trace, opts.defense, opts.detect), model=self.model_ref)
+            detection=self.detector(trace, opts.defense, opts.detect), abstained=abstained,
+            selective=selective, model=self.model_ref)
 
     def classify(self, x: np.ndarray, opts: SolveOptions, trajectory: bool = True,
                  deadlines: np.ndarray | None = None) -> list[ClassifyResult]:
@@ -329,7 +352,8 @@ class Engine(ABC):
                         "defaults": {"max_iter": d.max_iter, "tol": d.tol, "solver": d.solver,
                                      "settle_iters": d.settle_iters,
                                      "settle_entropy": d.settle_entropy},
-                        "defenses": self.defenses(), "solvers": self.solvers()},
+                        "defenses": self.defenses(), "solvers": self.solvers(),
+                        "selective": self.selector.describe()},
         }
 
     def defenses(self) -> list[str]:
@@ -391,12 +415,12 @@ class TorchEngine(Engine):
         if self.is_deq:
             # The detector was fitted and calibrated on full solves: a settled exit would feed
             # it truncated dynamics, so it only applies where no calibrated detector reads them.
-            if opts.settle_iters and not self.detector.reads_dynamics(opts):
+            if opts.settle_iters and not self.reads_dynamics(opts):
                 anytime["settle"] = SettleRule(opts.settle_iters, opts.settle_entropy)
             if deadlines is not None:
                 anytime["deadline"] = torch.from_numpy(deadlines)
         features = (self.detector.learned.dynamics
-                    if self.is_deq and self.detector.wants_features(opts) else None)
+                    if self.is_deq and self.wants_features(opts) else None)
         with torch.inference_mode():
             r = self.model.solve(xt, solver=opts.solver, max_iter=opts.max_iter, tol=opts.tol,
                                  trajectory=True, features=features, **anytime)

@@ -10,7 +10,10 @@ client that first sends its whole body still reads the 413 instead of a reset co
 pickle bodies); the uploads POST /classify accepts are turned into JSON before it by uploads.py.
 `ReadableValidationErrors` rewrites BentoML's pydantic 400 body
 {"error": "1 validation error for X", "detail": [...]} so that "error" names each field and
-problem ("solver: Input should be 'naive', 'anderson' or 'broyden'"); "detail" is kept.
+problem ("solver: Input should be 'naive', 'anderson' or 'broyden'"); "detail" is kept. When
+every error concerns a field of `UNPROCESSABLE_FIELDS` the status becomes 422: issue 22's
+contract for `coverage` (0, negative, over 1, NaN, a string), which a client must be able to
+tell apart from a malformed request.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _DRAIN_FACTOR = 8  # read (and drop) at most this many times the cap before answering 413
+# Request fields whose invalid values are answered 422 instead of BentoML's 400 (see above).
+UNPROCESSABLE_FIELDS = frozenset({"coverage"})
 
 
 class BodySizeLimit:
@@ -167,11 +172,11 @@ class ReadableValidationErrors:
                 chunks.append(msg.get("body", b""))
                 if msg.get("more_body", False):
                     return
-                body = _readable(b"".join(chunks))
+                body, status = _readable(b"".join(chunks))
                 headers = [(k, v) for k, v in held.get("headers", [])
                            if k.lower() != b"content-length"]
                 headers.append((b"content-length", str(len(body)).encode()))
-                await send({**held, "headers": headers})
+                await send({**held, "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
             await send(msg)
@@ -179,22 +184,25 @@ class ReadableValidationErrors:
         await self.app(scope, receive, wrapped)
 
 
-def _readable(body: bytes) -> bytes:
+def _readable(body: bytes) -> tuple[bytes, int]:
+    """(the rewritten body, its status: 400, or 422 for errors on UNPROCESSABLE_FIELDS only)."""
     try:
         data = json.loads(body)
     except ValueError:
-        return body
+        return body, 400
     if not isinstance(data, dict) or not isinstance(data.get("detail"), list):
-        return body
-    parts = []
+        return body, 400
+    parts, fields = [], set()
     for d in data["detail"]:
         if not isinstance(d, dict):
             continue
-        loc = ".".join(str(p) for p in d.get("loc", []) if p != "__root__")
-        parts.append(f"{loc or 'body'}: {d.get('msg', 'invalid')}")
+        path = [str(p) for p in d.get("loc", []) if p != "__root__"]
+        fields.add(path[0] if path else "")
+        parts.append(f"{'.'.join(path) or 'body'}: {d.get('msg', 'invalid')}")
     if parts:
         data["error"] = "invalid request: " + "; ".join(parts)
-    return json.dumps(data).encode()
+    status = 422 if fields and fields <= UNPROCESSABLE_FIELDS else 400
+    return json.dumps(data).encode(), status
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -29,13 +29,19 @@ SUSPICIOUS = Counter(
     "deqguard_suspicious_answers", "Answers flagged suspicious by the detection threshold",
     _LABELS)
 
+ABSTAINED = Counter(
+    "deqguard_abstained_answers", "Answers that abstained at the request's coverage (< 1)",
+    _LABELS)
+
 
 def declare(backend: str, solvers: Iterable[str], defenses: Iterable[str]) -> None:
-    """Create the counter's series at 0, so /metrics shows it before the first flagged answer."""
+    """Create the counters' series at 0, so /metrics shows them before the first flagged or
+    abstained answer."""
     defenses = list(defenses)
     for solver in solvers:
         for defense in defenses:
             SUSPICIOUS.labels(backend, solver, defense)
+            ABSTAINED.labels(backend, solver, defense)
 
 
 def observe(backend: str, items: Iterable[tuple[SampleTrace, SolveOptions, ClassifyResult]]
@@ -47,3 +53,5 @@ def observe(backend: str, items: Iterable[tuple[SampleTrace, SolveOptions, Class
         FINAL_ENTROPY.labels(*labels).observe(float(trace.entropy[-1]))
         if result.detection.suspicious:
             SUSPICIOUS.labels(*labels).inc()
+        if result.abstained:
+            ABSTAINED.labels(*labels).inc()

@@ -39,6 +39,7 @@ def providers_for(device: str) -> list[str]:
 
 class OnnxEngine(Engine):
     backend = "onnx"
+    computes_features = False  # the graph has no autograd: no learned-detector features
 
     def __init__(self, onnx_path: str | Path, *, device: str = "auto", threads: int = 1,
                  max_iter_cap: int = 100):
@@ -138,7 +139,7 @@ class OnnxEngine(Engine):
             # the torch solvers: stopping at step t ends on f(z_{t-1}), i.e. logits_stop[t-1]
             it = int(hits[0]) + 1 if hits.size else opts.max_iter
             stopped = bool(hits.size)
-            settled = (None if self.detector.reads_dynamics(opts)  # as the torch engine
+            settled = (None if self.reads_dynamics(opts)  # as the torch engine
                        else self._settled_at(traj[:it, i], ent[:it, i], opts))
             if settled is not None and (settled < it or not stopped):
                 it, stopped = settled, False

@@ -43,6 +43,14 @@ class ClassifyOptions(BaseModel):
         None, gt=0, description="anytime: entropy threshold (nats) of the settled exit")
     detect: bool = Field(True, description="apply the checkpoint's attack detector (false: skip "
                          "the dynamics features it needs and answer suspicious=false)")
+    coverage: float = Field(
+        1.0, gt=0, le=1, allow_inf_nan=False,
+        description="selective answering: the share of clean inputs the service should answer, "
+                    "0 < coverage <= 1 (1: always answer). Below 1 the answer says "
+                    "abstained=true, prediction still given, when its doubt score is over the "
+                    "threshold calibrated for this coverage on clean validation images "
+                    "(checkpoint metadata 'selective', GET /model); refused (422) on a "
+                    "checkpoint without that calibration, and an invalid value is a 422")
 
 
 class ClassifyRequest(ClassifyOptions):
@@ -80,6 +88,23 @@ class Detection(BaseModel):
     fpr: float | None = None
 
 
+class Selective(BaseModel):
+    """How the answer was judged for abstention (coverage < 1).
+
+    `score` is the checkpoint's doubt score for this input (higher = less sure; null when the
+    checkpoint has no selective calibration, or its score could not be computed for this
+    request); `threshold` the one calibrated for the requested `coverage` (null at coverage 1:
+    everything is answered). abstained = score > threshold. Below coverage 1 the solve runs in
+    full (no settled exit, as calibrated); at coverage 1 the settled exit may end it earlier,
+    so the score shown there can differ from the one a lower coverage judges.
+    """
+
+    coverage: float = 1.0
+    score_name: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+
+
 class ModelRef(BaseModel):
     name: str
     sha256: str
@@ -97,6 +122,13 @@ class ClassifyResult(BaseModel):
         None, description="why the solve stopped: tol (converged), settled (anytime exit), "
                           "deadline, or max_iter (null only from servers older than this field)")
     detection: Detection
+    abstained: bool = Field(
+        False, description="true when the doubt score is over the threshold of the requested "
+                           "coverage: the service would rather not answer (the prediction is "
+                           "still given); always false at coverage 1")
+    selective: Selective | None = Field(
+        None, description="score and threshold behind `abstained` (null only from servers "
+                          "older than this field)")
     model: ModelRef
 
 

@@ -78,10 +78,16 @@ class DEQGuardModel:
             if not os.path.isfile(s.onnx_path):
                 raise CheckpointError(f"ONNX graph not found: {s.onnx_path} (DEQGUARD_ONNX)")
             return
+        from deqguard.models.detector import detector_from_metadata
+        from deqguard.models.selective import selective_from_metadata
+
         try:
             # The full load, tensor hash included: a tampered file refused inside a worker
-            # would only make BentoML restart that worker forever.
-            load_checkpoint(s.checkpoint, device="cpu")
+            # would only make BentoML restart that worker forever. The same holds for metadata
+            # blocks the engine reads (a detector or selective calibration for other weights).
+            _, meta = load_checkpoint(s.checkpoint, device="cpu")
+            detector_from_metadata(meta)
+            selective_from_metadata(meta)
         except CheckpointError as exc:
             raise CheckpointError(
                 f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path or name:version> or "

@@ -27,7 +27,8 @@ def options_of(request: Any) -> dict[str, Any]:
     return {"max_iter": request.max_iter, "tol": request.tol, "solver": request.solver,
             "defense": request.defense, "settle_iters": request.settle_iters,
             "settle_entropy": request.settle_entropy, "deadline_ms": request.deadline_ms,
-            "detect": getattr(request, "detect", True)}
+            "detect": getattr(request, "detect", True),
+            "coverage": getattr(request, "coverage", 1.0)}
 
 
 def check_count(n: int, max_batch: int, what: str = "images") -> None:

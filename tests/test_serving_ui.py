@@ -106,3 +106,76 @@ def test_upload_on_the_page_shows_the_answer_and_both_trajectories(default_url, 
     assert shot.stat().st_size > 10_000
     if os.environ.get("DEQGUARD_UI_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["DEQGUARD_UI_SCREENSHOT"])
+
+
+@pytest.fixture(scope="module")
+def selective_url(tiny_checkpoint, tmp_path_factory):
+    """A real server of the fixture checkpoint with a selective calibration (max_softmax)."""
+    from selective_ckpt import calibrated_copy
+    from serving_server import serve
+
+    path = calibrated_copy(tiny_checkpoint, tmp_path_factory.mktemp("ui-sel") / "tiny.safetensors")
+    with serve(path, tmp_path_factory.mktemp("ui-sel-log") / "server.log") as url:
+        yield url
+
+
+def _doubtful_png(url: str, coverage: float, folder: Path) -> tuple[Path, dict]:
+    """A held-out pattern image (or a noisy twin) the server abstains on at `coverage`."""
+    import torch
+    from pngs import png_bytes
+    from selective_ckpt import val_images
+
+    x, _ = val_images(8)
+    noisy = (x + 0.6 * torch.rand(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    for i, arr in enumerate(torch.cat([noisy, x]).numpy()):
+        png = png_bytes(arr)
+        answer = httpx.post(url + "/classify", files={"image": ("x.png", png, "image/png")},
+                            data={"coverage": str(coverage)}, timeout=120).json()
+        if answer["abstained"]:
+            path = folder / f"doubtful-{i}.png"
+            path.write_bytes(png)
+            return path, answer
+    raise AssertionError("no test image abstained: the fixture's calibration changed?")
+
+
+def test_coverage_on_the_page_shows_an_abstained_answer_as_such(selective_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image, answer = _doubtful_png(selective_url, 0.5, tmp_path)
+    driver = open_browser()
+    try:
+        driver.get(selective_url + "/ui/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "backend" in d.find_element(By.ID, "model-info").text)
+        assert "selective: max_softmax" in driver.find_element(By.ID, "model-info").text
+
+        def classify(coverage: str) -> dict:
+            field = driver.find_element(By.ID, "coverage")
+            field.clear()
+            field.send_keys(coverage)
+            driver.execute_script("document.getElementById('output').dataset.state = 'empty'")
+            if driver.find_element(By.ID, "classify").is_enabled():
+                driver.find_element(By.ID, "classify").click()
+            else:
+                driver.find_element(By.ID, "file").send_keys(str(image))
+            wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-state")
+                       in ("done", "error"))
+            pred = driver.find_element(By.ID, "prediction")
+            return {"state": driver.find_element(By.ID, "output").get_attribute("data-state"),
+                    "status": driver.find_element(By.ID, "status").text,
+                    "prediction": pred.text, "struck": "abstained" in pred.get_attribute("class"),
+                    "flag": driver.find_element(By.ID, "abstained").text,
+                    "selective": driver.find_element(By.ID, "selective").text}
+
+        low = classify("0.5")
+        assert low["state"] == "done", low["status"]
+        assert low["flag"] == "ABSTAINED" and low["struck"]
+        assert low["prediction"] == answer["class_name"]  # the best guess is still shown
+        assert f"{answer['selective']['threshold']:.4f}" in low["selective"]
+        driver.save_screenshot(str(tmp_path / "abstained.png"))
+        full = classify("1")
+        assert full["state"] == "done", full["status"]
+        assert full["flag"] == "answered" and not full["struck"]
+    finally:
+        driver.quit()

@@ -11,6 +11,9 @@ Modules (imported on demand, so `deqguard --help` stays light):
     attacks     white-box and adaptive attacks, each naming its gradient path; worst case
     autoattack  standard AutoAttack through `pyautoattack`, one attack at a time
     detection   trajectories of clean and attacked inputs, scores, ROC, calibration
+    selective   risk-coverage of the doubt scores (selective answers) and their calibration;
+                with risk_coverage (the curve and its area), bootstrap (intervals) and
+                selective_report (its plots and table)
     runner      one evaluation run, part by part, into an `EvalReport` (`evaluate`)
     report      Markdown summary and PNG plots of a report, from the JSON alone
     cli         `deqguard eval`

@@ -15,6 +15,7 @@ so sets crafted through another path are never reused.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -71,27 +72,40 @@ def _craft_chunk(model: Classifier, spec: CraftSpec, x: Tensor, y: Tensor, seed:
     raise ValueError(f"unknown attack {spec.attack!r}")
 
 
-def craft(model: Classifier, spec: CraftSpec, x: Tensor, y: Tensor, cache: str | Path, *,
-          chunk: int = 50, log=print) -> Tensor:
-    """x_adv for x (the spec's slice, already cut), chunk by chunk, cached and resumable."""
-    if len(x) != spec.count:
-        raise ValueError(f"spec says {spec.count} images, got {len(x)}")
-    folder = Path(cache) / spec.name
-    folder.mkdir(parents=True, exist_ok=True)
+def cached_chunks(folder: str | Path | None, n: int, make: Callable[[int, int], Tensor], *,
+                  chunk: int = 50, label: str = "", log=print) -> Tensor:
+    """`make(start, end)` for every chunk of range(n), concatenated; with a `folder`, each chunk
+    is written to `<folder>/<start>.npz` and read back on a rerun (a killed run resumes)."""
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
     parts = []
-    for s in range(0, len(x), chunk):
-        path = folder / f"{s:06d}.npz"
-        if path.exists():
+    for s in range(0, n, chunk):
+        path = None if folder is None else folder / f"{s:06d}.npz"
+        if path is not None and path.exists():
             parts.append(torch.from_numpy(np.load(path)["x_adv"]))
             continue
-        xs, ys = x[s:s + chunk], y[s:s + chunk]
-        x_adv = _craft_chunk(model, spec, xs, ys, spec.seed * 1_000_003 + s)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, x_adv=x_adv.cpu().numpy().astype(np.float32))
-        atomic_write_bytes(path, buf.getvalue())
+        x_adv = make(s, min(s + chunk, n)).detach()
+        if path is not None:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, x_adv=x_adv.cpu().numpy().astype(np.float32))
+            atomic_write_bytes(path, buf.getvalue())
         parts.append(x_adv.cpu())
-        log(f"{spec.name}: {min(s + chunk, len(x))}/{len(x)}")
+        log(f"{label}: {min(s + chunk, n)}/{n}")
     return torch.cat(parts)
+
+
+def craft(model: Classifier, spec: CraftSpec, x: Tensor, y: Tensor, cache: str | Path | None,
+          *, chunk: int = 50, log=print) -> Tensor:
+    """x_adv for x (the spec's slice, already cut), chunk by chunk, cached and resumable
+    (`cache` None: computed, not cached)."""
+    if len(x) != spec.count:
+        raise ValueError(f"spec says {spec.count} images, got {len(x)}")
+    folder = None if cache is None else Path(cache) / spec.name
+    return cached_chunks(
+        folder, len(x),
+        lambda s, e: _craft_chunk(model, spec, x[s:e], y[s:e], spec.seed * 1_000_003 + s),
+        chunk=chunk, label=spec.name, log=log)
 
 
 # The detection experiment's sets (README, "Detection"): validation images are attacked with a

@@ -4,6 +4,10 @@
     deqguard eval run/best.safetensors --data fashion-mnist --attacks clean,pgd --n 200
     deqguard eval default --data fashion-mnist --defense entropy-reduction --n 200
     deqguard eval default --data fashion-mnist --attacks clean,detect --calibrate  # metadata
+    deqguard eval CKPT --data fashion-mnist --attacks clean,selective --n 1000 --val-n 2000 \
+        --selective-attack-n 500 --selective-cache runs/selective --report eval/  # risk-coverage
+    deqguard eval CKPT --data fashion-mnist --attacks clean --val-n 2000 \
+        --calibrate-selective --selective-score max_softmax        # metadata["selective"]
     deqguard eval --schema                                                         # JSON schema
 """
 
@@ -14,7 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-_PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect")
+_PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective")
+# models.selective.SCORE_NAMES and DEFAULT_COVERAGES, spelled out: importing them would load
+# torch for --help (tests/test_selective_eval_cli.py checks they agree).
+SELECTIVE_SCORES = ("detector", "mean_entropy", "final_entropy", "max_softmax", "iterations")
+SELECTIVE_COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 # deqguard.models.config.GradMode, spelled out: importing it would load torch for --help.
 GRAD_MODES = ("exact", "implicit", "phantom")
 
@@ -93,8 +101,9 @@ def _eval(args: argparse.Namespace) -> int:
     if len(y) and int(y.max()) >= model.config.num_classes:
         raise DeqguardError(f"{args.data} has label {int(y.max())}, the checkpoint only "
                             f"{model.config.num_classes} classes")
+    selective = _selective_settings(args, parts)
     x_val = y_val = None
-    if "detect" in parts:
+    if "detect" in parts or selective is not None:
         # the checkpoint's own validation split (never trained on), unless overridden
         trained = (meta.training.get("config") or {}).get("data") or {}
         val_size = args.val_size or int(trained.get("val_size", 5000))
@@ -103,6 +112,11 @@ def _eval(args: argparse.Namespace) -> int:
         x_val, y_val = _stack(load_dataset(args.data, "val", data_dir=args.data_dir,
                                            limit=args.val_n, image_size=size,
                                            val_size=val_size, seed=split_seed))
+        if selective is not None:
+            selective.provenance = {
+                "data": args.data, "data_dir": args.data_dir, "split": "val",
+                "val_size": val_size, "split_seed": split_seed,
+                "command": " ".join(["deqguard", *getattr(args, "argv", sys.argv[1:])])}
     eps = args.eps if args.eps is not None else default_eps(c, s)
     settings = EvalSettings(
         checkpoint=str(path), data=args.data, data_dir=args.data_dir, split=args.split,
@@ -120,17 +134,22 @@ def _eval(args: argparse.Namespace) -> int:
         detect_scores=_names(args.scores), early_index=args.early_index,
         detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
         calibrate=args.calibrate, calibration_score=args.calibration_score,
-        val_n=args.val_n, batch_size=args.batch_size, seed=args.seed, device=device)
+        val_n=args.val_n, selective=selective, batch_size=args.batch_size, seed=args.seed,
+        device=device)
     torch.manual_seed(args.seed)
     ckpt = CheckpointInfo(path=str(path), name=meta.name, sha256=meta.sha256,
                           arch=str(meta.model.get("arch", "")), is_deq=model.is_deq,
                           solver=meta.model.get("solver"))
     from deqguard.models.detector import detector_from_metadata
 
+    if selective is not None and selective.calibrate and selective.score == "detector" and (
+            detector_from_metadata(meta) is None or not model.is_deq):
+        raise DeqguardError("--selective-score detector needs a learned detector in the "
+                            "checkpoint (deqguard detect fit CKPT --write)")
     report = evaluate(model, x, y, settings, checkpoint=ckpt, x_val=x_val, y_val=y_val,
                       progress=not args.no_progress,
-                      learned_detector=detector_from_metadata(meta) if "detect" in parts
-                      else None)
+                      learned_detector=detector_from_metadata(meta)
+                      if "detect" in parts or selective is not None else None)
     if args.calibrate:
         det = report.detection
         if det is None or det.calibration is None:
@@ -138,6 +157,13 @@ def _eval(args: argparse.Namespace) -> int:
                                 "validation split")
         update_metadata(path, detection=det.calibration)
         det.written_to_checkpoint = True
+    if args.calibrate_selective:
+        sel = report.selective
+        if sel is None or sel.calibration is None:
+            raise DeqguardError("--calibrate-selective made no calibration (see the warnings: "
+                                "the selective part is skipped under --defense)")
+        update_metadata(path, selective=sel.calibration)
+        sel.written_to_checkpoint = True
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(report.model_dump_json(indent=2))
@@ -147,6 +173,31 @@ def _eval(args: argparse.Namespace) -> int:
         write_report(report, args.report, command=" ".join(["deqguard", *sys.argv[1:]]))
     print(json.dumps(_summary(report), indent=2))
     return 0
+
+
+def _selective_settings(args: argparse.Namespace, parts: list[str]):
+    """SelectiveSettings when the selective part runs or --calibrate-selective asks for it."""
+    from deqguard.models.errors import DeqguardError
+
+    if "selective" not in parts and not args.calibrate_selective:
+        return None
+    from .schema import SelectiveSettings
+
+    scores = _names(args.selective_scores)
+    unknown = sorted(set(scores + [args.selective_score]) - set(SELECTIVE_SCORES))
+    if unknown:
+        raise DeqguardError(f"unknown selective scores {unknown}; choose from "
+                            f"{', '.join(SELECTIVE_SCORES)}")
+    coverages = _floats(args.coverages)
+    if not coverages or not all(0 < c <= 1 for c in coverages):
+        raise DeqguardError(f"--coverages must be numbers in (0, 1], got {args.coverages!r}")
+    return SelectiveSettings(
+        scores=scores, target_coverage=args.target_coverage, coverages=coverages,
+        attack_n=args.selective_attack_n, pgd_steps=args.selective_pgd_steps,
+        pgd_gradient=args.selective_gradient, adaptive_n=args.selective_adaptive_n,
+        adaptive_lambda=args.selective_lambda, adaptive_steps=args.selective_adaptive_steps,
+        reps=args.reps, calibrate=args.calibrate_selective, score=args.selective_score,
+        cache=args.selective_cache)
 
 
 def _grid(text: str) -> list[tuple[int, int]]:
@@ -168,6 +219,17 @@ def _summary(report) -> dict:
         out["robust_accuracy_worst_case"] = report.worst_case.accuracy
     if report.detection and report.detection.calibration:
         out["detection"] = report.detection.calibration
+    if report.selective:
+        sel = report.selective
+        out["selective"] = {
+            k.kind: {name: {"aurc": r.aurc, "coverage": r.coverage,
+                            "accuracy_answered": r.accuracy_answered,
+                            "successful_answered": r.successful_answered}
+                     for name, r in k.scores.items()} for k in sel.kinds}
+        if sel.calibration:
+            out["selective_calibration"] = {
+                "score": sel.calibration["score"], "n": sel.calibration["n_calibration"],
+                "written": sel.written_to_checkpoint}
     out["warnings"] = report.warnings
     out["seconds"] = round(report.seconds_total, 1)
     return out
@@ -181,7 +243,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "convergence against max_iter), pgd (PGD through each gradient path and the paper's "
         "intermediate-state attacks, plus gradient-masking sweeps), adaptive (BPDA through the "
         "defense; the entropy-aware attack on the detector), aa (standard AutoAttack via "
-        "pyautoattack), detect (AUROC / TPR of trajectory scores; validation calibration).")
+        "pyautoattack), detect (AUROC / TPR of trajectory scores; validation calibration), "
+        "selective (risk-coverage of the doubt scores; not in the default list).")
     p.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint or a shipped name")
     p.add_argument("--data", choices=["fashion-mnist", "cifar10", "imagefolder"])
     p.add_argument("--data-dir")
@@ -229,6 +292,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="write the validation-calibrated threshold into the checkpoint metadata")
     p.add_argument("--calibration-score", default="mean_entropy")
+    g = p.add_argument_group(
+        "selective answers (part `selective`; issue 22)",
+        "Risk-coverage of each doubt score on clean test images, exact-gradient PGD and the "
+        "detector-aware attack, judged at the threshold that answers --target-coverage of clean "
+        "validation images; --calibrate-selective writes the thresholds of one score at "
+        "--coverages into the checkpoint's metadata['selective'] (what the server reads).")
+    g.add_argument("--selective-scores", default=",".join(SELECTIVE_SCORES),
+                   help="doubt scores to measure (detector: needs a learned detector)")
+    g.add_argument("--target-coverage", type=float, default=0.9)
+    g.add_argument("--coverages", default=",".join(f"{c:g}" for c in SELECTIVE_COVERAGES),
+                   help="coverages the calibration stores (1 is always added)")
+    g.add_argument("--selective-attack-n", type=int,
+                   help="PGD on the first N test images (default: all --n)")
+    g.add_argument("--selective-pgd-steps", type=int, default=40)
+    g.add_argument("--selective-gradient", default="exact", choices=GRAD_MODES,
+                   help="gradient path of that PGD on a DEQ (default exact)")
+    g.add_argument("--selective-adaptive-n", type=int, default=100,
+                   help="detector-aware PGD on the first N test images (0: skip)")
+    g.add_argument("--selective-lambda", type=float, default=2.0,
+                   help="detector-aware PGD: CE - lambda * detector score")
+    g.add_argument("--selective-adaptive-steps", type=int, default=10)
+    g.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
+    g.add_argument("--selective-cache",
+                   help="cache the crafted attacked sets here (resumable; e.g. runs/selective)")
+    g.add_argument("--calibrate-selective", action="store_true",
+                   help="write the selective calibration of --selective-score, on the "
+                        "--val-n validation images, into the checkpoint's metadata")
+    g.add_argument("--selective-score", default="max_softmax", choices=SELECTIVE_SCORES,
+                   help="the score the server will use (choose the best measured on attacked "
+                        "inputs at equal clean coverage)")
     p.add_argument("--val-n", type=int, default=500, help="validation images for calibration")
     p.add_argument("--val-size", type=int,
                    help="size of the validation split carved from train (default: the "

@@ -27,6 +27,8 @@ from deqguard.models.detection import calibrate_threshold, roc_curve
 from deqguard.models.detector import LogisticDetector
 from deqguard.models.dynamics import DynamicsConfig
 
+from .bootstrap import bootstrap_many
+
 Features = dict[str, np.ndarray]
 
 
@@ -144,29 +146,20 @@ def bootstrap(neg: np.ndarray, pos: np.ndarray, fpr: float, *, reps: int = 1000,
               ) -> dict[str, Any]:
     """AUROC and TPR at `fpr` (threshold from these negatives) with percentile 95% intervals;
     negatives and positives are resampled independently."""
-    rng = np.random.default_rng(seed)
-    a, t = [], []
-    for _ in range(reps):
-        n = neg[rng.integers(0, len(neg), len(neg))]
-        p = pos[rng.integers(0, len(pos), len(pos))]
-        a.append(auroc_fast(n, p))
-        t.append(tpr_at(n, p, fpr))
-    return {"auroc": auroc_fast(neg, pos), "auroc_ci": np.percentile(a, [2.5, 97.5]).tolist(),
-            "tpr": tpr_at(neg, pos, fpr), "tpr_ci": np.percentile(t, [2.5, 97.5]).tolist(),
+    ci = bootstrap_many(lambda n, p: {"auroc": auroc_fast(n, p), "tpr": tpr_at(n, p, fpr)},
+                        [(neg,), (pos,)], reps=reps, seed=seed)
+    return {"auroc": auroc_fast(neg, pos), "auroc_ci": ci["auroc"],
+            "tpr": tpr_at(neg, pos, fpr), "tpr_ci": ci["tpr"],
             "n_neg": int(len(neg)), "n_pos": int(len(pos))}
 
 
 def paired_difference(neg_a: np.ndarray, pos_a: np.ndarray, neg_b: np.ndarray,
                       pos_b: np.ndarray, *, reps: int = 1000, seed: int = 1) -> dict[str, Any]:
     """AUROC(a) - AUROC(b) on the same samples, bootstrap 95% interval (paired resampling)."""
-    rng = np.random.default_rng(seed)
-    d = []
-    for _ in range(reps):
-        i = rng.integers(0, len(neg_a), len(neg_a))
-        j = rng.integers(0, len(pos_a), len(pos_a))
-        d.append(auroc_fast(neg_a[i], pos_a[j]) - auroc_fast(neg_b[i], pos_b[j]))
-    return {"diff": auroc_fast(neg_a, pos_a) - auroc_fast(neg_b, pos_b),
-            "ci": np.percentile(d, [2.5, 97.5]).tolist()}
+    ci = bootstrap_many(
+        lambda na, nb, pa, pb: {"diff": auroc_fast(na, pa) - auroc_fast(nb, pb)},
+        [(neg_a, neg_b), (pos_a, pos_b)], reps=reps, seed=seed)
+    return {"diff": auroc_fast(neg_a, pos_a) - auroc_fast(neg_b, pos_b), "ci": ci["diff"]}
 
 
 def orientation(val_clean: Features, val_adv: Features, name: str) -> float:

@@ -119,6 +119,11 @@ def _plots(report: EvalReport, out: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.set_title("Accuracy and convergence against the budget")
         save(fig, "budget.png")
+
+    if report.selective:
+        from .selective_report import plots as selective_plots
+
+        selective_plots(report.selective, save)
     return made
 
 
@@ -214,6 +219,10 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
                       f"{_pct(det.clean_test_fpr_at_val_threshold)}; TPR vs {cal.get('attack')}"
                       f" {_pct(cal.get('tpr'))}. Written to the checkpoint: "
                       f"{det.written_to_checkpoint}.", ""]
+    if report.selective:
+        from .selective_report import markdown as selective_markdown
+
+        lines += selective_markdown(report.selective)
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)

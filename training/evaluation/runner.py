@@ -3,7 +3,8 @@
 One run produces an `EvalReport` (`schema.py`). The pieces run in this order: clean
 accuracy and timing, accuracy against the solver budget, PGD through every gradient path plus
 the paper's intermediate-state attacks, adaptive attacks (BPDA through the defense, the
-entropy-aware attack on the detector), gradient-masking sweeps, AutoAttack, detection. With the
+entropy-aware attack on the detector), gradient-masking sweeps, AutoAttack, detection, selective
+answers (selective.py: risk-coverage, the calibration the server reads). With the
 entropy-reduction defense on, PGD inputs are crafted on the undefended model (transfer, the
 paper's protocol) and judged on the defended one; BPDA and AutoAttack attack the defended
 forward itself. The headline robust accuracy is the per-sample worst case over all of them.
@@ -11,6 +12,7 @@ forward itself. The headline robust accuracy is the per-sample worst case over a
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -419,6 +421,25 @@ class Evaluation:
                 np.mean(clean_scores[s.calibration_score] > cal.threshold))
         self.report.detection = section
 
+    def selective(self) -> None:
+        """Risk-coverage of the doubt scores and/or the selective calibration (selective.py)."""
+        from .schema import SelectiveSettings
+        from .selective import selective_section
+
+        if self.defended:
+            self._warn("the selective part measures the plain solve (what the server answers "
+                       "selectively); it was skipped under --defense")
+            return
+        if self.x_val is None or self.y_val is None:
+            raise ValueError("the selective part needs the validation split (x_val, y_val)")
+        log = ((lambda m: print(m, file=sys.stderr, flush=True)) if self.progress
+               else (lambda m: None))
+        self.report.selective = selective_section(
+            self.model, self.x, self.y, self.x_val, self.y_val,
+            self.s.selective or SelectiveSettings(), measure="selective" in self.s.parts,
+            eps=self.s.eps, batch_size=self.s.batch_size, seed=self.s.seed,
+            sha256=self.ckpt.sha256, detector=self.learned_detector, log=log)
+
     def _learned_scores(self) -> Callable[[Tensor], np.ndarray] | None:
         """x -> the checkpoint's learned detector scores (its dynamics features per image)."""
         det = self.learned_detector
@@ -450,6 +471,8 @@ class Evaluation:
         tasks.append(("worst case", self.combine))
         if "detect" in parts:
             tasks.append(("detection", self.detection))
+        if "selective" in parts or (self.s.selective and self.s.selective.calibrate):
+            tasks.append(("selective", self.selective))
         return tasks
 
     def run(self) -> EvalReport:
@@ -473,7 +496,8 @@ def evaluate(model: Classifier, x: Tensor, y: Tensor, settings: EvalSettings, *,
     """Run every part of `settings.parts` on (x, y) and return the report.
 
     `learned_detector` (the checkpoint's LogisticDetector) adds its score, "learned_detector",
-    to the detect part next to the trajectory scores and baselines (undefended DEQs only).
+    to the detect part next to the trajectory scores and baselines (undefended DEQs only), and
+    the "detector" doubt score and the detector-aware attack to the selective part.
     """
     ev = Evaluation(model, x, y, settings, checkpoint=checkpoint, x_val=x_val, y_val=y_val,
                     progress=progress)

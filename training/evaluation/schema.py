@@ -13,14 +13,43 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deqguard.models.config import GradMode
 from deqguard.models.defense import EntropyReductionConfig
+from deqguard.models.selective import DEFAULT_COVERAGES as SELECTIVE_COVERAGES
+from deqguard.models.selective import SCORE_NAMES as SELECTIVE_SCORES
 
 SCHEMA_VERSION = 1
-EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget"]
-ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect")
+EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "selective"]
+ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class SelectiveSettings(_Model):
+    """The selective part (`--attacks ...,selective`) and the selective calibration."""
+
+    scores: list[str] = Field(default_factory=lambda: list(SELECTIVE_SCORES),
+                              description="doubt scores measured (detector: when the checkpoint "
+                              "has a learned detector)")
+    target_coverage: float = Field(0.9, gt=0, lt=1, description="coverage whose clean-validation "
+                                   "threshold the attacked inputs are judged at")
+    coverages: list[float] = Field(default_factory=lambda: list(SELECTIVE_COVERAGES),
+                                   description="coverages stored by the calibration")
+    attack_n: int | None = Field(None, description="PGD on the first N test images (None: all)")
+    pgd_steps: int = Field(40, ge=1)
+    pgd_gradient: GradMode = "exact"
+    adaptive_n: int = Field(100, ge=0, description="detector-aware PGD on the first N test "
+                            "images (0: skip; needs a learned detector)")
+    adaptive_lambda: float = 2.0
+    adaptive_steps: int = Field(10, ge=1)
+    reps: int = Field(1000, ge=1, description="bootstrap resamples")
+    calibrate: bool = Field(False, description="compute the calibration of `score` (the CLI "
+                            "writes it into the checkpoint's metadata['selective'])")
+    score: str = "max_softmax"
+    cache: str | None = Field(None, description="folder of the crafted attacked sets "
+                              "(resumable); None: not cached")
+    provenance: dict[str, Any] = Field(default_factory=dict,
+                                       description="where the validation images come from")
 
 
 class EvalSettings(_Model):
@@ -74,6 +103,7 @@ class EvalSettings(_Model):
     calibrate: bool = False
     calibration_score: str = "mean_entropy"
     val_n: int = Field(500, ge=1)
+    selective: SelectiveSettings | None = None
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     device: str = "cpu"
@@ -195,6 +225,55 @@ class DetectionSection(_Model):
     logistic: dict[str, Any] | None = None
 
 
+class RiskCoverageCurve(_Model):
+    coverage: list[float]
+    accuracy: list[float] = Field(description="accuracy among the answered inputs")
+
+
+class SelectiveScoreResult(_Model):
+    """One doubt score on one kind of input; intervals are bootstrap 95% over the inputs."""
+
+    aurc: float = Field(description="area under the risk-coverage curve (lower is better)")
+    aurc_ci: list[float] | None = None
+    threshold: float = Field(description="clean-validation threshold at the target coverage")
+    coverage: float | None = Field(None, description="share answered at that threshold")
+    coverage_ci: list[float] | None = None
+    accuracy_answered: float | None = Field(None, description="accuracy among the answered "
+                                            "(None when none is)")
+    accuracy_answered_ci: list[float] | None = None
+    successful_answered: float | None = Field(
+        None, description="attacked inputs: share of the successful attacks (a correct clean "
+        "answer flipped) that are answered, i.e. not caught by abstaining")
+    successful_answered_ci: list[float] | None = None
+    curve: RiskCoverageCurve = Field(description="<= 101 points, coverage ascending")
+
+
+class SelectiveKind(_Model):
+    kind: str = Field(description="clean, or the attack's name")
+    attack: dict[str, Any] | None = None
+    n: int
+    accuracy: float = Field(description="accuracy answering everything")
+    n_successful: int | None = None
+    scores: dict[str, SelectiveScoreResult]
+    best: str | None = Field(None, description="highest accuracy among the answered at the "
+                             "target-coverage threshold (ties: lower AURC)")
+
+
+class SelectiveSection(_Model):
+    scores: list[str]
+    target_coverage: float
+    n_val: int
+    val_accuracy: float
+    val_thresholds: dict[str, float] = Field(description="per score, at the target coverage")
+    val_realised: dict[str, float] = Field(description="share of validation images answered "
+                                           "at that threshold")
+    bootstrap_reps: int
+    kinds: list[SelectiveKind] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list, description="what was not measured, why")
+    calibration: dict[str, Any] | None = Field(None, description="SelectiveCalibration")
+    written_to_checkpoint: bool = False
+
+
 class DefenseSummary(_Model):
     transfer_accuracy: float | None = Field(description="worst case over transfer attacks "
                                             "(the paper's protocol)")
@@ -221,4 +300,5 @@ class EvalReport(_Model):
     autoattack: AutoAttackSection | None = None
     defense: DefenseSummary | None = None
     detection: DetectionSection | None = None
+    selective: SelectiveSection | None = None
     warnings: list[str] = Field(default_factory=list)

@@ -28,9 +28,12 @@ async function loadModel() {
     model = await r.json();
     const s = model.serving || {};
     const d = s.defaults || {};
+    const sel = s.selective;
     $("model-info").textContent = `model ${model.name} · ${s.backend} backend · defaults: ` +
       `${d.solver}, max_iter ${d.max_iter}, tol ${d.tol}, settle ${d.settle_iters} / ` +
-      `${d.settle_entropy} nats`;
+      `${d.settle_entropy} nats · selective: ` +
+      (sel ? `${sel.score}, coverage ${sel.min_coverage} to 1` : "not calibrated (coverage 1 only)");
+    if (sel) $("coverage").min = sel.min_coverage;
     $("max_iter").max = s.max_iter_cap || 100;
     for (const opt of $("solver").options) opt.disabled = opt.value && !(s.solvers || []).includes(opt.value);
     for (const opt of $("defense").options) opt.disabled = !(s.defenses || ["none"]).includes(opt.value);
@@ -52,7 +55,7 @@ async function classify() {
   if (!chosen) return;
   const form = new FormData();
   form.append("image", chosen.blob, chosen.name);
-  for (const name of ["max_iter", "solver", "defense", "deadline_ms", "settle_iters", "settle_entropy"]) {
+  for (const name of ["max_iter", "solver", "defense", "deadline_ms", "settle_iters", "settle_entropy", "coverage"]) {
     const v = $(name).value.trim();
     if (v !== "" && !(name === "defense" && v === "none")) form.append(name, v);
   }
@@ -71,6 +74,9 @@ async function classify() {
 function show(a) {
   $("prediction").textContent = a.class_name;
   $("prediction").dataset.label = a.label;
+  $("prediction").classList.toggle("abstained", !!a.abstained);
+  $("prediction").title = a.abstained ? "abstained: the best guess, not an answer" : "";
+  showSelective(a);
   const why = {tol: "converged (tol)", settled: "settled (anytime exit)",
                deadline: "deadline reached", max_iter: "max_iter reached"}[a.stopped] || a.stopped;
   $("summary").innerHTML = "";
@@ -89,6 +95,26 @@ function show(a) {
                                             lineLabel: "detection threshold"});
   const tol = (model && model.serving && model.serving.defaults) ? model.serving.defaults.tol : null;
   drawChart($("residual-chart"), a.residual, {log: true, line: tol, lineClass: "tol", lineLabel: "tol"});
+}
+
+// An abstained answer is shown as such: the flag, the doubt score over its threshold, and the
+// prediction struck through as a best guess.
+function showSelective(a) {
+  const box = $("selective");
+  box.innerHTML = "";
+  const sel = a.selective || {coverage: 1};
+  const fmt = (v) => (v === null || v === undefined ? "n/a" : v.toFixed(4));
+  if (sel.threshold === null || sel.threshold === undefined) {
+    box.append(el("span", {id: "abstained", class: ""}, "answered"),
+               ` (coverage ${sel.coverage}: always answer` +
+               (sel.score_name ? `; doubt ${sel.score_name} ${fmt(sel.score)})` : ")"));
+    return;
+  }
+  box.append(el("span", {id: "abstained", class: a.abstained ? "abstained-flag" : ""},
+                a.abstained ? "ABSTAINED" : "answered"),
+             ` at coverage ${sel.coverage}: doubt ${sel.score_name} ${fmt(sel.score)} ` +
+             `${a.abstained ? ">" : "<="} threshold ${fmt(sel.threshold)}` +
+             (a.abstained ? "; the prediction above is only a best guess" : ""));
 }
 
 function drawBars(a) {
