@@ -23,8 +23,8 @@ def test_default_checkpoint_reaches_its_recorded_test_accuracy():
     model, meta = load_checkpoint("default", device="cpu")
     claimed = meta.metrics["test_clean_accuracy"]
     assert meta.metrics["test_clean_images"] == N_TEST
-    assert meta.training["preset"] == "fashion-small-regulated"
-    assert "deqguard train --preset fashion-small-regulated" in meta.training["command"]
+    assert meta.training["preset"] == "fashion-wk-regulated"
+    assert "deqguard train --preset fashion-wk-regulated" in meta.training["command"]
     assert meta.detection is not None and meta.detection["threshold"] is not None
     test = load_dataset("fashion-mnist", "test", limit=N_TEST)
     x = torch.stack([test[i][0] for i in range(N_TEST)])

@@ -5,7 +5,7 @@
     deqguard train --preset cifar-large-trades-regulated --data-dir data/cifar10 --download
     deqguard train --preset fashion-tiny-regulated --set objective.eps=0.15 --set jacobian.weight=1
     deqguard train --preset fashion-tiny-regulated --resume          # continue after a crash
-    deqguard train --preset fashion-small-regulated --init default   # train the default further
+    deqguard train --preset fashion-wk-regulated --init default   # train the default further
     torchrun --nproc_per_node=2 -m deqguard.cli train --preset ...   # data parallel
 
 Every field of the training config can be set with `--set section.field=value` (value parsed as
