@@ -17,11 +17,11 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from .dynamics import FEATURE_NAMES, DynamicsConfig
-from .errors import CheckpointError
+from .metadata_block import read_block
 
 DETECTOR_VERSION = 1
 METADATA_KEY = "detector"
@@ -96,25 +96,6 @@ class LogisticDetector(BaseModel):
 
 
 def detector_from_metadata(meta: Any) -> LogisticDetector | None:
-    """The checkpoint's learned detector, or None; CheckpointError if its block is unusable.
-
-    `meta` is a CheckpointMetadata (extra keys live in its model_extra) or a plain dict.
-    """
-    raw = meta.get(METADATA_KEY) if isinstance(meta, dict) else (
-        (meta.model_extra or {}).get(METADATA_KEY))
-    if raw is None:
-        return None
-    try:
-        det = LogisticDetector.model_validate(raw)
-    except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'block'}: {e['msg']}"
-                         for e in exc.errors())
-        raise CheckpointError(f"the checkpoint's detector block is invalid: {msgs}. Refit it "
-                              "(deqguard detect fit) or remove it") from None
-    sha = meta.get("sha256") if isinstance(meta, dict) else meta.sha256
-    if det.model_sha256 and sha and det.model_sha256 != sha:
-        raise CheckpointError(
-            f"the checkpoint's detector was fitted for other weights (sha256 "
-            f"{det.model_sha256[:12]}..., these are {str(sha)[:12]}...): its threshold means "
-            "nothing here. Refit it (deqguard detect fit) or remove it")
-    return det
+    """The checkpoint's learned detector, or None; CheckpointError if its block is unusable."""
+    return read_block(meta, METADATA_KEY, LogisticDetector, what="detector", verb="fitted",
+                      meaning="its threshold means", fix="Refit it (deqguard detect fit)")

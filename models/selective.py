@@ -27,12 +27,13 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from .classifier import SolveResult
 from .detection import detection_score
 from .errors import CheckpointError
+from .metadata_block import read_block
 
 SELECTIVE_VERSION = 1
 METADATA_KEY = "selective"
@@ -189,29 +190,12 @@ def doubt_score(result: SolveResult, name: str, detector: Any = None) -> Tensor:
 
 
 def selective_from_metadata(meta: Any) -> SelectiveCalibration | None:
-    """The checkpoint's selective calibration, or None; CheckpointError if it is unusable.
-
-    `meta` is a CheckpointMetadata (extra keys live in its model_extra) or a plain dict.
-    """
-    raw = meta.get(METADATA_KEY) if isinstance(meta, dict) else (
-        (meta.model_extra or {}).get(METADATA_KEY))
-    if raw is None:
+    """The checkpoint's selective calibration, or None; CheckpointError if it is unusable."""
+    cal = read_block(meta, METADATA_KEY, SelectiveCalibration, what="selective calibration",
+                     verb="made", meaning="its thresholds mean",
+                     fix="Recalibrate it (deqguard eval CKPT --calibrate-selective)")
+    if cal is None:
         return None
-    try:
-        cal = SelectiveCalibration.model_validate(raw)
-    except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'block'}: {e['msg']}"
-                         for e in exc.errors())
-        raise CheckpointError(f"the checkpoint's selective calibration is invalid: {msgs}. "
-                              "Recalibrate it (deqguard eval CKPT --calibrate-selective) or "
-                              "remove it") from None
-    sha = meta.get("sha256") if isinstance(meta, dict) else meta.sha256
-    if cal.model_sha256 and sha and cal.model_sha256 != sha:
-        raise CheckpointError(
-            f"the checkpoint's selective calibration was made for other weights (sha256 "
-            f"{cal.model_sha256[:12]}..., these are {str(sha)[:12]}...): its thresholds mean "
-            "nothing here. Recalibrate it (deqguard eval CKPT --calibrate-selective) or "
-            "remove it")
     if cal.score == "detector":
         from .detector import detector_from_metadata
 
