@@ -9,6 +9,7 @@ an entry another runner is training is left to it, so two runners can share a gr
     python bench/recipes.py --grid anchor --epochs 15 --root runs/search/anchor --threads 1
     python bench/recipes.py --grid deq-designs --epochs 10 --root runs/search/deq --threads 1
     python bench/recipes.py --grid anchor --root runs/search/anchor --table   # table only
+    python bench/recipes.py --grid lr --epochs 10 --root runs/long/lr-search --threads 1
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-pgd7": ("fashion-wk-regulated", PGD7),
         "plain-pgd7": ("fashion-wk-plain", PGD7),
         "regulated-fgsm-rs": ("fashion-wk-regulated", FGSM_RS),
+    },
+    # the short learning-rate search before the equal-budget runs: each model gets its own best
+    # peak learning rate (one-cycle, the presets' schedule), judged on validation PGD-10
+    "lr": {
+        "anchor-lr2e-3": ("fashion-cnn-wk", ["optim.lr=2.0e-3"]),
+        "anchor-lr5e-3": ("fashion-cnn-wk", ["optim.lr=5.0e-3"]),
+        "anchor-lr1e-2": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
+        "regulated-lr1e-3": ("fashion-wk-regulated", ["optim.lr=1.0e-3"]),
+        "regulated-lr2e-3": ("fashion-wk-regulated", ["optim.lr=2.0e-3"]),
+        "regulated-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
     },
 }
 
