@@ -50,29 +50,49 @@ def _positive(text: str) -> int:
     return value
 
 
+DESCRIPTION = (
+    "One row per image file (found recursively, sorted): prediction, entropy trajectory, "
+    "detection flag, abstention. Labels: a top-level folder named after one of the model's "
+    "classes labels the images under it, and the summary gives an accuracy. Characters a folder "
+    "name cannot hold (/ \\ : * ? \" < > |) and spaces stand as _ and case is ignored, so the "
+    "class T-shirt/top is the folder T-shirt_top; a top-level folder that names no class is "
+    "warned about. An output records the model and options that made it: a rerun with the same "
+    "ones resumes an interrupted run (or adds new files), a rerun with other ones is refused "
+    "unless --overwrite is given.")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score", help="score every image of a folder into a Parquet/CSV/JSONL table",
-        description="One row per image file (found recursively, sorted): prediction, entropy "
-        "trajectory, detection flag. Class subfolders named like the checkpoint's classes give "
-        "labels and an accuracy. An interrupted run resumes when started again with the same "
-        "arguments.")
-    p.add_argument("input_dir", help="folder of images (optionally INPUT_DIR/<class>/...)")
-    p.add_argument("--out", required=True, help="output table: .parquet, .csv or .jsonl")
+        description=DESCRIPTION)
+    p.add_argument("input_dir", help="folder of images, searched recursively; optionally "
+                   "INPUT_DIR/<class folder>/... for labels")
+    p.add_argument("--out", required=True,
+                   help="output table, by suffix: .parquet, .csv or .jsonl (required)")
     src = p.add_argument_group("model (one of)")
     src.add_argument("--checkpoint", help="checkpoint path or shipped name (default: default)")
-    src.add_argument("--url", help="score through a running service, e.g. http://127.0.0.1:3000")
+    src.add_argument("--url", help="score through a running service, e.g. http://127.0.0.1:3000 "
+                     "(default: none, score locally)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: this process; ray: Ray Data (RAY_ADDRESS or a local cluster)")
-    p.add_argument("--batch-size", type=_positive, default=64)
+                   help="local: this process; ray: Ray Data (RAY_ADDRESS or a local cluster) "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=64,
+                   help="images per model batch, local and ray engines (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes (local) or model actors (ray); default: automatic")
+                   help="decoding processes (local; 0: decode in this process) or model actors "
+                        "(ray) (default: local, the cores but one, at most 8; ray, one per GPU or "
+                        "the cluster's CPUs but one)")
     p.add_argument("--concurrency", type=_positive, default=16,
-                   help="requests in flight with --url")
-    p.add_argument("--max-iter", type=_positive, default=None, help="solver iterations")
-    p.add_argument("--tol", type=float, default=None, help="relative residual to stop at")
-    p.add_argument("--solver", choices=["naive", "anderson", "broyden"], default=None)
-    p.add_argument("--defense", choices=["none", "entropy-reduction"], default=None)
+                   help="requests in flight with --url (default: %(default)s)")
+    p.add_argument("--max-iter", type=_positive, default=None,
+                   help="solver iterations (default: the checkpoint's; with --url the server's)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative residual to stop at (default: the checkpoint's; with --url "
+                        "the server's)")
+    p.add_argument("--solver", choices=["naive", "anderson", "broyden"], default=None,
+                   help="fixed-point solver (default: the checkpoint's; with --url the server's)")
+    p.add_argument("--defense", choices=["none", "entropy-reduction"], default=None,
+                   help="inference-time defence (default: none)")
     p.add_argument("--coverage", type=float, default=None,
                    help="selective answers: the share of clean inputs to answer, 0 < C <= 1 "
                         "(default 1: always); rows over the checkpoint's calibrated threshold "
@@ -82,8 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive, default=None,
                    help="torch threads for local scoring (default: cores minus decoding workers)")
     p.add_argument("--chunk-rows", type=_positive, default=512,
-                   help="rows per flushed part file (what a killed run can lose at most)")
+                   help="rows per flushed part file, what a killed run can lose at most "
+                        "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="discard an existing output or unfinished run instead of resuming")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="discard an existing output or unfinished run and score again, "
+                        "e.g. with other options (default: off, resume or refuse)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar; the summary still prints (default: off)")
     p.set_defaults(func=_score)

@@ -103,7 +103,7 @@ def _csv_cell(kind: str, value: Any) -> str:
     return str(value)
 
 
-def _encode(rows: Iterable[Row], fmt: str) -> bytes:
+def _encode(rows: Iterable[Row], fmt: str, metadata: dict[str, str] | None = None) -> bytes:
     if fmt == "jsonl":
         return "".join(json.dumps(r, allow_nan=True) + "\n" for r in rows).encode()
     if fmt == "csv":
@@ -119,16 +119,23 @@ def _encode(rows: Iterable[Row], fmt: str) -> bytes:
         except ImportError:
             raise ImportError("writing Parquet needs pyarrow: pip install 'deqguard[parquet]'"
                               ) from None
+        table = rows_to_arrow(list(rows))
+        if metadata:
+            table = table.replace_schema_metadata(metadata)
         sink = io.BytesIO()
-        pq.write_table(rows_to_arrow(list(rows)), sink)
+        pq.write_table(table, sink)
         return sink.getvalue()
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def write_rows(path: str | Path, rows: Iterable[Row], fmt: str | None = None) -> None:
-    """Write `rows` to `path` atomically (a reader never sees a half-written file), fsynced."""
+def write_rows(path: str | Path, rows: Iterable[Row], fmt: str | None = None,
+               metadata: dict[str, str] | None = None) -> None:
+    """Write `rows` to `path` atomically (a reader never sees a half-written file), fsynced.
+
+    `metadata` goes into a Parquet file's key-value metadata; CSV and JSONL have no place for it.
+    """
     p = Path(path)
-    data = _encode(rows, fmt or output_format(p))
+    data = _encode(rows, fmt or output_format(p), metadata)
     atomic_write_bytes(p, data)
 
 
@@ -163,3 +170,11 @@ def read_rows(path: str | Path, fmt: str | None = None) -> list[Row]:
 
         return pq.read_table(p).to_pylist()
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def read_parquet_metadata(path: str | Path) -> dict[str, str]:
+    """A Parquet file's key-value metadata (what `write_rows(metadata=...)` stored), decoded."""
+    import pyarrow.parquet as pq
+
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items()}

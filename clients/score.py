@@ -10,13 +10,15 @@ progress and the summary. It imports no torch.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .engine import Engine
-from .files import build_items
+from .files import build_items, describe_unmatched
 from .output import ResumableOutput, ScoreError
 from .rows import Row, output_format
 
@@ -34,6 +36,7 @@ class Summary:
     abstained: int = 0
     answered_labelled: int = 0  # labelled rows without error that did not abstain
     answered_correct: int = 0
+    coverage: float | None = None  # the --coverage asked for (None: not given, always answer)
 
     @property
     def accuracy(self) -> float | None:
@@ -44,25 +47,40 @@ class Summary:
         """Accuracy among the labelled rows that did not abstain (selective answers)."""
         return self.answered_correct / self.answered_labelled if self.answered_labelled else None
 
+    @property
+    def answered(self) -> int:
+        """Rows the model answered: scored without error and not abstained."""
+        return self.rows - self.errors - self.abstained
+
+    def answered_line(self) -> str:
+        """How many images got an answer, and why the others did not, in plain words."""
+        why = []
+        selective = self.coverage is not None and self.coverage < 1
+        if self.abstained or selective:
+            at = f" at coverage {self.coverage:g}" if self.coverage is not None else ""
+            reason = ", where the model was not sure enough" if self.abstained else ""
+            why.append(f"abstained: {self.abstained}{reason}{at}")
+        if self.errors:
+            why.append(f"errors: {self.errors}, files that could not be scored")
+        tail = f" ({'; '.join(why)})" if why else ""
+        return f"answered: {self.answered} of {self.rows} images{tail}"
+
     def lines(self) -> list[str]:
         rate = self.scored_now / self.seconds if self.seconds > 0 else 0.0
         out = [f"rows: {self.rows} ({self.scored_now} scored in this run, {rate:.1f} images/s)",
-               f"errors: {self.errors}", f"suspicious: {self.suspicious}"]
+               f"errors: {self.errors}", f"suspicious: {self.suspicious}", self.answered_line()]
         if self.accuracy is not None:
             out.append(f"accuracy: {self.accuracy:.4f} ({self.correct}/{self.labelled} labelled "
                        "images without error)")
-        if self.abstained:
-            ok = self.rows - self.errors
-            out.append(f"abstained: {self.abstained} ({self.abstained / ok:.1%} of "
-                       f"{ok} answered rows)")
-            if self.answered_accuracy is not None:
-                out.append(f"accuracy among answered: {self.answered_accuracy:.4f} "
-                           f"({self.answered_correct}/{self.answered_labelled})")
+        if self.abstained and self.answered_accuracy is not None:
+            out.append(f"accuracy among answered: {self.answered_accuracy:.4f} "
+                       f"({self.answered_correct}/{self.answered_labelled})")
         out.append(f"output: {self.out}")
         return out
 
 
-def summarise(rows: list[Row], *, scored_now: int, seconds: float, out: str) -> Summary:
+def summarise(rows: list[Row], *, scored_now: int, seconds: float, out: str,
+              coverage: float | None = None) -> Summary:
     ok = [r for r in rows if r["error"] is None]
     labelled = [r for r in ok if r["label"] is not None]
     answered = [r for r in labelled if not r.get("abstained")]  # rows of older runs lack it
@@ -72,7 +90,8 @@ def summarise(rows: list[Row], *, scored_now: int, seconds: float, out: str) -> 
                    scored_now=scored_now, seconds=seconds, out=out,
                    abstained=sum(bool(r.get("abstained")) for r in ok),
                    answered_labelled=len(answered),
-                   answered_correct=sum(r["label"] == r["pred"] for r in answered))
+                   answered_correct=sum(r["label"] == r["pred"] for r in answered),
+                   coverage=coverage)
 
 
 @dataclass
@@ -94,6 +113,11 @@ class ScoreConfig:
     device: str | None = None
     threads: int | None = None
     row_workers: int | None = None  # processes building rows (default: some on GPU, none on CPU)
+    warn: Callable[[str], None] | None = None  # where warnings go (default: stderr)
+
+
+def warn_on_stderr(message: str) -> None:
+    print(f"deqguard score: warning: {message}", file=sys.stderr)
 
 
 def make_engine(cfg: ScoreConfig) -> Engine:
@@ -143,7 +167,10 @@ def score_folder(cfg: ScoreConfig) -> Summary:
     engine = make_engine(cfg)
     try:
         info = engine.info()
-        items, _ = build_items(cfg.input_dir, info.classes)
+        items, labels = build_items(cfg.input_dir, info.classes)
+        unmatched = describe_unmatched(labels, info.classes)
+        if unmatched:
+            (cfg.warn or warn_on_stderr)(unmatched)
         fingerprint = {
             "input_dir": os.path.abspath(cfg.input_dir), "model_sha256": info.sha256,
             "options": dict(sorted(cfg.options.items())),
@@ -168,4 +195,5 @@ def score_folder(cfg: ScoreConfig) -> Summary:
         rows = output.finish([it.path for it in items])
     finally:
         engine.close()
-    return summarise(rows, scored_now=scored, seconds=seconds, out=cfg.out)
+    return summarise(rows, scored_now=scored, seconds=seconds, out=cfg.out,
+                     coverage=cfg.options.get("coverage"))

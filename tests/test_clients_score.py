@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import CLASSES, make_pattern_images
 from PIL import Image
+from selective_ckpt import calibrated_copy
 
 from deqguard.cli import main
 from deqguard.clients.files import find_images
@@ -97,6 +100,8 @@ def test_summary_reports_rows_errors_and_accuracy(image_dir, tiny_checkpoint, tm
     assert f"rows: {len(rows)}" in text
     assert f"errors: {len(CORRUPT)}" in text
     assert f"accuracy: {correct / len(good):.4f} ({correct}/{len(good)}" in text
+    assert (f"answered: {len(good)} of {len(rows)} images (errors: {len(CORRUPT)}, files that "
+            "could not be scored)") in text
 
 
 def test_unlabelled_folder_has_null_labels_and_no_accuracy(tiny_checkpoint, tmp_path, capsys):
@@ -105,7 +110,12 @@ def test_unlabelled_folder_has_null_labels_and_no_accuracy(tiny_checkpoint, tmp_
     assert score(root, "--checkpoint", tiny_checkpoint, "--out", out, "--workers", 0) == 0
     rows = read_rows(out)
     assert len(rows) == 12 and all(r["label"] is None and r["error"] is None for r in rows)
-    assert "accuracy" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "accuracy" not in printed.out
+    # Folders that look like nothing the model knows are said, not silently left unlabelled.
+    warning = printed.err.strip()
+    assert warning.startswith("deqguard score: warning: no image gets a label")
+    assert "(batch0/, batch1/, batch2/)" in warning and len(warning.splitlines()) == 1
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -173,6 +183,171 @@ def test_unfinished_run_with_other_options_is_refused(image_dir, tiny_checkpoint
     assert code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("small"), 12, seed=2)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The fixture checkpoint with a selective calibration, so --coverage below 1 is accepted."""
+    return calibrated_copy(tiny_checkpoint, tmp_path_factory.mktemp("cal") / "tiny.safetensors")
+
+
+# (output, first options, other options, how the refusal names the difference)
+RERUNS = [
+    (".parquet", ["--coverage", "0.9"], ["--coverage", "0.5"], "--coverage was 0.9, now 0.5"),
+    (".csv", ["--max-iter", "3"], ["--max-iter", "1", "--solver", "naive"],
+     "--max-iter was 3, now 1; --solver was not given, now naive"),
+    (".jsonl", ["--solver", "anderson"], ["--solver", "naive"],
+     "--solver was anderson, now naive"),
+]
+
+
+@pytest.mark.parametrize(("suffix", "first", "other", "said"), RERUNS,
+                         ids=[r[0][1:] for r in RERUNS])
+def test_finished_output_refuses_other_options_until_overwrite(
+        suffix, first, other, said, small_dir, calibrated, tmp_path, capsys):
+    out = tmp_path / f"scores{suffix}"
+    common = [small_dir, "--checkpoint", calibrated, "--workers", 0, "--out"]
+    assert score(*common, out, *first) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+
+    assert score(*common, out, *other) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("deqguard score: error: ")
+    assert said in err and "--overwrite" in err and "another --out" in err
+    assert out.read_bytes() == before
+    assert not out.with_name(out.name + ".parts").exists()
+
+    assert score(*common, out, *first) == 0  # the same options: nothing to do, rows kept
+    assert "(0 scored in this run" in capsys.readouterr().out
+    assert out.read_bytes() == before
+
+    assert score(*common, out, *other, "--overwrite") == 0
+    fresh = tmp_path / f"fresh{suffix}"
+    assert score(*common, fresh, *other) == 0
+    assert read_rows(out) == read_rows(fresh)  # the new options' rows, none of the old ones
+    assert score(*common, out, *first) == 2  # and the output now records the new options
+
+
+def test_output_without_a_record_is_not_reused(small_dir, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "old.csv"
+    common = [small_dir, "--checkpoint", tiny_checkpoint, "--workers", 0, "--out", out]
+    assert score(*common) == 0
+    side = out.with_name(out.name + ".run.json")
+    assert json.loads(side.read_text())["options"] == {}
+    side.unlink()  # as an output written before outputs kept their settings
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert score(*common) == 2
+    err = capsys.readouterr().err
+    assert "holds no record of the model and options" in err and "--overwrite" in err
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_output_records_model_and_input_and_refuses_others(suffix, tmp_path):
+    from deqguard.clients.files import Item
+    from deqguard.clients.output import ResumableOutput, ScoreError
+    from deqguard.clients.rows import error_row
+
+    out = tmp_path / f"rows{suffix}"
+    made = {"input_dir": "/data/a", "model_sha256": "a" * 64, "options": {"coverage": 0.9}}
+    first = ResumableOutput(out, made)
+    assert first.open() == []
+    first.add([error_row(Item("x.png", "/data/a/x.png", None), "bad", "a" * 64)])
+    first.finish(["x.png"])
+    before = out.read_bytes()
+
+    for change, said in [({"model_sha256": "b" * 64}, "model sha256 was aaaaaaaaaaaa, now "
+                          "bbbbbbbbbbbb"),
+                         ({"input_dir": "/data/b"}, "input folder was /data/a, now /data/b")]:
+        with pytest.raises(ScoreError, match="--overwrite") as exc:
+            ResumableOutput(out, {**made, **change}).open()
+        assert said in str(exc.value)
+        assert out.read_bytes() == before
+    again = ResumableOutput(out, json.loads(json.dumps(made)))
+    assert [r["path"] for r in again.open()] == ["x.png"]  # the same settings: resumed
+
+
+def test_every_score_option_has_help_with_its_default():
+    from deqguard.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    score_parser = sub.choices["score"]
+    missing, no_default = [], []
+    for action in score_parser._actions:
+        if action.dest == "help":
+            continue
+        if not action.help:
+            missing.append(action.dest)
+        elif action.option_strings and "default" not in action.help and not action.required:
+            no_default.append(action.dest)
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"options whose help does not say the default: {no_default}"
+    text = score_parser.format_help()
+    assert "(default: 64)" in text and "(default: 512)" in text and "(default: 16)" in text
+    assert "T-shirt_top" in text
+
+
+def test_summary_says_how_many_were_answered_and_why_not(small_dir, calibrated, tmp_path,
+                                                        capsys):
+    out = tmp_path / "sel.jsonl"
+    assert score(small_dir, "--checkpoint", calibrated, "--workers", 0, "--out", out,
+                 "--coverage", "0.5") == 0
+    text = capsys.readouterr().out
+    rows = read_rows(out)
+    abstained = sum(bool(r["abstained"]) for r in rows if r["error"] is None)
+    answered = len(rows) - len(CORRUPT) - abstained
+    reason = ", where the model was not sure enough" if abstained else ""
+    assert (f"answered: {answered} of {len(rows)} images (abstained: {abstained}{reason} at "
+            f"coverage 0.5; errors: {len(CORRUPT)}, files that could not be scored)") in text
+
+
+SLASH_CLASSES = ["T-shirt/top", "Trouser", "Ankle boot", "Bag"]
+# The documented folder for each class, written as a user might: any case, a space as "_".
+SLASH_FOLDERS = ["T-shirt_top", "trouser", "ankle_boot", "Bag"]
+
+
+@pytest.fixture(scope="module")
+def slash_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The fixture checkpoint under Fashion-MNIST-like class names, one with a "/"."""
+    from deqguard.models import update_metadata
+
+    path = tmp_path_factory.mktemp("slash") / "tiny.safetensors"
+    shutil.copy(tiny_checkpoint, path)
+    update_metadata(path, classes=SLASH_CLASSES)
+    return path
+
+
+def test_class_names_with_a_slash_label_their_safe_folders(slash_checkpoint, tmp_path, capsys):
+    root = tmp_path / "fashion"
+    x, y = make_pattern_images(24, seed=4)
+    for i in range(len(y)):
+        sub = root / SLASH_FOLDERS[y[i]]
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i:03d}.png").write_bytes(_png((x[i, 0] * 255).round().astype(np.uint8)))
+    (root / "misc").mkdir()
+    (root / "misc" / "extra.png").write_bytes(_png((x[0, 0] * 255).round().astype(np.uint8)))
+    out = tmp_path / "fashion.parquet"
+    assert score(root, "--checkpoint", slash_checkpoint, "--workers", 0, "--out", out) == 0
+    rows = read_rows(out)
+    assert len(rows) == len(y) + 1
+    for r in rows:
+        top = r["path"].split("/")[0]
+        want = None if top == "misc" else SLASH_FOLDERS.index(top)
+        assert r["label"] == want, r["path"]
+    printed = capsys.readouterr()
+    assert "accuracy: " in printed.out and f"/{len(y)} labelled images" in printed.out
+    warning = printed.err.strip()
+    assert warning.startswith("deqguard score: warning: images under misc/ get no label")
+    assert len(warning.splitlines()) == 1
+    assert not any(f"{f}/" in warning for f in SLASH_FOLDERS)
 
 
 def test_bad_output_suffix_is_refused_before_any_work(image_dir, tiny_checkpoint, tmp_path, capsys):
