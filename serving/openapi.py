@@ -4,9 +4,11 @@ BentoML 1.4 declares `openapi: 3.0.2` but embeds pydantic's JSON Schema (draft 2
 dialect of OpenAPI 3.1): numeric `exclusiveMinimum`, `{"type": "null"}` in `anyOf`, `const`,
 `examples` lists. Strict 3.0 tools and client generators reject those. `to_openapi30` rewrites
 them into their 3.0 spellings (boolean exclusive bounds, `nullable`, `enum`, `example`);
-`add_uploads` documents the multipart and raw-image bodies serving/uploads.py accepts; the
-`OpenAPIDocument` middleware applies both to BentoML's answer. tests/test_serving_uploads.py
-validates the result with openapi-spec-validator.
+`add_routes` documents the routes of the mounted app BentoML does not see (GET /model, /ui/);
+openapi_names.py names the document and its parts after the project; `add_uploads` documents the
+multipart and raw-image bodies serving/uploads.py accepts; the `OpenAPIDocument` middleware
+applies all of them to BentoML's answer. tests/test_serving_uploads.py validates the result with
+openapi-spec-validator; tests/test_openapi_client.py generates a client from it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import json
 from typing import Any
 
 from .guards import ASGIApp, Message, Receive, Scope, Send
+from .openapi_names import name_document
 from .uploads import IMAGE_FIELD, UPLOAD_ROUTES
 
 DOC_PATH = "/docs.json"
-_NULL = {"type": "null"}
+_REF = "#/components/schemas/"
+_NULLABLE = {"nullable": True}
 _ERROR_CODES = {"413": "Request body or batch over the server's caps",
                 "415": "Unsupported media type", "422": "Options this server cannot honour"}
 
@@ -37,8 +41,9 @@ def to_openapi30(node: Any) -> Any:
             out[bound], out[exclusive] = v, True
     for comb in ("anyOf", "oneOf"):
         options = out.get(comb)
-        if isinstance(options, list) and _NULL in options:
-            rest = [o for o in options if o != _NULL]
+        # Options are converted already: {"type": "null"} reads {"nullable": True} here.
+        if isinstance(options, list) and _NULLABLE in options:
+            rest = [o for o in options if o != _NULLABLE]
             del out[comb]
             out["nullable"] = True
             if len(rest) == 1 and "$ref" in rest[0]:
@@ -67,11 +72,73 @@ def to_openapi30(node: Any) -> Any:
     return out
 
 
+_OBJECT = {"type": "object", "additionalProperties": True}
+MODEL_INFO = {
+    "type": "object", "title": "ModelInfo", "additionalProperties": True,
+    "description": "The served checkpoint's metadata (its name, hash, classes, input, "
+                   "architecture, training record, metrics and calibrations) and `serving`: how "
+                   "this server runs it.",
+    "required": ["sha256", "classes", "input", "model", "serving"],
+    "properties": {
+        "name": {"type": "string"}, "sha256": {"type": "string"},
+        "deqguard_version": {"type": "string"},
+        "classes": {"type": "array", "items": {"type": "string"}},
+        "input": {**_OBJECT, "description": "how an image is prepared: channels, height, width, "
+                                            "value_range, mean, std"},
+        "model": {**_OBJECT, "description": "the architecture and its solver settings"},
+        "serving": {**_OBJECT, "required": ["backend", "max_iter_cap", "defaults"],
+                    "description": "backend, max_iter_cap, defaults (of the request options), "
+                                   "defenses, solvers and the selective calibration's coverages",
+                    "properties": {"backend": {"type": "string", "enum": ["torch", "onnx"]},
+                                   "max_iter_cap": {"type": "integer"},
+                                   "defaults": _OBJECT,
+                                   "defenses": {"type": "array", "items": {"type": "string"}},
+                                   "solvers": {"type": "array", "items": {"type": "string"}}}},
+    },
+}
+_STARTING = {"503": {"description": "The service is still starting"}}
+# The routes of the Starlette app service.py mounts next to the APIs: BentoML documents the
+# routes of a mounted FastAPI app only.
+MOUNTED_ROUTES: dict[str, dict[str, Any]] = {
+    "/model": {"get": {
+        "operationId": "get_model", "tags": ["model"],
+        "description": "The served checkpoint's metadata, and the defaults and caps of the "
+                       "request options.",
+        "responses": {"200": {"description": "Successful Response", "content": {
+            "application/json": {"schema": {"$ref": _REF + "ModelInfo"}}}}, **_STARTING}}},
+    "/ui/": {"get": {
+        "operationId": "get_ui", "tags": ["ui"],
+        "description": "The web page: pick or drop an image, see the prediction and its "
+                       "entropy and residual per solver iteration.",
+        "responses": {"200": {"description": "The HTML page", "content": {
+            "text/html": {"schema": {"type": "string"}}}}}}},
+}
+# Documentation of the documentation is left out: `/` (BentoML's Swagger page), /docs.json,
+# BentoML's /schema.json and the page's assets.
+UNDOCUMENTED = ("/", DOC_PATH, "/schema.json", "/static_content")
+
+
+def add_routes(doc: dict[str, Any]) -> dict[str, Any]:
+    """Document MOUNTED_ROUTES and the 503 of the readiness and liveness probes."""
+    doc = copy.deepcopy(doc)
+    paths = doc.setdefault("paths", {})
+    for path, item in MOUNTED_ROUTES.items():
+        paths.setdefault(path, copy.deepcopy(item))
+    doc.setdefault("components", {}).setdefault("schemas", {})["ModelInfo"] = copy.deepcopy(
+        MODEL_INFO)
+    for probe in ("/livez", "/readyz", "/healthz"):
+        get = paths.get(probe, {}).get("get")
+        if isinstance(get, dict):
+            get.setdefault("responses", {}).setdefault(
+                "503", {"description": "Not alive (/livez) or not ready (/readyz) yet"})
+    return doc
+
+
 def add_uploads(doc: dict[str, Any]) -> dict[str, Any]:
     """Document the multipart and image/* bodies of UPLOAD_ROUTES, and the 413/415/422 errors."""
     doc = copy.deepcopy(doc)
     error_ref = None
-    schemas = doc.get("components", {}).get("schemas", {})
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     if "InvalidArgument" in schemas:
         error_ref = {"$ref": "#/components/schemas/InvalidArgument"}
     for path, item in doc.get("paths", {}).items():
@@ -86,12 +153,18 @@ def add_uploads(doc: dict[str, Any]) -> dict[str, Any]:
             continue
         content = post.get("requestBody", {}).get("content", {})
         schema = content.get("application/json", {}).get("schema", {})
+        ref = schema.get("$ref", "")
+        if ref.startswith(_REF):
+            schema = schemas.get(ref[len(_REF):], {})
         options = {k: v for k, v in schema.get("properties", {}).items() if k != IMAGE_FIELD}
-        content["multipart/form-data"] = {"schema": {
-            "type": "object", "required": [IMAGE_FIELD], "additionalProperties": False,
+        upload = path.strip("/").title().replace("_", "") + "Upload"  # ClassifyUpload
+        schemas[upload] = {
+            "type": "object", "title": upload, "required": [IMAGE_FIELD],
+            "additionalProperties": False,
             "properties": {IMAGE_FIELD: {"type": "string", "format": "binary",
                                          "description": "the image file (PNG, JPEG, WebP, ...)"},
-                           **copy.deepcopy(options)}}}
+                           **copy.deepcopy(options)}}
+        content["multipart/form-data"] = {"schema": {"$ref": _REF + upload}}
         content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
         params = post.setdefault("parameters", [])
         for name, prop in options.items():
@@ -109,9 +182,14 @@ def add_uploads(doc: dict[str, Any]) -> dict[str, Any]:
 
 def describe_errors_and_inputs(doc: dict[str, Any]) -> dict[str, Any]:
     """Say what the server really answers and accepts: a 400's `detail` is pydantic's list of
-    errors (BentoML's schema says a string); an image is non-empty base64 (`format: byte`), and
-    a batch or tensor holds at least one item."""
+    errors (BentoML's schema says a string); a request body is required (an empty one is a 400);
+    an image is non-empty base64 (`format: byte`), and a batch or tensor holds at least one
+    item."""
     doc = copy.deepcopy(doc)
+    for item in doc.get("paths", {}).values():
+        body = item.get("post", {}).get("requestBody")
+        if isinstance(body, dict):
+            body["required"] = True
     schemas = doc.get("components", {}).get("schemas", {})
     detail = schemas.get("InvalidArgument", {}).get("properties", {}).get("detail")
     if isinstance(detail, dict):
@@ -145,7 +223,8 @@ def describe_errors_and_inputs(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def openapi30(doc: dict[str, Any]) -> dict[str, Any]:
-    return to_openapi30(describe_errors_and_inputs(add_uploads(doc)))
+    """BentoML's document as served: every route, named after the project, valid OpenAPI 3.0."""
+    return to_openapi30(describe_errors_and_inputs(add_uploads(name_document(add_routes(doc)))))
 
 
 class OpenAPIDocument:

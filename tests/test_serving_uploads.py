@@ -208,7 +208,8 @@ def test_docs_json_is_valid_openapi_for_its_declared_version(http):
     validate(doc)
     content = doc["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data", "image/*"} <= set(content)
-    tol = content["application/json"]["schema"]["properties"]["tol"]
+    ref = content["application/json"]["schema"]["$ref"]
+    tol = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]["tol"]
     assert tol["exclusiveMinimum"] is True and tol["minimum"] == 0
 
 
