@@ -40,8 +40,15 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest -q
 
-test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+# The slow suite also generates a client from the served OpenAPI document with
+# openapi-python-client, in a venv of its own (it pins httpx<0.29, the project's venv has newer).
+OAPC := .venv-oapc/bin/openapi-python-client
+$(OAPC):
+	$(PYTHON) -m venv .venv-oapc
+	.venv-oapc/bin/pip install -q 'openapi-python-client==0.29.*'
+
+test-slow: setup $(OAPC)
+	PATH="$(CURDIR)/.venv-oapc/bin:$$PATH" $(BIN)/python -m pytest -q -m slow
 
 # Serves the shipped default checkpoint (or CHECKPOINT=path) on 127.0.0.1:3000.
 CHECKPOINT ?= default
