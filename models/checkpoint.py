@@ -45,10 +45,6 @@ class InputSpec(BaseModel):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
-    @property
-    def color_mode(self) -> str:
-        return "L" if self.channels == 1 else "RGB"
-
 
 class CheckpointMetadata(BaseModel):
     """Everything a checkpoint says about itself; unknown keys are kept for newer writers."""
