@@ -122,8 +122,6 @@ def build_model(preset_or_config: str | ModelConfig, *, num_classes: int | None 
 
 
 def get_model(name: str, **config: Any) -> Classifier:
-    """`build_model` for a registered name, under torchvision.models.get_model's name."""
-    if not isinstance(name, str):
-        raise TypeError(f"get_model takes a registered name, got {type(name).__name__}; "
-                        "build_model also takes a config")
+    """`build_model(name, **config)` under torchvision.models.get_model's name, for code and
+    readers that know that one."""
     return build_model(name, **config)
