@@ -17,8 +17,8 @@ import time
 import torch
 
 from deqguard.models import load_checkpoint
-from deqguard.models.detector import detector_from_metadata
 from deqguard.models.dynamics import DynamicsConfig
+from deqguard.models.learned_detector import detector_from_metadata
 from deqguard.training.evaluation.advsets import split_images
 
 

@@ -22,8 +22,8 @@ from torch import Tensor
 from deqguard.fileio import atomic_write_bytes
 
 from .classifier import Classifier
-from .config import parse_model_config
 from .errors import CheckpointError
+from .registry import build_model, parse_model_config
 
 FORMAT_VERSION = 1
 _META_KEY = "deqguard"
@@ -44,10 +44,6 @@ class InputSpec(BaseModel):
     value_range: tuple[float, float] = (0.0, 1.0)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-
-    @property
-    def color_mode(self) -> str:
-        return "L" if self.channels == 1 else "RGB"
 
 
 class CheckpointMetadata(BaseModel):
@@ -233,8 +229,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .builder import build_model
 
     p = resolve_checkpoint(path)
     meta = read_metadata(p)

@@ -7,12 +7,51 @@ highest-resolution branch only; the head is HRNet-style.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from .classifier import DEQClassifier
-from .config import MDEQConfig
+from .config import DEQConfig, SolverConfig
 from .layers import ResidualCell, conv1x1, conv3x3, maybe_weight_norm
+from .registry import register_model
+
+
+class MDEQConfig(DEQConfig):
+    """Multiscale DEQ (MDEQ); defaults are the paper's DEQ-Large (paper.md 2.1)."""
+
+    arch: Literal["mdeq"] = "mdeq"
+    in_channels: int = Field(3, ge=1)
+    image_size: int = Field(32, ge=8)
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    expansion: int = Field(5, ge=1)
+    num_groups: int = Field(8, ge=1)
+    head_channels: tuple[int, ...] = (14, 28, 56, 112)
+    final_channels: int = Field(1680, ge=8)
+    dropout: float = Field(0.22, ge=0, lt=1)
+    weight_norm: bool = True
+    solver: SolverConfig = SolverConfig(solver="broyden", max_iter=8)
+
+    @model_validator(mode="after")
+    def _branches_fit(self) -> MDEQConfig:
+        # Nearest upsampling between branches only lines up when every halving is exact.
+        k = 2 ** (len(self.channels) - 1)
+        if self.image_size % k:
+            raise ValueError(f"image_size {self.image_size} must be divisible by {k} for "
+                             f"{len(self.channels)} branches")
+        if len(self.head_channels) != len(self.channels):
+            raise ValueError("head_channels needs one entry per branch in channels")
+        return self
+
+
+# `large` is the paper's DEQ-Large; `xl` the same four branches with 2.25x their channels.
+_PRESETS = {
+    "large": MDEQConfig(),
+    "xl": MDEQConfig(channels=(72, 144, 288, 576), head_channels=(20, 40, 80, 160),
+                     final_channels=1800),
+}
 
 
 def _bn_relu(conv: nn.Module, ch: int) -> list[nn.Module]:
@@ -51,6 +90,7 @@ class _Bottleneck(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
+@register_model("mdeq", MDEQConfig, presets=_PRESETS)
 class MDEQ(DEQClassifier):
     def __init__(self, config: MDEQConfig):
         super().__init__(config)

@@ -13,11 +13,11 @@ on, how many images, and where they came from. A requested coverage between two 
 served by interpolating their thresholds linearly (`SelectiveCalibration.threshold`).
 
 Scores, all computed by functions that already exist (none is re-implemented here):
-`detector` (the learned detector's log-odds, models/detector.py, over the solve's dynamics
-features), and `mean_entropy`, `final_entropy`, `max_softmax` (1 - max p) and `iterations` from
-`models.detection.detection_score`. `detector`, `mean_entropy` and `iterations` read the
-solver's path, not only its answer, so their thresholds hold only for the solve they were
-calibrated on (`SOLVE_DEPENDENT`).
+`detector` (the learned detector's log-odds, models/learned_detector.py, over the solve's
+dynamics features), and `mean_entropy`, `final_entropy`, `max_softmax` (1 - max p) and
+`iterations` from `models.detection_scores.detection_score`. `detector`, `mean_entropy` and
+`iterations` read the solver's path, not only its answer, so their thresholds hold only for the
+solve they were calibrated on (`SOLVE_DEPENDENT`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from .classifier import SolveResult
-from .detection import detection_score
+from .detection_scores import detection_score
 from .errors import CheckpointError
 from .metadata_block import read_block
 
@@ -146,8 +146,8 @@ def coverage_threshold(scores: np.ndarray | Tensor, coverage: float) -> tuple[fl
 
 
 def detector_fingerprint(detector: Any) -> str:
-    """A short hash of a learned detector's stored form (models/detector.py's LogisticDetector):
-    thresholds on its score hold for that detector only."""
+    """A short hash of a learned detector's stored form (a LogisticDetector of
+    models/learned_detector.py): thresholds on its score hold for that detector only."""
     return hashlib.sha256(detector.model_dump_json().encode()).hexdigest()[:16]
 
 
@@ -174,7 +174,7 @@ def calibrate(scores: np.ndarray | Tensor, score: str,
 def doubt_score(result: SolveResult, name: str, detector: Any = None) -> Tensor:
     """Per-sample doubt [B] (higher = less sure) of a solve, by the existing scoring functions.
 
-    `detector` (a models.detector.LogisticDetector) scores the solve's dynamics features
+    `detector` (a models.learned_detector.LogisticDetector) scores the solve's dynamics features
     (`model.solve(..., features=detector.dynamics)` puts them in `result.features`).
     """
     if name == "detector":
@@ -197,7 +197,7 @@ def selective_from_metadata(meta: Any) -> SelectiveCalibration | None:
     if cal is None:
         return None
     if cal.score == "detector":
-        from .detector import detector_from_metadata
+        from .learned_detector import detector_from_metadata
 
         det = detector_from_metadata(meta)
         if det is None or detector_fingerprint(det) != cal.detector_fingerprint:

@@ -6,11 +6,28 @@ iterations (times attack steps) stays cheap; one MDEQ-style residual block is it
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
 from torch import nn
 
 from .classifier import StemCellDEQ
-from .config import TinyDEQConfig
+from .config import DEQConfig
 from .layers import ResidualCell, conv1x1, conv3x3
+from .registry import register_model
+
+
+class TinyDEQConfig(DEQConfig):
+    """Single-scale DEQ: a strided stem injects the image, one residual block is iterated."""
+
+    arch: Literal["tiny-deq"] = "tiny-deq"
+    width: int = Field(32, ge=4)
+    expansion: int = Field(2, ge=1)
+    stem_stride: Literal[1, 2, 4] = 4
+    num_groups: int = Field(4, ge=1)
+    head_width: int = Field(128, ge=4)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    weight_norm: bool = True
 
 
 def _stem(cfg: TinyDEQConfig) -> nn.Sequential:
@@ -24,6 +41,7 @@ def _stem(cfg: TinyDEQConfig) -> nn.Sequential:
     )
 
 
+@register_model("tiny-deq", TinyDEQConfig, presets={"tiny": TinyDEQConfig()})
 class TinyDEQ(StemCellDEQ):
     def __init__(self, config: TinyDEQConfig):
         super().__init__(config)

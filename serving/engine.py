@@ -127,7 +127,7 @@ class Detector:
     """
 
     def __init__(self, calibration: dict[str, Any] | None, learned: Any = None):
-        from deqguard.models.detection import DetectionCalibration
+        from deqguard.models.detection_scores import DetectionCalibration
 
         self.calibration = (DetectionCalibration.model_validate(calibration)
                             if calibration else None)
@@ -147,7 +147,7 @@ class Detector:
     def __call__(self, trace: SampleTrace, defense: str, detect: bool = True) -> Detection:
         import torch
 
-        from deqguard.models.detection import detection_score
+        from deqguard.models.detection_scores import detection_score
 
         if self.learned is not None and detect and trace.features is not None:
             det = self.learned
@@ -184,7 +184,7 @@ class Engine(ABC):
         self.spec = meta.input
         self.classes = list(meta.classes)
         self.max_iter_cap = int(max_iter_cap)
-        from deqguard.models.detector import detector_from_metadata
+        from deqguard.models.learned_detector import detector_from_metadata
         from deqguard.models.selective import selective_from_metadata
 
         learned = detector_from_metadata(meta)

@@ -78,7 +78,7 @@ class DEQGuardModel:
             if not os.path.isfile(s.onnx_path):
                 raise CheckpointError(f"ONNX graph not found: {s.onnx_path} (DEQGUARD_ONNX)")
             return
-        from deqguard.models.detector import detector_from_metadata
+        from deqguard.models.learned_detector import detector_from_metadata
         from deqguard.models.selective import selective_from_metadata
 
         try:

@@ -23,8 +23,8 @@ def val_images(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cheap_detector(sha256: str):
     """A learned detector over free features plus the residual: plumbing, not detection."""
-    from deqguard.models.detector import LogisticDetector
     from deqguard.models.dynamics import DynamicsConfig
+    from deqguard.models.learned_detector import LogisticDetector
 
     cfg = DynamicsConfig(jacobian_vjps=0, restart_iters=0, entropy_step=0)
     return LogisticDetector(features=["mean_entropy", "final_entropy", "log_residual"],
@@ -47,7 +47,7 @@ def calibrated_copy(src: str | Path, dst: Path, score: str = "max_softmax", n_va
                     ) -> Path:
     """A copy of `src` with metadata['selective'] for `score` on `n_val` held-out images."""
     from deqguard.models import load_checkpoint, update_metadata
-    from deqguard.models.detector import detector_from_metadata
+    from deqguard.models.learned_detector import detector_from_metadata
     from deqguard.models.selective import calibrate
     from deqguard.training.evaluation.selective import score_inputs, solve_spec
 

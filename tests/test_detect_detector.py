@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from deqguard.models import CheckpointError, load_checkpoint, read_metadata, update_metadata
-from deqguard.models.detector import LogisticDetector, detector_from_metadata
 from deqguard.models.dynamics import DynamicsConfig
+from deqguard.models.learned_detector import LogisticDetector, detector_from_metadata
 from deqguard.training.evaluation.detector_fit import (
     build_detector,
     compute_features,

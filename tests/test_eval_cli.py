@@ -11,7 +11,7 @@ import torch
 
 from deqguard.cli import main
 from deqguard.models import read_metadata
-from deqguard.models.detection import DetectionCalibration
+from deqguard.models.detection_scores import DetectionCalibration
 from deqguard.training.evaluation.schema import EvalReport
 
 FAST = ["--n", "16", "--pgd-steps", "2", "--steps-sweep", "1,2", "--eps-sweep", "1",
@@ -116,7 +116,7 @@ def test_schema_flag_prints_the_schema(capsys):
 def test_calibrated_threshold_from_cli_run_has_asked_fpr_on_val(ckpt_copy, pattern_idx_dir):
     """Recompute the validation scores and check the stored threshold's FPR on them."""
     from deqguard.models import load_checkpoint
-    from deqguard.models.detection import detection_score
+    from deqguard.models.detection_scores import detection_score
     from deqguard.training.data import load_dataset
 
     rc = main(["eval", str(ckpt_copy), "--data", "fashion-mnist", "--data-dir",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deqguard.models import SolveResult
-from deqguard.models.detection import (
+from deqguard.models.detection_scores import (
     DetectionCalibration,
     auroc,
     calibrate_threshold,

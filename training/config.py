@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from ..models.config import PRESETS as MODEL_PRESETS
 from ..models.config import GradConfig, SolverName
 from ..models.errors import DeqguardError
+from ..models.registry import PRESETS as MODEL_PRESETS
 
 
 class ConfigError(DeqguardError):

@@ -32,9 +32,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..models import build_model, save_checkpoint, update_metadata
-from ..models.builder import resolve_config
 from ..models.classifier import Classifier
 from ..models.errors import DeqguardError
+from ..models.registry import resolve_config
 from . import distributed
 from .batches import ResidentBatches
 from .config import SINGLE_STEP_KINDS, TrainConfig, deep_merge, resolve

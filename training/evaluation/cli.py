@@ -140,7 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
     ckpt = CheckpointInfo(path=str(path), name=meta.name, sha256=meta.sha256,
                           arch=str(meta.model.get("arch", "")), is_deq=model.is_deq,
                           solver=meta.model.get("solver"))
-    from deqguard.models.detector import detector_from_metadata
+    from deqguard.models.learned_detector import detector_from_metadata
 
     if selective is not None and selective.calibrate and selective.score == "detector" and (
             detector_from_metadata(meta) is None or not model.is_deq):

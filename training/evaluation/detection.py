@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from deqguard.models.classifier import SolveResult
-from deqguard.models.detection import (
+from deqguard.models.detection_scores import (
     DetectionCalibration,
     auroc,
     calibrate_threshold,

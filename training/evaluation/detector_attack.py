@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deqguard.models.classifier import DEQClassifier, SolveResult
-from deqguard.models.detector import LogisticDetector
 from deqguard.models.dynamics import dynamics_features
+from deqguard.models.learned_detector import LogisticDetector
 from deqguard.training.attacks import pgd
 
 from .attacks import default_step_size

@@ -91,7 +91,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from deqguard.models.detector import detector_from_metadata
+    from deqguard.models.learned_detector import detector_from_metadata
 
     from .advsets import TEST_PLAN, craft_plan, split_images, with_gradient
     from .detector_fit import cached_features, evaluate_scores, save_json

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from deqguard.models.classifier import Classifier
-from deqguard.models.detection import calibrate_threshold, roc_curve
-from deqguard.models.detector import LogisticDetector
+from deqguard.models.detection_scores import calibrate_threshold, roc_curve
 from deqguard.models.dynamics import DynamicsConfig
+from deqguard.models.learned_detector import LogisticDetector
 
 from .bootstrap import bootstrap_many
 

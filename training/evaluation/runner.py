@@ -377,7 +377,7 @@ class Evaluation:
             clean_scores["learned_detector"] = learned(self.x)
         val_thresholds = None
         if val_clean is not None:
-            from deqguard.models.detection import calibrate_threshold
+            from deqguard.models.detection_scores import calibrate_threshold
 
             val_scores = score_all(val_clean, names, s.early_index, params)
             if learned is not None:

@@ -1,15 +1,17 @@
-"""Attack detection from a solve's trajectory, and the calibration the server applies.
+"""Single-score attack detection: scores from a solve's trajectory, their calibrated threshold,
+and the ROC numbers behind it.
 
 The paper's observation is that adversarial inputs leave DEQ states uncertain along the dynamics.
 Each score here maps a `SolveResult` to one number per sample, higher = more suspicious, so that
-one threshold rule (`score > threshold`) serves every score. Calibration (threshold at a chosen
-false-positive rate on clean validation data) is computed by `deqguard eval --calibrate` and stored
-in checkpoint metadata["detection"]; `flag` applies it at serving time.
+one threshold rule (`score > threshold`, `flag`) serves every score. Calibration (threshold at a
+chosen false-positive rate on clean validation data) is computed by `deqguard eval --calibrate`
+and stored in checkpoint metadata["detection"], which the server applies. The learned detector,
+a model over several dynamics features, is models/learned_detector.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +21,6 @@ from torch import Tensor
 from .classifier import SolveResult
 from .entropy import mean_over_own_iterates, prediction_entropy
 
-ScoreName = Literal["final_entropy", "max_softmax", "mean_entropy", "early_entropy",
-                    "iterations", "final_residual", "logistic"]
 SCORE_NAMES: tuple[str, ...] = ("final_entropy", "max_softmax", "mean_entropy",
                                 "early_entropy", "iterations", "final_residual")
 
