@@ -99,6 +99,8 @@ def test_train_cli_writes_checkpoints_log_and_metadata(pattern_idx_dir, tmp_path
         assert rows[0][key] is not None
     assert 1 <= rows[0]["train_mean_depth"] <= 4
     meta = read_metadata(out / "last.safetensors")
+    assert meta.name == "run"  # the output folder's name, not the preset's
+    assert rows[0]["val_images"] == 32  # an explicit eval.val_limit wins over --limit
     t = meta.training
     assert t["preset"] == "fashion-tiny-regulated" and t["config"]["regulation"]["enabled"]
     assert t["config"]["solver"] == {"solver": "anderson", "max_iter": 4, "tol": 0.001}
@@ -208,3 +210,82 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(pattern_idx_dir, t
                                                               "last.safetensors").sha256
     assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {
         torch.float32}  # fp32 master weights, whatever the autocast
+
+
+def test_train_cli_threads_name_limit_and_summary(pattern_idx_dir, tmp_path, capsys):
+    """--threads sets torch's threads, --name names the checkpoints (the preset stays recorded
+    apart), --limit caps validation and the test check, and a summary explains the numbers."""
+    out = tmp_path / "run"
+    args = ["train", "--preset", TINY_PRESET, "--data-dir", str(pattern_idx_dir), "--epochs", "1",
+            "--out", str(out), "--no-progress", "--device", "cpu", "--limit", "48",
+            "--threads", "1", "--name", "my-smoke"]
+    for s in TINY_SETS:  # without the eval limits: --limit decides them here
+        if not s.startswith(("eval.val_limit", "eval.test_limit")):
+            args += ["--set", s]
+    before = torch.get_num_threads()
+    # Two threads before, one asked for: the run itself stays on one (this box may be busy).
+    torch.set_num_threads(2)
+    try:
+        assert main(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert rows[0]["val_images"] == 48  # the validation split holds 64
+    for name in ("last.safetensors", "best.safetensors"):
+        meta = read_metadata(out / name)
+        assert meta.name == "my-smoke"
+        assert meta.training["preset"] == TINY_PRESET == meta.training["config"]["name"]
+        assert meta.training["threads"] == 1
+        assert meta.metrics["val_images"] == 48 and meta.metrics["test_clean_images"] == 48
+        assert meta.training["config"]["eval"]["val_limit"] == 48
+    err = capsys.readouterr().err
+    summary = " ".join(err[err.index("deqguard train: run 'my-smoke'"):].split())
+    for part in ("validation clean accuracy", "PGD accuracy", "on 48 images",
+                 "chance level for 10 classes is 10%", f"deqguard serve {out / 'best.safetensors'}",
+                 "named 'my-smoke'"):
+        assert part in summary, part
+
+    # A resumed run keeps the name it started with unless --name says otherwise.
+    from deqguard.training.loop import Trainer
+    cfg = TrainConfig.model_validate(read_metadata(out / "last.safetensors").training["config"])
+    assert Trainer(cfg, out_dir=out, resume=True, argv=["x"]).name == "my-smoke"
+    assert Trainer(cfg, out_dir=out, resume=True, argv=["x"], name="renamed").name == "renamed"
+
+
+def test_limit_caps_validation_and_test_sizes_unless_set(capsys):
+    def eval_section(*extra: str) -> dict:
+        assert main(["train", "--preset", TINY_PRESET, "--show-config", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["eval"]
+
+    preset = eval_section()
+    assert preset["val_limit"] == 1000 and preset["test_limit"] == 1000
+    capped = eval_section("--limit", "300")
+    assert capped["val_limit"] == 300 and capped["test_limit"] == 300
+    explicit = eval_section("--limit", "300", "--set", "eval.val_limit=500")
+    assert explicit["val_limit"] == 500 and explicit["test_limit"] == 300
+    assert eval_section("--limit", "5000")["val_limit"] == 1000  # a cap, never a raise
+
+
+def test_run_summary_says_when_near_chance_is_expected():
+    from deqguard.models import CheckpointMetadata
+    from deqguard.training.summary import run_summary
+
+    def summary(clean: float) -> str:
+        meta = CheckpointMetadata(
+            name="smoke", model={}, input={"channels": 1, "height": 28, "width": 28},
+            classes=[str(i) for i in range(10)],
+            training={"preset": "fashion-wk-regulated", "epochs_completed": 1,
+                      "data": {"train_images": 300}},
+            metrics={"best_epoch": 1, "val_clean_accuracy": clean, "val_pgd_accuracy": 0.02,
+                     "val_pgd": {"eps": 0.1, "steps": 10}, "val_images": 300,
+                     "test_clean_accuracy": clean, "test_clean_images": 300})
+        return " ".join(run_summary(meta, "runs/smoke/best.safetensors").split())
+
+    low = summary(0.105)
+    assert "clean accuracy 10.5%, PGD accuracy 2.0% on 300 images" in low
+    assert "chance level for 10 classes is 10%" in low
+    assert "Near chance is expected after a run this short" in low
+    assert "not the shipped model" in low and "1 epoch on 300 training images" in low
+    high = summary(0.85)
+    assert "chance level for 10 classes is 10%" in high and "Near chance" not in high

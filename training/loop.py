@@ -1,6 +1,6 @@
 """One training run: data, model, objective, epochs, validation, checkpoints, resumption.
 
-Output folder (`--out`, default runs/<preset>):
+Output folder (`--out`, default runs/<preset>; its name is the checkpoints' default name):
     last.safetensors   weights + metadata after every epoch (deqguard checkpoint, atomic)
     best.safetensors   the epoch with the best validation robust (PGD) accuracy
     train_log.jsonl    one JSON line per epoch, then one {"event": "final"} line
@@ -102,6 +102,7 @@ class RunResult:
     last: Path
     best: Path
     metrics: dict[str, Any]
+    is_main: bool = True  # the process that wrote the checkpoints (rank 0 under torchrun)
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,10 +148,15 @@ class Trainer:
     """Holds one run's state; `run()` trains to the configured number of epochs."""
 
     def __init__(self, cfg: TrainConfig, *, out_dir: str | os.PathLike, resume: bool = False,
-                 argv: list[str] | None = None, preset: str | None = None):
+                 argv: list[str] | None = None, preset: str | None = None,
+                 name: str | None = None):
         self.argv = list(sys.argv if argv is None else argv)
         self.preset = preset or cfg.name
         self.out = Path(out_dir)
+        # The checkpoints are named after the run, not the preset: a smoke run of the preset
+        # the shipped model came from must not pass for it wherever the name is shown.
+        self.name = name or self.out.resolve().name
+        self._name_given = name is not None
         self.device = pick_device(cfg.train.device)
         self.dist = distributed.init_from_env(self.device.type)
         if self.device.type == "cuda":
@@ -262,6 +268,8 @@ class Trainer:
         self.tally_state = state.get("tally")
         self.history = list(state.get("history", []))
         self.init = state.get("init")
+        if not self._name_given and state.get("name"):
+            self.name = str(state["name"])  # resumed under the name it was started with
         saved_amp = state.get("bf16_autocast")
         if saved_amp is not None and bool(saved_amp) != self.amp and self.dist.is_main:
             # train.amp=auto can resolve differently on another machine (train.device is free)
@@ -280,7 +288,7 @@ class Trainer:
             "global_step": self.global_step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "best": self.best, "tally": tally.v if tally else None, "history": self.history,
-            "init": self.init, "bf16_autocast": self.amp,
+            "init": self.init, "bf16_autocast": self.amp, "name": self.name,
         })
 
     # -- one step -------------------------------------------------------------------------------
@@ -400,7 +408,8 @@ class Trainer:
         val = validate(self.model, self._eval_loader(self.val_set), eps=e.eps,
                        step_size=e.step_size, steps=e.steps, device=self.device, autocast=self.amp,
                        generator=torch.Generator(device=self.device).manual_seed(
-                           derive_seed(cfg.train.seed, "val", self.epoch, self.dist.rank)))
+                           derive_seed(cfg.train.seed, "val", self.epoch, self.dist.rank)),
+                       progress=self._progress(f"validation {self.epoch + 1}/{cfg.train.epochs}"))
         entry = {
             "epoch": self.epoch + 1, "global_step": self.global_step,
             "train_loss": tally.ratio("loss", "images"),
@@ -420,10 +429,14 @@ class Trainer:
         }
         return entry
 
+    def _progress(self, label: str) -> str | None:
+        """The progress bar label where bars are on (main process, train.progress), else None."""
+        return label if self.cfg.train.progress and self.dist.is_main else None
+
     def _metadata(self, metrics: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg
         return {
-            "name": c.name,
+            "name": self.name,
             "classes": self.info.classes,
             "input": {"channels": self.info.in_channels, "height": self.info.image_size,
                       "width": self.info.image_size, "value_range": [0.0, 1.0]},
@@ -437,6 +450,7 @@ class Trainer:
                 "world_size": self.dist.world_size, "device": self.device.type,
                 "bf16_autocast": self.amp, "precision": self.precision.label,
                 "channels_last": c.train.channels_last, "torch_version": torch.__version__,
+                "threads": torch.get_num_threads(),
                 **({"init": self.init} if self.init else {}),
             },
             "metrics": metrics,
@@ -501,7 +515,7 @@ class Trainer:
             if self._overfitted():
                 break
         final = self._finish()
-        return RunResult(self.out, self.out / LAST, self.out / BEST, final)
+        return RunResult(self.out, self.out / LAST, self.out / BEST, final, self.dist.is_main)
 
     def _overfitted(self) -> bool:
         """The guard: on catastrophic overfitting, restore the best epoch's weights and stop."""
@@ -544,8 +558,9 @@ class Trainer:
             if test is None or not path.exists():
                 continue
             model, meta = load_checkpoint(path, device=self.device)
+            label = self._progress(f"test ({name.split('.')[0]})")
             acc = clean_accuracy(model, self._loader(test, batch_size=self.cfg.eval.batch_size),
-                                 self.device)
+                                 self.device, progress=label)
             metrics = {**meta.metrics, "test_clean_accuracy": acc, "test_clean_images": len(test),
                        "test_clean_protocol": "first N test images, model default solver"}
             update_metadata(path, metrics=metrics)
@@ -556,9 +571,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, out_dir: str | os.PathLike, resume: bool = False,
-          argv: list[str] | None = None, preset: str | None = None) -> RunResult:
-    """Train one run to completion (or continue it with `resume=True`)."""
+          argv: list[str] | None = None, preset: str | None = None,
+          name: str | None = None) -> RunResult:
+    """Train one run to completion (or continue it with `resume=True`); `name` names its
+    checkpoints (default: the output folder's name)."""
     try:
-        return Trainer(cfg, out_dir=out_dir, resume=resume, argv=argv, preset=preset).run()
+        return Trainer(cfg, out_dir=out_dir, resume=resume, argv=argv, preset=preset,
+                       name=name).run()
     finally:
         distributed.shutdown()

@@ -8,7 +8,7 @@ evaluation (AutoAttack, adaptive attacks) lives in the evaluation modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sized
 
 import torch
 from torch import Tensor
@@ -19,20 +19,32 @@ from .distributed import all_reduce_sum
 from .objectives import eval_mode
 
 
-def _batches(loader: Iterable, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+def _batches(loader: Iterable, device: torch.device,
+             progress: str | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loader's batches on `device`; with a `progress` label, under a progress bar (PGD
+    validation of a thousand images takes long enough on a CPU to look like a hang)."""
+    if progress is None:
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return
+    from tqdm import tqdm
+
+    total = len(loader) if isinstance(loader, Sized) else None
+    with tqdm(loader, total=total, desc=progress, unit="batch", dynamic_ncols=True,
+              leave=False) as bar:
+        for x, y in bar:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def validate(model: Classifier, loader: Iterable, *, eps: float, step_size: float, steps: int,
              device: torch.device, generator: torch.Generator | None = None,
-             autocast: bool = False) -> dict[str, float]:
+             autocast: bool = False, progress: str | None = None) -> dict[str, float]:
     """Clean accuracy, PGD accuracy (the model's default solver and gradient path), and mean
     solver iterations / converged fraction on the clean inputs. Counts are summed over
-    processes when running distributed."""
+    processes when running distributed. `progress`: a progress bar with this label."""
     stats = torch.zeros(5, dtype=torch.float64, device=device)
     with eval_mode(model):
-        for x, y in _batches(loader, device):
+        for x, y in _batches(loader, device, progress):
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 res = model.solve(x, trajectory=False)
             stats[0] += (res.logits.argmax(1) == y).sum()
@@ -54,11 +66,13 @@ def validate(model: Classifier, loader: Iterable, *, eps: float, step_size: floa
             "images": int(stats[2])}
 
 
-def clean_accuracy(model: Classifier, loader: Iterable, device: torch.device) -> float:
-    """Top-1 accuracy with the model's default solver settings (what `deqguard` serves)."""
+def clean_accuracy(model: Classifier, loader: Iterable, device: torch.device,
+                   progress: str | None = None) -> float:
+    """Top-1 accuracy with the model's default solver settings (what `deqguard` serves).
+    `progress`: a progress bar with this label."""
     correct = total = 0
     with eval_mode(model), torch.no_grad():
-        for x, y in _batches(loader, device):
+        for x, y in _batches(loader, device, progress):
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     return correct / max(total, 1)
