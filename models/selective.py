@@ -193,7 +193,8 @@ def selective_from_metadata(meta: Any) -> SelectiveCalibration | None:
     """The checkpoint's selective calibration, or None; CheckpointError if it is unusable."""
     cal = read_block(meta, METADATA_KEY, SelectiveCalibration, what="selective calibration",
                      verb="made", meaning="its thresholds mean",
-                     fix="Recalibrate it (deqguard eval CKPT --calibrate-selective)")
+                     fix="Recalibrate it (deqguard eval CKPT --attacks clean "
+                         "--calibrate-selective)")
     if cal is None:
         return None
     if cal.score == "detector":
@@ -206,5 +207,5 @@ def selective_from_metadata(meta: Any) -> SelectiveCalibration | None:
                 f"the checkpoint's selective calibration is on the learned detector's score, "
                 f"but the checkpoint {why} than the one it was calibrated with (refitted "
                 "since?): its thresholds mean nothing here. Recalibrate it (deqguard eval CKPT "
-                "--calibrate-selective --selective-score detector) or remove it")
+                "--attacks clean --calibrate-selective --selective-score detector) or remove it")
     return cal

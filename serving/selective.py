@@ -69,7 +69,8 @@ class Selector:
         if cal is None:
             return (f"coverage {c:g} needs a selective calibration, and this checkpoint has none "
                     "(metadata 'selective'): send coverage 1 (always answer), or calibrate it "
-                    "with `deqguard eval CKPT --attacks clean --calibrate-selective`")
+                    "with `deqguard eval CKPT --attacks clean --calibrate-selective` (CKPT: the "
+                    "checkpoint file this server loads) and restart the server")
         if c < cal.min_coverage:
             return (f"coverage {c:g} is below the lowest calibrated coverage "
                     f"{cal.min_coverage:g} of this checkpoint; ask for {cal.min_coverage:g} to 1")

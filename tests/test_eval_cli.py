@@ -1,8 +1,12 @@
-"""A tiny `deqguard eval` run end to end: JSON valid against the schema, report, calibration."""
+"""A tiny `deqguard eval` run end to end: JSON valid against the schema, report, calibration;
+the first run of a new user: the dataset from the checkpoint, defaults that finish, readable
+numbers, help on every option, and the server's printed fix running as printed."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 
 import numpy as np
@@ -26,15 +30,30 @@ def ckpt_copy(tiny_checkpoint, tmp_path):
     return shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")
 
 
+@pytest.fixture()
+def recorded_copy(tiny_checkpoint, pattern_idx_dir, tmp_path):
+    """A copy of the fixture checkpoint whose metadata records its dataset as `deqguard train`
+    does (training.config.data): the pattern data in Fashion-MNIST format."""
+    from deqguard.models import update_metadata
+
+    path = shutil.copy(tiny_checkpoint, tmp_path / "recorded.safetensors")
+    training = dict(read_metadata(path).training)
+    training["config"] = {"data": {"dataset": "fashion-mnist", "data_dir": str(pattern_idx_dir),
+                                   "val_size": 100, "split_seed": 0}}
+    update_metadata(path, training=training)
+    return path
+
+
 def test_eval_json_report_and_calibration(ckpt_copy, pattern_idx_dir, tmp_path, capsys):
     out, rep = tmp_path / "eval.json", tmp_path / "report"
     rc = main(["eval", str(ckpt_copy), "--data", "fashion-mnist", "--data-dir",
                str(pattern_idx_dir), "--json", str(out), "--report", str(rep), "--calibrate",
-               "--logistic", *FAST])
+               "--logistic", "--attacks", "clean,budget,pgd,adaptive,aa,detect", *FAST])
     assert rc == 0
     report = EvalReport.model_validate_json(out.read_text())  # the documented schema
     summary = json.loads(capsys.readouterr().out)
-    assert summary["clean_accuracy"] == report.clean.accuracy
+    # printed to 4 significant digits for people; the JSON report keeps the exact number
+    assert summary["clean_accuracy"] == pytest.approx(report.clean.accuracy, rel=5e-4)
     names = [a.name for a in report.attacks]
     assert {"pgd2-phantom", "pgd2-implicit", "pgd2-exact", "Munroll-1-2"} <= set(names)
     assert any(n.startswith("detector-adaptive") for n in names)
@@ -132,3 +151,118 @@ def test_calibrated_threshold_from_cli_run_has_asked_fpr_on_val(ckpt_copy, patte
         s = detection_score(model.solve(x), "max_softmax").numpy()
     cal = meta.detection
     assert np.mean(s > cal["threshold"]) == pytest.approx(0.1, abs=0.011)
+
+
+def _floats(value) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _floats(v)]
+    if isinstance(value, list):
+        return [f for v in value for f in _floats(v)]
+    return []
+
+
+def test_eval_without_data_reads_the_checkpoints_dataset_and_skips_autoattack(
+        recorded_copy, pattern_idx_dir, tmp_path, capsys, monkeypatch):
+    """No --data, no --attacks: the recorded dataset, the default parts, no AutoAttack; the
+    printed numbers are rounded, the JSON report's exact."""
+    from deqguard.training.evaluation import autoattack
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("AutoAttack ran without being asked for")
+
+    monkeypatch.setattr(autoattack, "run_autoattack", refuse)
+    out = tmp_path / "eval.json"
+    assert FAST[:2] == ["--n", "16"]
+    rc = main(["eval", str(recorded_copy), "--json", str(out), "--calibrate", "--n", "15",
+               *FAST[2:]])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = EvalReport.model_validate_json(out.read_text())
+    assert report.settings.data == "fashion-mnist"
+    assert report.settings.data_dir == str(pattern_idx_dir)
+    assert report.settings.n == 15
+    assert set(report.settings.parts) == {"clean", "budget", "pgd", "adaptive", "detect"}
+    assert report.autoattack is None and report.detection is not None
+    summary = json.loads(printed)
+    numbers = _floats(summary)
+    assert numbers and all(float(f"{v:.4g}") == v for v in numbers), printed
+    assert summary["detection"]["threshold"] == pytest.approx(
+        report.detection.calibration["threshold"], rel=5e-4)
+    # exact in the JSON: an accuracy over 15 images is k/15 in float32, not cut to 4 digits
+    acc = report.clean.accuracy
+    assert acc * 15 == pytest.approx(round(acc * 15), abs=1e-5)
+
+
+def test_data_and_data_dir_override_the_recorded_dataset(recorded_copy, tmp_path):
+    from conftest import write_idx_dataset
+
+    other = write_idx_dataset(tmp_path / "other", n_train=64, n_test=10, seed=5)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(recorded_copy), "--data", "fashion-mnist", "--data-dir",
+                 str(other), "--attacks", "clean", "--json", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    settings = EvalReport.model_validate_json(out.read_text()).settings
+    assert settings.data_dir == str(other) and settings.n == 10
+
+
+def test_a_checkpoint_without_a_recorded_dataset_asks_for_data(tiny_checkpoint, capsys):
+    assert main(["eval", str(tiny_checkpoint), "--attacks", "clean", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deqguard eval: error:") and "records no dataset" in err
+    assert "--data fashion-mnist" in err and "Traceback" not in err
+
+
+def test_default_parts_leave_out_the_hours_long_autoattack():
+    from deqguard.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "default"])
+    assert args.data is None
+    parts = args.attacks.split(",")
+    assert "aa" not in parts and "clean" in parts and "pgd" in parts
+
+
+def test_the_servers_selective_fix_runs_as_printed(recorded_copy):
+    """The 422 for coverage < 1 on an uncalibrated checkpoint prints a command; run it."""
+    from deqguard.serving.engine import OptionsError, TorchEngine
+
+    with pytest.raises(OptionsError) as refused:
+        TorchEngine.load(str(recorded_copy), device="cpu", threads=1).resolve(coverage=0.5)
+    command = re.search(r"`(deqguard eval [^`]+)`", str(refused.value)).group(1)
+    argv = shlex.split(command.replace("CKPT", shlex.quote(str(recorded_copy))))
+    assert main(argv[1:]) == 0
+    engine = TorchEngine.load(str(recorded_copy), device="cpu", threads=1)
+    assert engine.resolve(coverage=0.5).coverage == 0.5  # the calibration it wrote is used
+
+
+def _subparsers(parser):
+    import argparse
+
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_eval_and_detect_option_has_help_with_its_default():
+    from deqguard.cli import build_parser
+
+    commands = _subparsers(build_parser())
+    detect = _subparsers(commands["detect"])
+    parsers = {"eval": commands["eval"], "detect fit": detect["fit"],
+               "detect evaluate": detect["evaluate"]}
+    for name, parser in parsers.items():
+        bare = [a.dest for a in parser._actions if not a.help]
+        assert bare == [], f"{name}: options without help: {bare}"
+        text = parser.format_help()
+        assert not re.search(r"issue \d", text, re.IGNORECASE), name
+    shown = " ".join(commands["eval"].format_help().split())  # unwrapped
+    assert "aa standard AutoAttack (pyautoattack); not in the default" in shown
+    assert "(default: 1000)" in shown and "(default: clean,budget,pgd,adaptive,detect)" in shown
+    assert "issue" not in commands["detect"].format_help().lower()
+
+
+def test_cli_spells_out_the_datasets():
+    """The CLI lists them without importing torch; they must stay training.data's own."""
+    from deqguard.training.data import DATASETS
+    from deqguard.training.evaluation import cli
+
+    assert cli.DATASETS == DATASETS

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .cli import GRAD_MODES, HelpFormatter
 
-from .cli import GRAD_MODES
+# numpy and torch are imported inside the handlers: `deqguard detect --help` loads neither.
 
 
 def _load(args: argparse.Namespace):
@@ -42,6 +43,8 @@ def checkpoint_cache(root: str | Path, sha256: str) -> Path:
 
 
 def _val_sets(model, cache: Path, cfg, n_cal: int, gradient: str):
+    import numpy as np
+
     from .advsets import VAL_PLAN, craft_plan, split_images, with_gradient
     from .detector_fit import cached_features
 
@@ -59,6 +62,8 @@ def _val_sets(model, cache: Path, cfg, n_cal: int, gradient: str):
 
 
 def _fit(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from deqguard.models import update_metadata
     from deqguard.models.dynamics import DynamicsConfig
 
@@ -91,6 +96,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from deqguard.models.errors import DeqguardError
     from deqguard.models.learned_detector import detector_from_metadata
 
     from .advsets import TEST_PLAN, craft_plan, split_images, with_gradient
@@ -99,7 +107,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, meta = _load(args)
     det = detector_from_metadata(meta)
     if det is None:
-        raise SystemExit("this checkpoint has no learned detector: run deqguard detect fit")
+        raise DeqguardError(f"{args.checkpoint} has no learned detector: run deqguard detect "
+                            f"fit {args.checkpoint} --write")
     cache = checkpoint_cache(args.cache, meta.sha256)
     t0 = time.time()
     fit_clean, fit_adv, cal_clean, _ = _val_sets(model, cache, det.dynamics, args.n_cal,
@@ -137,6 +146,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _adaptive(model, det, x_test, y_test, x_adv_plain, args) -> dict[str, Any]:
     """Detector-aware PGD on the first --adaptive-n test images, next to plain PGD-40."""
+    import numpy as np
     import torch
 
     from .detector_attack import detector_aware_pgd, summarise
@@ -164,7 +174,16 @@ def _adaptive(model, det, x_test, y_test, x_adv_plain, args) -> dict[str, Any]:
 
 
 def _plot(test: dict[str, Any], clean: dict, adv: dict, det, path: str) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # matplotlib's warnings are not the user's; here only
+        warnings.simplefilter("ignore")
+        _draw(test, clean, adv, det, path)
+
+
+def _draw(test: dict[str, Any], clean: dict, adv: dict, det, path: str) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,32 +219,51 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
 
+_SUBCOMMANDS = {
+    "fit": "craft (or reuse) the attacked validation sets, fit the logistic detector on their "
+           "dynamics features, calibrate its threshold on clean validation images",
+    "evaluate": "the checkpoint's stored detector on clean and PGD-40 test images, with "
+                "bootstrap intervals, next to the max-softmax baseline",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("detect", help="fit / evaluate the learned attack detector (issue 11)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s = p.add_subparsers(dest="detect_command", required=True)
+    p = sub.add_parser("detect", help="fit / evaluate the learned attack detector of a checkpoint",
+                       description=__doc__, formatter_class=HelpFormatter)
+    s = p.add_subparsers(dest="detect_command", required=True, metavar="{fit,evaluate}")
     for name, func in (("fit", _fit), ("evaluate", _evaluate)):
-        q = s.add_parser(name)
-        q.add_argument("checkpoint")
+        q = s.add_parser(name, help=_SUBCOMMANDS[name],
+                         description=textwrap.fill(_SUBCOMMANDS[name], 79),
+                         formatter_class=HelpFormatter)
+        q.add_argument("checkpoint", metavar="CHECKPOINT",
+                       help="a .safetensors checkpoint or a shipped name (default)")
         q.add_argument("--cache", default="runs/detect",
                        help="root of the attacked sets and features, one folder per weights")
         q.add_argument("--n-cal", type=int, default=300,
                        help="clean validation images for the threshold")
-        q.add_argument("--fpr", type=float, default=0.05)
-        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--fpr", type=float, default=0.05,
+                       help="false-positive rate of the threshold on clean images")
+        q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
         q.add_argument("--gradient", default="exact", choices=GRAD_MODES,
                        help="gradient path the attacked sets are crafted through on a DEQ "
-                            "(default exact: backprop through every solver iteration)")
-        q.add_argument("--json")
+                            "(exact: backprop through every solver iteration)")
+        q.add_argument("--json", metavar="FILE", help="also write the result as JSON here")
         q.set_defaults(func=func)
         if name == "fit":
-            q.add_argument("--l2", type=float, default=1e-2)
+            q.add_argument("--l2", type=float, default=1e-2,
+                           help="L2 penalty of the logistic regression")
             q.add_argument("--write", action="store_true",
                            help="store the detector in the checkpoint's metadata['detector']")
         else:
             q.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
-            q.add_argument("--plot")
-            q.add_argument("--adaptive-n", type=int, default=0)
-            q.add_argument("--adaptive-steps", type=int, default=10)
-            q.add_argument("--lambdas", type=_floats, default=[0.5, 2.0])
-            q.add_argument("--eps", type=float, default=0.1)
+            q.add_argument("--plot", metavar="PNG",
+                           help="write the ROC and feature histograms here")
+            q.add_argument("--adaptive-n", type=int, default=0,
+                           help="detector-aware PGD on the first N test images (0: skip)")
+            q.add_argument("--adaptive-steps", type=int, default=10,
+                           help="steps of the detector-aware PGD")
+            q.add_argument("--lambdas", type=_floats, default="0.5,2",
+                           help="detector-aware PGD weights: CE - lambda * detector score, "
+                                "one attack per value")
+            q.add_argument("--eps", type=float, default=0.1,
+                           help="L-inf radius of the detector-aware PGD")

@@ -6,9 +6,10 @@ Everything drawn here is in the report object, so a plot can be remade from a sa
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from .schema import EvalReport
+from .schema import DetectionSection, EvalReport
 
 
 def _pct(v: float | None) -> str:
@@ -19,7 +20,34 @@ def _f(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def detection_note(det: DetectionSection) -> str | None:
+    """Why every AUROC of the detection table is n/a, in one line; None when some are not.
+
+    An AUROC compares clean images with attacks that succeeded (a right answer turned wrong),
+    so with no success there is nothing to detect, and a bare table of n/a reads as a bug.
+    """
+    if any(r.auroc is not None for a in det.attacks for r in a.scores.values()):
+        return None
+    if not det.attacks:
+        return ("every AUROC is n/a: no attack ran, so there were no attacked inputs to detect "
+                "(add pgd or adaptive to --attacks)")
+    tried = sum(a.n_all for a in det.attacks)
+    return (f"every AUROC is n/a: none of the {tried} attacked inputs turned a right answer "
+            "wrong, so there is nothing to detect; a stronger attack (more --pgd-steps, a "
+            "larger --eps) or more images (--n) would give some")
+
+
 def _plots(report: EvalReport, out: Path) -> list[str]:
+    """The PNGs, quietly: matplotlib's warnings (an empty legend, layout) are not the user's.
+
+    The filter holds inside this call only; the rest of the process keeps its own.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _draw(report, out)
+
+
+def _draw(report: EvalReport, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +117,8 @@ def _plots(report: EvalReport, out: Path) -> list[str]:
             ax.set_title(score, fontsize=9)
             ax.set_xlabel("FPR (clean)")
             ax.set_ylabel("TPR (successful attacks)")
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:  # no curve when no attack succeeded
+                ax.legend(fontsize=6)
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
         save(fig, "roc.png")
@@ -210,14 +239,19 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
                      for n in det.scores]
             lines.append(f"| {a.attack} ({a.n_successful}/{a.n_all}) | " + " | ".join(cells)
                          + " |")
+        note = detection_note(det)
+        if note:
+            lines += ["", note[0].upper() + note[1:] + "."]
         lines.append("")
         if det.calibration:
             cal = det.calibration
             lines += [f"Calibration on {cal.get('n_calibration')} clean validation images: "
                       f"score `{cal['score']}`, threshold {cal['threshold']:.4g} at FPR "
                       f"{_pct(cal['fpr'])}; clean test FPR at that threshold "
-                      f"{_pct(det.clean_test_fpr_at_val_threshold)}; TPR vs {cal.get('attack')}"
-                      f" {_pct(cal.get('tpr'))}. Written to the checkpoint: "
+                      f"{_pct(det.clean_test_fpr_at_val_threshold)}; "
+                      + (f"TPR vs {cal['attack']} {_pct(cal.get('tpr'))}" if cal.get("attack")
+                         else "TPR not measured (its attack, PGD, was not run)")
+                      + ". Written to the checkpoint: "
                       f"{det.written_to_checkpoint}.", ""]
     if report.selective:
         from .selective_report import markdown as selective_markdown
