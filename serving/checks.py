@@ -47,7 +47,7 @@ def check_checkpoint(text: str, label: str) -> None:
             raise ServeError(f"{label} is not a file and not a model in the BentoML model store "
                              f"({store_location()}; `deqguard models list` shows what it holds)")
     from deqguard.models import load_checkpoint
-    from deqguard.models.detector import detector_from_metadata
+    from deqguard.models.learned_detector import detector_from_metadata
     from deqguard.models.selective import selective_from_metadata
 
     try:

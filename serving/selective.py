@@ -46,7 +46,7 @@ class Selector:
 
     def __init__(self, calibration: Any = None, detector: Any = None):
         self.calibration = calibration  # models.selective.SelectiveCalibration | None
-        self.detector = detector  # models.detector.LogisticDetector | None
+        self.detector = detector  # models.learned_detector.LogisticDetector | None
 
     def needs_features(self, opts: Any) -> bool:
         """Whether answering `opts` needs the dynamics features (the `detector` score)."""

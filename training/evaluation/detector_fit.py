@@ -1,4 +1,4 @@
-"""Fitting, calibrating and measuring the learned detector (models/detector.py).
+"""Fitting, calibrating and measuring the learned detector (models/learned_detector.py).
 
 Protocol (issue 11): the logistic model is fitted on clean vs attacked *validation* images
 (several attacks and radii; failed attacks count as attacks), its threshold is calibrated at the
@@ -125,7 +125,7 @@ def score_features(det: LogisticDetector, feats: Features) -> np.ndarray:
 # -- metrics with bootstrap intervals --------------------------------------------------------------
 
 def auroc_fast(neg: np.ndarray, pos: np.ndarray) -> float:
-    """Mann-Whitney AUROC with ties counted half (equals models.detection.auroc)."""
+    """Mann-Whitney AUROC with ties counted half (equals models.detection_scores.auroc)."""
     allv = np.concatenate([neg, pos])
     order = allv.argsort(kind="mergesort")
     ranks = np.empty(len(allv))
