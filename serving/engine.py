@@ -118,7 +118,7 @@ def split_batch(logits: np.ndarray, entropy: np.ndarray | None, residual: np.nda
 class Detector:
     """Applies the checkpoint's detector to one sample.
 
-    The learned detector (metadata["detector"], models/learned_detector.py) wins when the sample's trace
+    The learned detector (metadata["detector"], models/detector.py) wins when the sample's trace
     carries the dynamics features it reads (torch engine, no defense, detect=true). Otherwise
     the single-score calibration (metadata["detection"]) applies as before; before one exists
     the score is the final prediction entropy, the threshold null and `suspicious` false. A
