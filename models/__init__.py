@@ -5,34 +5,63 @@
     logits = model(x)                                   # attack libraries wrap this
     result = model.solve(x, solver="anderson", max_iter=30, tol=1e-3)
     result.entropy, result.residual, result.iterations, result.converged
+
+The names below load on first use (PEP 562), not when the package is imported: every
+`deqguard.models.*` module imports this package first, and the torch-free ones (`config`,
+`errors`, the command-line parts) must stay torch-free, so `deqguard --help` does not pay for
+loading torch.
 """
 
-from .builder import build_model, resolve_config
-from .checkpoint import (
-    CheckpointMetadata,
-    InputSpec,
-    load_checkpoint,
-    read_metadata,
-    resolve_checkpoint,
-    save_checkpoint,
-    update_metadata,
-)
-from .classifier import Classifier, DEQClassifier, Equilibrium, SolveResult
-from .config import (
-    PRESETS,
-    AnchorCNNConfig,
-    AnchorDEQConfig,
-    CNNConfig,
-    GradConfig,
-    MDEQConfig,
-    ResNetConfig,
-    SolverConfig,
-    TinyDEQConfig,
-    parse_model_config,
-)
-from .entropy import prediction_entropy
-from .errors import CheckpointError, DeqguardError, InputError
-from .solvers import get_solver, register_solver, solver_names
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers, editors and the import-graph test read
+    from .builder import build_model, resolve_config
+    from .checkpoint import (
+        CheckpointMetadata,
+        InputSpec,
+        load_checkpoint,
+        read_metadata,
+        resolve_checkpoint,
+        save_checkpoint,
+        update_metadata,
+    )
+    from .classifier import Classifier, DEQClassifier, Equilibrium, SolveResult
+    from .config import (
+        PRESETS,
+        AnchorCNNConfig,
+        AnchorDEQConfig,
+        CNNConfig,
+        GradConfig,
+        MDEQConfig,
+        ResNetConfig,
+        SolverConfig,
+        TinyDEQConfig,
+        parse_model_config,
+    )
+    from .entropy import prediction_entropy
+    from .errors import CheckpointError, DeqguardError, InputError
+    from .solvers import get_solver, register_solver, solver_names
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "build_model": "builder", "resolve_config": "builder",
+    "CheckpointMetadata": "checkpoint", "InputSpec": "checkpoint",
+    "load_checkpoint": "checkpoint", "read_metadata": "checkpoint",
+    "resolve_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "update_metadata": "checkpoint",
+    "Classifier": "classifier", "DEQClassifier": "classifier", "Equilibrium": "classifier",
+    "SolveResult": "classifier",
+    "PRESETS": "config", "AnchorCNNConfig": "config", "AnchorDEQConfig": "config",
+    "CNNConfig": "config", "GradConfig": "config", "MDEQConfig": "config",
+    "ResNetConfig": "config", "SolverConfig": "config", "TinyDEQConfig": "config",
+    "parse_model_config": "config",
+    "prediction_entropy": "entropy",
+    "CheckpointError": "errors", "DeqguardError": "errors", "InputError": "errors",
+    "get_solver": "solvers", "register_solver": "solvers", "solver_names": "solvers",
+}
 
 __all__ = [
     "PRESETS", "AnchorCNNConfig", "AnchorDEQConfig", "CNNConfig", "CheckpointError",
@@ -43,3 +72,16 @@ __all__ = [
     "register_solver", "resolve_checkpoint", "resolve_config", "save_checkpoint",
     "solver_names", "update_metadata",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
