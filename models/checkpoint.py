@@ -101,7 +101,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if not stored.path.is_file():
         raise CheckpointError(f"model {stored.tag} in the BentoML model store holds no deqguard "
                               f"checkpoint ({stored.path.name} missing in {stored.path.parent}); "
-                              "store checkpoints with `deqguard models push`")
+                              "store checkpoints with `deqguard models push CKPT`")
     header = read_metadata(stored.path)
     if stored.sha256 and header.sha256 != stored.sha256:
         raise CheckpointError(

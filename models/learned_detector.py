@@ -98,4 +98,5 @@ class LogisticDetector(BaseModel):
 def detector_from_metadata(meta: Any) -> LogisticDetector | None:
     """The checkpoint's learned detector, or None; CheckpointError if its block is unusable."""
     return read_block(meta, METADATA_KEY, LogisticDetector, what="detector", verb="fitted",
-                      meaning="its threshold means", fix="Refit it (deqguard detect fit)")
+                      meaning="its threshold means",
+                      fix="Refit it (deqguard detect fit CKPT --write)")

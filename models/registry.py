@@ -8,9 +8,9 @@
     model = build_model(config)           # a config object, e.g. from checkpoint metadata
 
 Adding an architecture is one module holding its config and network, decorated as above, and
-its import in models/__init__.py (which runs the decorators). The registered name is the config's
-`arch`, the key checkpoint metadata stores, so a checkpoint is rebuilt through the same table a
-preset name is. Each architecture's name builds its default config; `presets` adds named variants
+its import at the end of this module (which runs the decorators). The registered name is the
+config's `arch`, the key checkpoint metadata stores, so a checkpoint is rebuilt through the same
+table a preset name is. Each architecture's name builds its default config; `presets` adds named variants
 (`large`, `xl`). In the style of torchvision.models' register_model / get_model / list_models.
 """
 
@@ -125,3 +125,8 @@ def get_model(name: str, **config: Any) -> Classifier:
     """`build_model(name, **config)` under torchvision.models.get_model's name, for code and
     readers that know that one."""
     return build_model(name, **config)
+
+
+# The built-in architectures register themselves on import; importing them here means whoever
+# reads the registry sees all of them, however `deqguard.models` was entered.
+from . import feedforward, mdeq, tiny, wk_small  # noqa: E402, F401

@@ -79,11 +79,13 @@ def _run_name(text: str | None) -> str | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import build_config, preset_names
+    from .config import build_config, load_preset, preset_names
 
     if args.list_presets:
-        for name in preset_names():
-            print(name)
+        names = preset_names()
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(f"{name:<{width}}  {load_preset(name).get('description', '')}".rstrip())
         return 0
     if not args.preset:
         print("deqguard train: error: --preset is required (see --list-presets)", file=sys.stderr)
@@ -123,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "At the end a summary on stderr says what the numbers mean; the last line on "
                     "stdout is the result as JSON.")
     p.add_argument("--preset", help="shipped preset name or a path to a YAML preset")
-    p.add_argument("--list-presets", action="store_true", help="print the shipped presets")
+    p.add_argument("--list-presets", action="store_true",
+                   help="print the shipped presets, each with its description")
     p.add_argument("--show-config", action="store_true",
                    help="print the config (preset + overrides), exit")
     p.add_argument("--epochs", type=int, help="train.epochs")

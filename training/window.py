@@ -230,10 +230,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "that left a checkpoint with the same deqguard eval line, write summary.json "
                     "and optionally pack everything into one archive.")
     p.add_argument("--out", required=True, help="folder for runs/, eval/, logs/, summary.json")
-    p.add_argument("--presets", default=",".join(WINDOW_PRESETS))
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--presets", default=",".join(WINDOW_PRESETS),
+                   help="comma-separated presets to train (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="train.epochs of every run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="train.batch_size (default: each preset's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where runs train and evaluate (default: auto, the GPU if there is one)")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--limit", type=int, help="data.limit: the first N training images")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
@@ -245,7 +248,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of --deadline-s kept for evaluation (training stops before)")
     p.add_argument("--eval-n", type=int, default=1000, help="test images for clean/PGD")
     p.add_argument("--aa-n", type=int, default=1000, help="test images for APGD-CE + APGD-T")
-    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--eval-batch-size", type=int, default=500,
+                   help="deqguard eval --batch-size of every run (default: %(default)s)")
     p.add_argument("--eval-args", help="more deqguard eval options for every run, one string")
     p.add_argument("--pack", help="write a .tar.gz of --out here")
     p.set_defaults(func=_window)

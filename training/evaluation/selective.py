@@ -196,11 +196,11 @@ def selective_section(model: Classifier, x: Tensor, y: Tensor, x_val: Tensor, y_
     names = [n for n in dict.fromkeys(s.scores) if n != "detector" or usable]
     if "detector" in s.scores and not usable:
         skipped.append("detector score and detector-aware attack: the checkpoint has no learned "
-                       "detector (deqguard detect fit --write)")
+                       "detector (deqguard detect fit CKPT --write)")
     if s.calibrate and s.score not in names:
         if s.score == "detector" and not usable:
             raise ValueError("--selective-score detector needs a learned detector in the "
-                             "checkpoint (deqguard detect fit --write)")
+                             "checkpoint (deqguard detect fit CKPT --write)")
         names.append(s.score)
     if not measure:
         names = [s.score]
