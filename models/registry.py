@@ -10,8 +10,9 @@
 Adding an architecture is one module holding its config and network, decorated as above, and
 its import at the end of this module (which runs the decorators). The registered name is the
 config's `arch`, the key checkpoint metadata stores, so a checkpoint is rebuilt through the same
-table a preset name is. Each architecture's name builds its default config; `presets` adds named variants
-(`large`, `xl`). In the style of torchvision.models' register_model / get_model / list_models.
+table a preset name is. Each architecture's name builds its default config; `presets` adds named
+variants (`large`, `xl`). In the style of torchvision.models' register_model / get_model /
+list_models.
 """
 
 from __future__ import annotations
