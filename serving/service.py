@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
 from .guards import BodySizeLimit, JsonOnly, ReadableValidationErrors
 from .openapi import OpenAPIDocument
@@ -33,7 +34,7 @@ from .schema import (
 )
 from .settings import load_settings
 from .store import declared_model
-from .ui import ui_app
+from .ui import UI_PATH, page_routes
 from .uploads import Uploads
 from .validation import RequestError, decode_images, options_of, tensor_array
 
@@ -151,21 +152,58 @@ async def _get_model(request: Request) -> JSONResponse:
     return JSONResponse(await front.description())
 
 
-_META_APP = Starlette(routes=[Route("/model", _get_model, methods=["GET"]),
-                              Mount("/ui", app=ui_app(), name="ui")])
+_META_APP = Starlette(routes=[Route("/model", _get_model, methods=["GET"]), *page_routes()])
+
+
+def public_url(runner_map: str | None = None) -> str | None:
+    """This server's address as BentoML tells its workers (BENTOML_RUNNER_MAP: service name ->
+    URL, `localhost` for a server on 0.0.0.0), or None outside `bentoml serve`."""
+    raw = os.environ.get("BENTOML_RUNNER_MAP") if runner_map is None else runner_map
+    try:
+        url = json.loads(raw or "{}").get("deqguard")
+    except (ValueError, AttributeError):
+        return None
+    return url.rstrip("/") if isinstance(url, str) and url else None
+
+
+def ready_line(url: str) -> str:
+    """What the server prints once it answers: where the demo page is (ASCII: a worker's
+    stdout may not take anything else)."""
+    return f"deqguard: serving on {url} - open {url}{UI_PATH}"
 
 
 @bentoml.service(name="deqguard", workers=1, traffic={"timeout": 300})
 @bentoml.asgi_app(_META_APP, path="/")
 class DEQGuard:
     """POST /classify (JSON, multipart or raw image), /classify_batch, /classify_tensor;
-    GET /model, /ui (the web page), /docs.json; /livez /readyz /metrics."""
+    GET /model, /ui (the web page; / redirects there), /docs (the API page), /docs.json;
+    /livez /readyz /metrics."""
 
     model = bentoml.depends(DEQGuardModel)
 
     def __init__(self) -> None:
         self._description: dict[str, Any] | None = None
+        self._announcer: asyncio.Task[None] | None = None
         _Front.service = self
+
+    @bentoml.on_startup
+    async def announce_when_ready(self) -> None:
+        """Print where the page is once the model is ready: BentoML's own start-up line comes
+        before anything answers and does not name the page; this one comes when opening the
+        page works."""
+        url = public_url()
+        if url is not None:
+            self._announcer = asyncio.get_running_loop().create_task(self._announce(url))
+
+    async def _announce(self, url: str) -> None:
+        while True:
+            try:
+                if await self.model.is_ready(5):
+                    break
+            except Exception:  # the proxy is set up after start-up hooks; the model may be down
+                pass
+            await asyncio.sleep(0.5)
+        print(ready_line(url), flush=True)
 
     async def _call_model(self, api: str, *args: Any) -> Any:
         """Call the model service, retrying on a stale pooled connection.

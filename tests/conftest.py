@@ -184,18 +184,23 @@ def pattern_idx_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served_url(tiny_checkpoint, tmp_path_factory) -> str:
+def served_log(tmp_path_factory) -> Path:
+    """Where the `served_url` server writes its output (BentoML's log and deqguard's lines)."""
+    return tmp_path_factory.mktemp("served") / "server.log"
+
+
+@pytest.fixture(scope="session")
+def served_url(tiny_checkpoint, served_log) -> str:
     """Base URL (http://127.0.0.1:PORT) of a REAL `bentoml serve deqguard.serving.service:DEQGuard`
     serving `tiny_checkpoint` on the torch backend with default settings (CPU, 1 thread, caps:
     max_iter 100, 8 MiB bodies, 256 images per request). Started once per test session, /readyz
     already 200 when you get it, stopped at the end of the session. Share it: do not restart it.
-    The server's log is `server.log` in a pytest temp dir (shown if start-up fails). For a server
+    The server's log is `served_log` (shown if start-up fails). For a server
     with other settings use `serving_server.serve(checkpoint, log_path, DEQGUARD_...=...)`.
     """
     from serving_server import serve
 
-    log = tmp_path_factory.mktemp("served") / "server.log"
-    with serve(tiny_checkpoint, log) as url:
+    with serve(tiny_checkpoint, served_log) as url:
         yield url
 
 

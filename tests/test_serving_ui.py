@@ -2,7 +2,8 @@
 the shipped default. Skips (with the reason) where Chromium, its driver or selenium is missing;
 `make test` installs the Debian packages `chromium` and `chromium-driver` when it can.
 
-The README's screenshot comes from this test: run it with DEQGUARD_UI_SCREENSHOT=docs/ui.png.
+The README's screenshot comes from this test (the page after a click on the caught-attack
+example): run it with DEQGUARD_UI_SCREENSHOT=docs/ui.png.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def open_browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the page's requests
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1100,1250", "--no-first-run", "--disable-extensions"):
         opts.add_argument(arg)
@@ -68,7 +70,6 @@ def classify_on_page(url: str, image: Path, screenshot: Path, timeout: float = 1
         driver.get(url + "/ui/")
         wait = WebDriverWait(driver, timeout)
         wait.until(lambda d: "backend" in d.find_element(By.ID, "model-info").text)
-        driver.find_element(By.ID, "load-examples").click()
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#examples button")))
         driver.find_element(By.ID, "file").send_keys(str(image))
         wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-state")
@@ -102,10 +103,93 @@ def test_upload_on_the_page_shows_the_answer_and_both_trajectories(default_url, 
     assert seen["prediction"] == answer["class_name"]
     n = len(answer["entropy"])
     assert n >= 1 and seen["entropy_points"] == n and seen["residual_points"] == n
-    assert seen["suspicious"] in ("SUSPICIOUS", "not suspicious")
+    assert seen["suspicious"] == ("SUSPICIOUS" if answer["detection"]["suspicious"]
+                                  else "not suspicious")
     assert shot.stat().st_size > 10_000
-    if os.environ.get("DEQGUARD_UI_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["DEQGUARD_UI_SCREENSHOT"])
+
+
+def test_each_example_on_the_page_shows_what_its_caption_says(default_url, tmp_path):
+    """A click on each bundled example sends the request its caption describes and shows the
+    recorded answer: the flag for caught attacks and false alarms, none for the clean answer
+    and the missed attack, ABSTAINED for the abstention."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    index = json.loads((STATIC / "examples" / "index.json").read_text())
+    # the caught attack last: the README's screenshot shows it
+    examples = sorted(index["examples"], key=lambda e: e["role"] == "caught")
+    driver = open_browser()
+    try:
+        driver.get(default_url + "/")  # the root leads to the page
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "backend" in d.find_element(By.ID, "model-info").text)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#examples button"))
+                   == len(examples))
+        for ex in examples:
+            driver.execute_script("document.getElementById('output').dataset.state = 'empty'")
+            driver.find_element(By.CSS_SELECTOR, f'#examples button[data-file="{ex["file"]}"]'
+                                ).click()
+            wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-state")
+                       in ("done", "error"))
+            status = driver.find_element(By.ID, "status").text
+            assert driver.find_element(By.ID, "output").get_attribute("data-state") == "done", \
+                status
+            assert ex["file"] in status
+            assert driver.find_element(By.ID, "example-caption").text == ex["caption"]
+            abstains = ex["role"] == "abstained"
+            want = ex["answer_at_coverage"] if abstains else ex["answer"]
+            assert driver.find_element(By.ID, "prediction").text == want["class_name"], ex["file"]
+            flag = driver.find_element(By.ID, "suspicious").text
+            assert flag == ("SUSPICIOUS" if want["detection"]["suspicious"]
+                            else "not suspicious"), ex["file"]
+            assert (driver.find_element(By.ID, "abstained").text == "ABSTAINED") == abstains
+            assert ex["title"] in driver.find_element(
+                By.CSS_SELECTOR, f'#examples button[data-file="{ex["file"]}"]').text
+        assert examples[-1]["role"] == "caught"
+        shot = tmp_path / "ui.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("DEQGUARD_UI_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["DEQGUARD_UI_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+def _requests(driver) -> list[str]:
+    """Every URL the browser's pages asked for since the last call (Chrome's network log)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg["method"] == "Network.requestWillBeSent":
+            urls.append(msg["params"]["request"]["url"])
+    return urls
+
+
+def test_the_pages_fetch_nothing_from_outside_the_server(default_url):
+    """In a real browser: /, the page with an answer drawn, and the API page (Swagger UI
+    rendered from /docs.json) request only this server."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = open_browser()
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(default_url + "/")
+        wait.until(lambda d: "backend" in d.find_element(By.ID, "model-info").text)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples button"))
+        driver.find_element(By.CSS_SELECTOR, "#examples button").click()
+        wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-state")
+                   == "done")
+        driver.get(default_url + "/docs")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"))
+        urls = _requests(driver)
+    finally:
+        driver.quit()
+    for want in ("/ui/app.js", "/ui/examples/index.json", "/classify", "/docs.json",
+                 "/docs/swagger/swagger-ui-bundle.js"):
+        assert any(u.startswith(default_url) and want in u for u in urls), (want, urls)
+    outside = [u for u in urls if not u.startswith((default_url + "/", "data:", "blob:"))]
+    assert outside == [], outside
 
 
 @pytest.fixture(scope="module")

@@ -165,17 +165,23 @@ function drawChart(svg, values, opt) {
   });
 }
 
+// The bundled examples, each shown for its role (index.json, made by bench/ui_examples.py
+// running the served engine): clicking one sends the request its caption describes.
 async function loadExamples() {
   const box = $("examples");
   box.innerHTML = "";
   const r = await fetch(api("examples/index.json"));
   const list = await r.json();
   for (const ex of list.examples) {
-    const b = el("button", {type: "button", class: ex.attacked ? "adv" : "clean", title: ex.caption,
-                            "data-file": ex.file});
+    const b = el("button", {type: "button", class: `role-${ex.role} ${ex.attacked ? "adv" : "clean"}`,
+                            title: ex.caption, "data-file": ex.file, "data-role": ex.role});
     b.append(el("img", {src: api("examples/" + ex.file), alt: ex.caption}),
-             el("span", {}, (ex.attacked ? "PGD " : "clean ") + ex.true_class));
+             el("span", {}, ex.title),
+             el("span", {class: "kind"}, (ex.attacked ? "PGD " : "clean ") + ex.true_class));
     b.addEventListener("click", async () => {
+      const coverage = (ex.request || {}).coverage;
+      $("coverage").value = coverage === undefined ? "" : String(coverage);
+      $("example-caption").textContent = ex.caption;
       const blob = await (await fetch(api("examples/" + ex.file))).blob();
       choose(blob, ex.file);
     });
@@ -185,6 +191,7 @@ async function loadExamples() {
 
 $("file").addEventListener("change", (e) => {
   const f = e.target.files[0];
+  $("example-caption").textContent = "";
   if (f) choose(f, f.name);
 });
 const drop = $("drop");
@@ -194,9 +201,9 @@ drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
   const f = e.dataTransfer.files[0];
+  $("example-caption").textContent = "";
   if (f) choose(f, f.name);
 });
 $("options").addEventListener("submit", (e) => { e.preventDefault(); classify(); });
-$("load-examples").addEventListener("click", () => loadExamples().catch(
-  (e) => setStatus("error", "could not load examples: " + e)));
 loadModel();
+loadExamples().catch((e) => setStatus("error", "could not load examples: " + e));
