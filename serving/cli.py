@@ -30,7 +30,7 @@ _SERVE_EPILOG = """\
 examples:
   deqguard serve                                   the shipped model on 127.0.0.1:3000
   deqguard serve runs/smoke/best.safetensors --port 3001
-  deqguard serve deqguard-fashion:latest           a tag from `deqguard models push`
+  deqguard serve deqguard-fashion:latest           a tag `deqguard models push CKPT` printed
   deqguard serve --host 0.0.0.0 --threads 4        reachable from other machines
   deqguard serve --backend onnx --onnx model.onnx  a graph from `deqguard export-onnx`"""
 
@@ -123,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
                    help="what to serve: a .safetensors file, a shipped name ('default', the "
                         "shipped model), or a BentoML model-store tag name:version or "
-                        "name:latest (`deqguard models push` stores one, `deqguard models list` "
+                        "name:latest (`deqguard models push CKPT` stores one, `deqguard models list` "
                         "shows them) (default: $DEQGUARD_CHECKPOINT, else default)")
     s.add_argument("--host", default=DEFAULT_HOST,
                    help="IP address to listen on; 0.0.0.0 for every interface "

@@ -62,3 +62,16 @@ def calibrated_copy(src: str | Path, dst: Path, score: str = "max_softmax", n_va
                                 "command": "tests/selective_ckpt.py"})
     update_metadata(dst, selective=cal.model_dump(mode="json"))
     return dst
+
+
+def record_dataset(path: Path, data_dir: Path) -> Path:
+    """Write into the checkpoint at `path` the dataset record `deqguard train` leaves
+    (training.config.data): the pattern images in Fashion-MNIST format under `data_dir`, so
+    `deqguard eval` finds its data without `--data`, as it does for a trained checkpoint."""
+    from deqguard.models import read_metadata, update_metadata
+
+    training = dict(read_metadata(path).training)
+    training["config"] = {"data": {"dataset": "fashion-mnist", "data_dir": str(data_dir),
+                                   "val_size": 100, "split_seed": 0}}
+    update_metadata(path, training=training)
+    return path

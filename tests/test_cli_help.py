@@ -24,18 +24,9 @@ from deqguard.cli import _COMMAND_MODULES, build_parser, main
 HEAVY = ("torch", "torchvision", "bentoml", "onnx", "onnxruntime", "ray", "matplotlib")
 
 # command -> why some of its options still have no help
-HELP_MISSING = {
-    "eval": "options of `deqguard eval` without help (being added in training/evaluation/cli.py)",
-    "detect": "options of `deqguard detect` without help (being added in detector_cli.py)",
-    "export-onnx": "`deqguard export-onnx --threads` has no help (being added in serving/cli.py)",
-    "serve": "options of `deqguard serve` without help (being added in serving/cli.py)",
-    "score": "options of `deqguard score` without help (being added in clients/cli.py)",
-}
+HELP_MISSING: dict[str, str] = {}
 # command -> why its help still cites a ticket number
-TICKET_NUMBERS = {
-    "eval": "an option group's title cites 'issue 22' (being removed in evaluation/cli.py)",
-    "detect": "the command's one-line help cites 'issue 11' (being removed in detector_cli.py)",
-}
+TICKET_NUMBERS: dict[str, str] = {}
 # command module -> why importing it still loads torch or another heavy package
 NOT_LAZY: dict[str, str] = {}
 

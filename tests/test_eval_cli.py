@@ -34,14 +34,10 @@ def ckpt_copy(tiny_checkpoint, tmp_path):
 def recorded_copy(tiny_checkpoint, pattern_idx_dir, tmp_path):
     """A copy of the fixture checkpoint whose metadata records its dataset as `deqguard train`
     does (training.config.data): the pattern data in Fashion-MNIST format."""
-    from deqguard.models import update_metadata
+    from selective_ckpt import record_dataset
 
-    path = shutil.copy(tiny_checkpoint, tmp_path / "recorded.safetensors")
-    training = dict(read_metadata(path).training)
-    training["config"] = {"data": {"dataset": "fashion-mnist", "data_dir": str(pattern_idx_dir),
-                                   "val_size": 100, "split_seed": 0}}
-    update_metadata(path, training=training)
-    return path
+    return record_dataset(shutil.copy(tiny_checkpoint, tmp_path / "recorded.safetensors"),
+                          pattern_idx_dir)
 
 
 def test_eval_json_report_and_calibration(ckpt_copy, pattern_idx_dir, tmp_path, capsys):

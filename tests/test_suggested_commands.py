@@ -56,12 +56,7 @@ NAMES_ONLY = {
                             "(its options are in `deqguard export-onnx --help`)",
 }
 # suggestion -> why it fails now (xfail strict: remove the entry once it runs)
-BROKEN = {
-    cmd: "deqguard eval needs --data, which the suggestion does not give (being fixed)"
-    for cmd in ("deqguard eval CKPT --attacks clean --calibrate-selective",
-                "deqguard eval CKPT --calibrate-selective",
-                "deqguard eval CKPT --calibrate-selective --selective-score detector")
-}
+BROKEN: dict[str, str] = {}
 TAG = "deqguard-tiny-test:latest"
 
 
@@ -177,10 +172,12 @@ def test_named_commands_exist(printed):
 
 
 @pytest.fixture()
-def ckpt(tiny_checkpoint, tmp_path) -> Path:
-    from selective_ckpt import with_detector
+def ckpt(tiny_checkpoint, pattern_idx_dir, tmp_path) -> Path:
+    """The fixture with a learned detector and, as a trained checkpoint has, its dataset."""
+    from selective_ckpt import record_dataset, with_detector
 
-    return with_detector(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    return record_dataset(with_detector(tiny_checkpoint, tmp_path / "tiny.safetensors"),
+                          pattern_idx_dir)
 
 
 def _argv(printed: str, ckpt: Path) -> list[str]:
@@ -223,9 +220,8 @@ def test_suggested_command_runs_as_printed(printed, request, tmp_path, capsys, m
         code, err = proc.returncode, proc.stderr
     else:
         monkeypatch.chdir(tmp_path)  # what a command writes by default lands here
-        if command == "eval":
-            data_dir = request.getfixturevalue("pattern_idx_dir")
-            argv += ["--data-dir", str(data_dir), *EVAL_FIXTURE_ARGS]
+        if command == "eval":  # the data comes from the checkpoint, as for a trained one
+            argv += EVAL_FIXTURE_ARGS
         code = main(argv)
         err = capsys.readouterr().err
     assert code == 0, f"{printed!r} (from {SUGGESTIONS[printed]}) exited {code}: {err}"
