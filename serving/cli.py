@@ -124,7 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what to serve: a .safetensors file, a shipped name ('default', the "
                         "shipped model), or a BentoML model-store tag name:version or "
                         "name:latest (`deqguard models push CKPT` stores one, "
-                        "`deqguard models list` shows them) (default: $DEQGUARD_CHECKPOINT, else default)")
+                        "`deqguard models list` shows them) "
+                        "(default: $DEQGUARD_CHECKPOINT, else default)")
     s.add_argument("--host", default=DEFAULT_HOST,
                    help="IP address to listen on; 0.0.0.0 for every interface "
                         f"(default: {DEFAULT_HOST}, this machine only)")
