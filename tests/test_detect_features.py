@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from deqguard.models.classifier import DEQClassifier, SolveResult
-from deqguard.models.config import SolverConfig, TinyDEQConfig
+from deqguard.models.config import SolverConfig
 from deqguard.models.dynamics import DynamicsConfig, dynamics_features, trajectory_features
+from deqguard.models.tiny import TinyDEQConfig
 
 D = 256
 
