@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deqguard.solve_rules import DEFENSES, SOLVERS
+
 
 def _score(args: argparse.Namespace) -> int:
     from .client import ClientError
@@ -71,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requests in flight with --url")
     p.add_argument("--max-iter", type=_positive, default=None, help="solver iterations")
     p.add_argument("--tol", type=float, default=None, help="relative residual to stop at")
-    p.add_argument("--solver", choices=["naive", "anderson", "broyden"], default=None)
-    p.add_argument("--defense", choices=["none", "entropy-reduction"], default=None)
+    p.add_argument("--solver", choices=SOLVERS, default=None)
+    p.add_argument("--defense", choices=DEFENSES, default=None)
     p.add_argument("--coverage", type=float, default=None,
                    help="selective answers: the share of clean inputs to answer, 0 < C <= 1 "
                         "(default 1: always); rows over the checkpoint's calibrated threshold "

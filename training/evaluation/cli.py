@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from deqguard.solve_rules import DEFENSES
+
 _PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective")
 # models.selective.SCORE_NAMES and DEFAULT_COVERAGES, spelled out: importing them would load
 # torch for --help (tests/test_selective_eval_cli.py checks they agree).
@@ -73,6 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from deqguard.models.checkpoint import load_checkpoint, resolve_checkpoint, update_metadata
     from deqguard.models.defense import default_eps
+    from deqguard.models.device import resolve_device
     from deqguard.models.errors import DeqguardError
     from deqguard.training.data import dataset_info, load_dataset
 
@@ -83,9 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
     unknown = sorted(set(parts) - set(_PARTS))
     if unknown:
         raise DeqguardError(f"unknown --attacks {unknown}; choose from {', '.join(_PARTS)}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_checkpoint(args.checkpoint)
@@ -253,7 +254,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=float, help="L-inf radius (default 0.1 for 28px grey, 8/255)")
     p.add_argument("--attacks", default="clean,budget,pgd,adaptive,aa,detect",
                    help="comma list of parts: " + ",".join(_PARTS))
-    p.add_argument("--defense", default="none", choices=["none", "entropy-reduction"])
+    p.add_argument("--defense", default="none", choices=DEFENSES)
     p.add_argument("--defense-set", action="append", metavar="KEY=VALUE",
                    help="EntropyReductionConfig field, e.g. rounds=4 input_steps=10 eps=0.1")
     p.add_argument("--json", help="write the full report (EvalReport JSON) here")
