@@ -15,7 +15,7 @@ import copy
 import json
 from typing import Any
 
-from .guards import ASGIApp, Message, Receive, Scope, Send
+from .middleware import ASGIApp, Message, Receive, Scope, Send
 from .uploads import IMAGE_FIELD, UPLOAD_ROUTES
 
 DOC_PATH = "/docs.json"
