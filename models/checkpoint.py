@@ -23,6 +23,7 @@ from deqguard.fileio import atomic_write_bytes
 
 from .classifier import Classifier
 from .config import parse_model_config
+from .device import resolve_device
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -222,7 +223,7 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
 
 
 def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(resolve_device("auto"))
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None
