@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from deqguard.serving.engine import DEFAULT_SETTLE_ENTROPY, DEFAULT_SETTLE_ITERS
+    from deqguard.serving.options import DEFAULT_SETTLE_ENTROPY, DEFAULT_SETTLE_ITERS
 
     rule = SettleRule(args.k or DEFAULT_SETTLE_ITERS, args.entropy or DEFAULT_SETTLE_ENTROPY)
     model, meta = load_checkpoint(args.checkpoint, device="cpu")

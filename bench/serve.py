@@ -129,9 +129,10 @@ async def over_http(url: str, pngs: list[bytes], concurrency: int, body: dict
 
 def torch_vs_onnx(checkpoint: str, tmp: Path, iters: int, batch: int, repeats: int,
                   threads: int) -> tuple[float, float, str]:
-    from deqguard.serving.engine import SolveOptions, TorchEngine
     from deqguard.serving.onnx_engine import OnnxEngine
     from deqguard.serving.onnx_export import export_onnx
+    from deqguard.serving.options import SolveOptions
+    from deqguard.serving.torch_engine import TorchEngine
 
     info = export_onnx(checkpoint, tmp / "bench.onnx", iterations=iters)
     te = TorchEngine.load(checkpoint, device="cpu", threads=threads, max_iter_cap=iters)
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from deqguard.serving.engine import TorchEngine, set_torch_threads
     from deqguard.serving.launch import serve_subprocess
+    from deqguard.serving.torch_engine import TorchEngine, set_torch_threads
 
     set_torch_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]

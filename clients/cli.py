@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deqguard.solve_rules import DEFENSES, SOLVERS
+
 
 def _score(args: argparse.Namespace) -> int:
     from .client import ClientError
@@ -89,9 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float, default=None,
                    help="relative residual to stop at (default: the checkpoint's; with --url "
                         "the server's)")
-    p.add_argument("--solver", choices=["naive", "anderson", "broyden"], default=None,
+    p.add_argument("--solver", choices=SOLVERS, default=None,
                    help="fixed-point solver (default: the checkpoint's; with --url the server's)")
-    p.add_argument("--defense", choices=["none", "entropy-reduction"], default=None,
+    p.add_argument("--defense", choices=DEFENSES, default=None,
                    help="inference-time defence (default: none)")
     p.add_argument("--coverage", type=float, default=None,
                    help="selective answers: the share of clean inputs to answer, 0 < C <= 1 "

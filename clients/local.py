@@ -22,15 +22,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deqguard.serving.engine import Engine, SampleTrace, SolveOptions, TorchEngine
+from deqguard.models.device import resolve_device
+from deqguard.serving.answers import AnswerBuilder
 from deqguard.serving.images import ImageError, decode_image
+from deqguard.serving.options import SolveOptions
 from deqguard.serving.schema import ClassifyOptions
+from deqguard.serving.torch_engine import TorchEngine
+from deqguard.serving.traces import SampleTrace
+from deqguard.serving.validation import options_of
+from deqguard.solve_rules import MAX_ITER_BOUND
 
 from .engine import EngineInfo
 from .files import Item
 from .rows import Row, error_row, result_row
-
-MAX_ITER = 1000  # SolverConfig's bound; the server applies its own, lower, cap
 
 
 def resolve_path(checkpoint: str) -> str:
@@ -85,23 +89,6 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the model for cores
 
 
-class _Answers(Engine):
-    """The service engine's answer logic (`Engine.result`: probabilities, the trajectory cut to
-    the sample's iterations, detection) without a model, for processes that only build rows."""
-
-    backend = "rows"
-
-    @property
-    def is_deq(self) -> bool:
-        return True
-
-    def default_options(self, defense: str = "none") -> SolveOptions:
-        raise NotImplementedError
-
-    def _solve(self, x: np.ndarray, opts: SolveOptions) -> list[SampleTrace]:
-        raise NotImplementedError
-
-
 Entry = SampleTrace | str  # a solved file's trace, or why the file could not be decoded
 
 
@@ -109,34 +96,32 @@ class RowBuilder:
     """Traces (or decode errors) -> rows, exactly as the server would answer each file."""
 
     def __init__(self, meta: Any, opts: SolveOptions):
-        self.answers = _Answers(meta, max_iter_cap=MAX_ITER)
+        self.answers = AnswerBuilder(meta)
         self.opts, self.sha = opts, meta.sha256
 
     def rows(self, items: list[Item], entries: list[Entry]) -> list[Row]:
         return [error_row(it, e, self.sha) if isinstance(e, str)
-                else result_row(it, self.answers.result(e, self.opts, trajectory=True))
+                else result_row(it, self.answers.answer(e, self.opts, trajectory=True))
                 for it, e in zip(items, entries, strict=True)]
 
 
 class ModelScorer:
     """A checkpoint plus request options: decoded arrays in, rows out, as the server answers.
 
-    The answers come from the service's own engine (`deqguard.serving.engine.TorchEngine`), so
-    the solve call, option defaults, trajectory cut and detection are the server's, not a copy.
+    The answers come from the service's own engine (`deqguard.serving.torch_engine`), so the
+    solve call, option defaults, trajectory cut and detection are the server's, not a copy.
     """
 
     def __init__(self, checkpoint: str, options: dict[str, Any], device: str | None = None):
         from deqguard.models import load_checkpoint
 
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = resolve_device(device)
         self.device = torch.device(dev)
         model, self.meta = load_checkpoint(checkpoint, device=dev)
         # No server cap offline: the checkpoint config's own bound (SolverConfig) still applies.
-        self.engine = TorchEngine(model, self.meta, device=dev, max_iter_cap=MAX_ITER)
+        self.engine = TorchEngine(model, self.meta, device=dev, max_iter_cap=MAX_ITER_BOUND)
         opts = ClassifyOptions.model_validate(options)
-        self.solve_options = self.engine.resolve(max_iter=opts.max_iter, tol=opts.tol,
-                                                 solver=opts.solver, defense=opts.defense,
-                                                 detect=opts.detect, coverage=opts.coverage)
+        self.solve_options = self.engine.resolve(**options_of(opts))
         self.builder = RowBuilder(self.meta, self.solve_options)
 
     @property
@@ -159,20 +144,20 @@ class ModelScorer:
 
 
 # Row-building processes (GPU runs): each holds the answer logic for the checkpoint it was given.
-_ANSWERS: dict[str, Any] = {}
+_ROW_PROCESS: dict[str, Any] = {}
 
 
 def _init_row_process(checkpoint: str) -> None:
     from deqguard.models.checkpoint import read_metadata
 
     torch.set_num_threads(1)
-    _ANSWERS["meta"] = read_metadata(checkpoint)
+    _ROW_PROCESS["meta"] = read_metadata(checkpoint)
 
 
 def _build_rows(items: list[Item], entries: list[Entry], opts: SolveOptions) -> list[Row]:
-    builder = _ANSWERS.get("builder")
+    builder = _ROW_PROCESS.get("builder")
     if builder is None or builder.opts != opts:
-        builder = _ANSWERS["builder"] = RowBuilder(_ANSWERS["meta"], opts)
+        builder = _ROW_PROCESS["builder"] = RowBuilder(_ROW_PROCESS["meta"], opts)
     return builder.rows(items, entries)
 
 
@@ -189,7 +174,7 @@ class LocalEngine:
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         cores = os.cpu_count() or 1
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         if row_workers is None:  # on CPU the model dominates: rows are built in-line
             row_workers = 0 if device == "cpu" else min(4, max(1, (cores - self.workers) // 2))
         self.row_workers = row_workers

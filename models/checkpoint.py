@@ -22,6 +22,7 @@ from torch import Tensor
 from deqguard.fileio import atomic_write_bytes
 
 from .classifier import Classifier
+from .device import resolve_device
 from .errors import CheckpointError
 from .registry import build_model, parse_model_config
 
@@ -218,7 +219,7 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
 
 
 def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(resolve_device("auto"))
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None

@@ -14,7 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SolverName = Literal["naive", "anderson", "broyden"]
+from deqguard.solve_rules import MAX_ITER_BOUND, SOLVERS
+
+SolverName = Literal[SOLVERS]
 GradMode = Literal["phantom", "implicit", "exact"]
 
 
@@ -26,7 +28,7 @@ class SolverConfig(_Strict):
     """Forward fixed-point solver defaults; every one can be overridden per call."""
 
     solver: SolverName = "anderson"
-    max_iter: int = Field(30, ge=1, le=1000)
+    max_iter: int = Field(30, ge=1, le=MAX_ITER_BOUND)
     tol: float = Field(1e-3, gt=0)
     stop_mode: Literal["rel", "abs"] = "rel"
     damping: float = Field(1.0, gt=0, le=1.0, description="naive iteration: z <- (1-d) z + d f(z)")

@@ -30,6 +30,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from deqguard.solve_rules import FULL_COVERAGE, coverage_problem
+
 from .classifier import SolveResult
 from .detection_scores import detection_score
 from .errors import CheckpointError
@@ -45,7 +47,7 @@ SCORE_NAMES: tuple[str, ...] = ("detector", "mean_entropy", "final_entropy", "ma
 SOLVE_DEPENDENT: frozenset[str] = frozenset({"detector", "mean_entropy", "iterations"})
 # Dense towards 1, where the last segment ends at the largest calibration score (a coarse step).
 DEFAULT_COVERAGES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9,
-                                        0.95, 0.98, 0.99, 1.0)
+                                        0.95, 0.98, 0.99, FULL_COVERAGE)
 
 
 class SolveSpec(BaseModel):
@@ -91,8 +93,11 @@ class SelectiveCalibration(BaseModel):
             raise ValueError(f"need at least two coverages with one threshold and one realised "
                              f"coverage each; got {n}, {len(self.thresholds)} and "
                              f"{len(self.realised)}")
-        if not all(0 < c <= 1 for c in self.coverages) or self.coverages[-1] != 1.0:
-            raise ValueError("coverages must lie in (0, 1] and end at 1.0")
+        bad = [p for p in map(coverage_problem, self.coverages) if p]
+        if bad:
+            raise ValueError(bad[0])
+        if self.coverages[-1] != FULL_COVERAGE:
+            raise ValueError(f"coverages must end at {FULL_COVERAGE}")
         if any(b <= a for a, b in zip(self.coverages, self.coverages[1:], strict=False)):
             raise ValueError("coverages must be strictly increasing")
         if not all(math.isfinite(t) for t in self.thresholds):
@@ -105,16 +110,24 @@ class SelectiveCalibration(BaseModel):
     def min_coverage(self) -> float:
         return self.coverages[0]
 
+    def coverage_problem(self, coverage: float) -> str | None:
+        """Why these thresholds cannot serve `coverage`, or None: outside the valid range, or
+        below the lowest stored coverage (nothing is extrapolated past what was measured)."""
+        problem = coverage_problem(coverage)
+        if problem or coverage >= self.min_coverage:
+            return problem
+        return (f"coverage {coverage:g} is below the lowest calibrated coverage "
+                f"{self.min_coverage:g} of this checkpoint; ask for {self.min_coverage:g} to "
+                f"{FULL_COVERAGE:g}")
+
     def threshold(self, coverage: float) -> float | None:
-        """The doubt threshold for `coverage`: None at 1 (answer everything), linear between
-        stored coverages; ValueError outside (0, 1] or below the lowest stored coverage."""
-        if not 0 < coverage <= 1:
-            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
-        if coverage >= 1:
+        """The doubt threshold for `coverage`: None at full coverage (answer everything), linear
+        between stored coverages; ValueError where `coverage_problem` names one."""
+        problem = self.coverage_problem(coverage)
+        if problem:
+            raise ValueError(problem)
+        if coverage >= FULL_COVERAGE:
             return None
-        if coverage < self.coverages[0]:
-            raise ValueError(f"coverage {coverage:g} is below the lowest calibrated coverage "
-                             f"{self.coverages[0]:g}; ask for {self.coverages[0]:g} to 1")
         return float(np.interp(coverage, self.coverages, self.thresholds))
 
 
@@ -129,8 +142,9 @@ def coverage_threshold(scores: np.ndarray | Tensor, coverage: float) -> tuple[fl
     n = s.size
     if n == 0:
         raise ValueError("no scores to calibrate on")
-    if not 0 < coverage <= 1:
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    problem = coverage_problem(coverage)
+    if problem:
+        raise ValueError(problem)
     if not np.isfinite(s).all():
         raise ValueError("non-finite doubt scores")
     k = min(max(math.ceil(coverage * n - 1e-9), 1), n)
@@ -158,7 +172,7 @@ def calibrate(scores: np.ndarray | Tensor, score: str,
               metrics: dict[str, Any] | None = None) -> SelectiveCalibration:
     """A calibration from the doubt scores of clean validation images (one per image);
     `detector`: the learned detector that scored them (score "detector")."""
-    cov = sorted({float(c) for c in coverages} | {1.0})
+    cov = sorted({float(c) for c in coverages} | {FULL_COVERAGE})
     pairs = [coverage_threshold(scores, c) for c in cov]
     s = np.asarray(scores).ravel()
     if score == "detector" and detector is None:

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
 
-from .engine import SampleTrace, SolveOptions
+from .options import SolveOptions
 from .schema import ClassifyResult
+from .traces import SampleTrace
 
 _LABELS = ("backend", "solver", "defense")
 

@@ -17,7 +17,7 @@ import copy
 import json
 from typing import Any
 
-from .guards import ASGIApp, Message, Receive, Scope, Send
+from .middleware import ASGIApp, Message, Receive, Scope, Send
 from .openapi_names import name_document
 from .uploads import IMAGE_FIELD, UPLOAD_ROUTES
 

@@ -14,9 +14,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SolverChoice = Literal["naive", "anderson", "broyden"]
-StopReason = Literal["tol", "settled", "deadline", "max_iter"]
-DefenseChoice = Literal["none", "entropy-reduction"]
+from deqguard.solve_rules import (
+    COVERAGE_LOW,
+    DEFENSES,
+    FULL_COVERAGE,
+    MAX_ITER_BOUND,
+    SOLVERS,
+    STOP_REASONS,
+)
+
+SolverChoice = Literal[SOLVERS]
+StopReason = Literal[STOP_REASONS]
+DefenseChoice = Literal[DEFENSES]
 
 
 class ClassifyOptions(BaseModel):
@@ -33,7 +42,7 @@ class ClassifyOptions(BaseModel):
         description="anytime: answer with the current iterate once this many ms have passed "
                     "since the request arrived (stopped='deadline'; torch backend only)")
     settle_iters: int | None = Field(
-        None, ge=0, le=1000,
+        None, ge=0, le=MAX_ITER_BOUND,
         description="anytime: stop once the top-1 class is unchanged over this many iterates "
                     "and the entropy is under settle_entropy (stopped='settled'); 0 turns it "
                     "off; default: the server's (GET /model, serving.defaults). Not applied "
@@ -44,13 +53,21 @@ class ClassifyOptions(BaseModel):
     detect: bool = Field(True, description="apply the checkpoint's attack detector (false: skip "
                          "the dynamics features it needs and answer suspicious=false)")
     coverage: float = Field(
-        1.0, gt=0, le=1, allow_inf_nan=False,
+        FULL_COVERAGE, gt=COVERAGE_LOW, le=FULL_COVERAGE, allow_inf_nan=False,
         description="selective answering: the share of clean inputs the service should answer, "
                     "0 < coverage <= 1 (1: always answer). Below 1 the answer says "
                     "abstained=true, prediction still given, when its doubt score is over the "
                     "threshold calibrated for this coverage on clean validation images "
                     "(checkpoint metadata 'selective', GET /model); refused (422) on a "
                     "checkpoint without that calibration, and an invalid value is a 422")
+
+
+# The options a solve reads (the model process resolves them); `trajectory` only shapes the answer.
+SOLVE_OPTION_FIELDS: tuple[str, ...] = tuple(f for f in ClassifyOptions.model_fields
+                                             if f != "trajectory")
+# Fields whose invalid values are answered 422, not 400: the request is well formed but asks for
+# what the service cannot honour, and a client must be able to tell the two apart.
+UNPROCESSABLE_FIELDS = frozenset({"coverage"})
 
 
 class ClassifyRequest(ClassifyOptions):
@@ -99,7 +116,7 @@ class Selective(BaseModel):
     so the score shown there can differ from the one a lower coverage judges.
     """
 
-    coverage: float = 1.0
+    coverage: float = FULL_COVERAGE
     score_name: str | None = None
     score: float | None = None
     threshold: float | None = None
@@ -130,7 +147,3 @@ class ClassifyResult(BaseModel):
         None, description="score and threshold behind `abstained` (null only from servers "
                           "older than this field)")
     model: ModelRef
-
-
-class ErrorBody(BaseModel):
-    error: str

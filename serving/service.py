@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .guards import BodySizeLimit, JsonOnly, ReadableValidationErrors
+from .middleware import BodySizeLimit, JsonOnly, ReadableValidationErrors
 from .openapi import OpenAPIDocument
 from .schema import (
     ClassifyBatchRequest,
@@ -119,7 +119,7 @@ class DEQGuardModel:
         "deadline_at": time.time() seconds or None} -> a ClassifyResult dict, or
         {"error": message} for options this server refuses."""
         from . import metrics
-        from .engine import OptionsError
+        from .options import OptionsError
 
         self.engine.ready.wait()
         out: list[dict[str, Any]] = [{} for _ in items]
@@ -141,12 +141,14 @@ class DEQGuardModel:
         return out
 
 
-class _Front:
+class _RunningFront:
+    """The running `DEQGuard` instance, for the plain Starlette routes mounted beside it."""
+
     service: DEQGuard | None = None
 
 
 async def _get_model(request: Request) -> JSONResponse:
-    front = _Front.service
+    front = _RunningFront.service
     if front is None:
         return JSONResponse({"error": "service is starting"}, status_code=503)
     return JSONResponse(await front.description())
@@ -184,7 +186,7 @@ class DEQGuard:
     def __init__(self) -> None:
         self._description: dict[str, Any] | None = None
         self._announcer: asyncio.Task[None] | None = None
-        _Front.service = self
+        _RunningFront.service = self
 
     @bentoml.on_startup
     async def announce_when_ready(self) -> None:

@@ -10,7 +10,7 @@ are rewritten here, before BentoML parses anything, into the JSON request of the
 travel as strings (pydantic's JSON validation accepts "20" for an int and "false" for a bool), so
 every rule of the JSON route applies unchanged: unknown fields and bad values are 400s naming the
 field, non-images and truncated files 400s, bombs 400, and the body cap (413) has already been
-applied to the upload itself by `guards.BodySizeLimit`, which wraps this middleware.
+applied to the upload itself by `middleware.BodySizeLimit`, which wraps this middleware.
 """
 
 from __future__ import annotations
@@ -19,8 +19,16 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .guards import ASGIApp, Receive, Scope, Send, _header, _replay, _reply
 from .images import encode_b64
+from .middleware import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    replay_body,
+    reply_error,
+    request_header,
+)
 
 UPLOAD_ROUTES = ("/classify",)
 IMAGE_FIELD = "image"
@@ -32,7 +40,7 @@ class UploadError(ValueError):
 
 
 def media_type(scope: Scope) -> str:
-    ctype = _header(scope, b"content-type")
+    ctype = request_header(scope, b"content-type")
     return ctype.split(";")[0].strip().lower() if ctype is not None else ""
 
 
@@ -71,7 +79,7 @@ async def form_request(scope: Scope, body: bytes) -> dict[str, Any]:
     from starlette.formparsers import MultiPartException
     from starlette.requests import Request
 
-    request = Request(scope, _replay(body, _no_more))
+    request = Request(scope, replay_body(body, _no_more))
     try:
         form = await request.form(max_files=1, max_fields=_MAX_FORM_FIELDS)
     except MultiPartException as exc:
@@ -129,7 +137,7 @@ class Uploads:
             else:
                 fields = raw_request(body, scope.get("query_string", b"").decode("latin-1"))
         except UploadError as exc:
-            await _reply(send, 400, str(exc))
+            await reply_error(send, 400, str(exc))
             return
         payload = json.dumps(fields).encode()
         headers = [(k, v) for k, v in scope.get("headers", [])
@@ -137,4 +145,4 @@ class Uploads:
         headers += [(b"content-type", b"application/json"),
                     (b"content-length", str(len(payload)).encode())]
         inner = {**scope, "headers": headers, "query_string": b""}
-        await self.app(inner, _replay(payload, receive), send)
+        await self.app(inner, replay_body(payload, receive), send)

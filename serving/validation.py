@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .images import ImageError, decode_b64, decode_image, image_size
+from .schema import SOLVE_OPTION_FIELDS
 
 
 class RequestError(Exception):
@@ -23,12 +24,9 @@ class RequestError(Exception):
 
 
 def options_of(request: Any) -> dict[str, Any]:
-    """The solve options of a ClassifyOptions-shaped request, as sent to the model process."""
-    return {"max_iter": request.max_iter, "tol": request.tol, "solver": request.solver,
-            "defense": request.defense, "settle_iters": request.settle_iters,
-            "settle_entropy": request.settle_entropy, "deadline_ms": request.deadline_ms,
-            "detect": getattr(request, "detect", True),
-            "coverage": getattr(request, "coverage", 1.0)}
+    """The solve options of a ClassifyOptions request, as sent to the model process (the
+    keyword arguments of its engine's `resolve`)."""
+    return {name: getattr(request, name) for name in SOLVE_OPTION_FIELDS}
 
 
 def check_count(n: int, max_batch: int, what: str = "images") -> None:

@@ -61,7 +61,10 @@ def test_settle_rule_on_a_model(tiny_model, pattern_data):
 
 
 def test_serving_names_the_stop_reasons_in_the_solvers_order():
-    # serving/engine.py keeps its own copy so that it imports without torch
-    from deqguard.serving.engine import STOP_REASONS as SERVED
+    # the wire schema (torch-free) and the solvers read the one tuple in deqguard.solve_rules
+    from typing import get_args
 
-    assert SERVED == STOP_REASONS
+    from deqguard.serving.schema import StopReason
+    from deqguard.solve_rules import STOP_REASONS as RULES
+
+    assert STOP_REASONS is RULES and get_args(StopReason) == STOP_REASONS

@@ -143,7 +143,7 @@ def test_detection_sets_are_crafted_through_the_requested_gradient(fitted, tmp_p
 
 
 def test_engine_applies_the_learned_detector_like_in_process(fitted):
-    from deqguard.serving.engine import TorchEngine
+    from deqguard.serving.torch_engine import TorchEngine
 
     path, det, _, x = fitted
     engine = TorchEngine.load(str(path), device="cpu")

@@ -65,7 +65,7 @@ def test_interpolation_between_stored_coverages():
     with pytest.raises(ValueError, match="below the lowest calibrated coverage 0.5"):
         cal.threshold(0.3)
     for bad in (0.0, -0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="coverage must be in"):
+        with pytest.raises(ValueError, match=r"coverage must be a number in \(0, 1\]"):
             cal.threshold(bad)
 
 

@@ -10,7 +10,8 @@ from selective_ckpt import calibrated_copy, cheap_detector, val_images, with_det
 
 from deqguard.models import load_checkpoint, read_metadata
 from deqguard.models.selective import doubt_score, selective_from_metadata
-from deqguard.serving.engine import OptionsError, TorchEngine
+from deqguard.serving.options import OptionsError
+from deqguard.serving.torch_engine import TorchEngine
 
 
 @pytest.fixture(scope="module")

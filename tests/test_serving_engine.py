@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from deqguard.serving.engine import OptionsError, SolveOptions, TorchEngine
+from deqguard.serving.options import OptionsError, SolveOptions
+from deqguard.serving.torch_engine import TorchEngine
 
 
 @pytest.fixture(scope="module")

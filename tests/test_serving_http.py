@@ -33,7 +33,7 @@ def images(pattern_data):
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    from deqguard.serving.engine import TorchEngine
+    from deqguard.serving.torch_engine import TorchEngine
 
     return TorchEngine.load(str(tiny_checkpoint), device="cpu", threads=1)
 

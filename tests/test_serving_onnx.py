@@ -66,7 +66,7 @@ def test_graph_matches_torch_naive_solver_at_n_iterations(exported, tiny_checkpo
 
 
 def _compare_engines(torch_engine, onnx_engine, x, max_iter, tol):
-    from deqguard.serving.engine import SolveOptions
+    from deqguard.serving.options import SolveOptions
 
     opts = SolveOptions(max_iter=max_iter, tol=tol, solver="naive")
     a, b = torch_engine.trace(x, opts), onnx_engine.trace(x, opts)
@@ -105,8 +105,8 @@ def _tol_with_varied_stops(residual: np.ndarray) -> float:
 
 def test_onnx_engine_reproduces_per_sample_stopping(exported, tiny_checkpoint):
     """The engine recovers torch's stop-at-tol and any max_iter <= T from the graph's outputs."""
-    from deqguard.serving.engine import TorchEngine
     from deqguard.serving.onnx_engine import OnnxEngine
+    from deqguard.serving.torch_engine import TorchEngine
 
     te = TorchEngine.load(str(tiny_checkpoint), device="cpu")
     oe = OnnxEngine(exported)
@@ -123,9 +123,9 @@ def test_damped_naive_solver_exports_and_stops_like_torch(tmp_path):
     import torch
 
     from deqguard.models import SolverConfig, build_model, save_checkpoint
-    from deqguard.serving.engine import TorchEngine
     from deqguard.serving.onnx_engine import OnnxEngine
     from deqguard.serving.onnx_export import export_onnx
+    from deqguard.serving.torch_engine import TorchEngine
 
     torch.manual_seed(0)
     model = build_model("tiny", num_classes=3, width=8, head_width=8,
@@ -142,14 +142,15 @@ def test_damped_naive_solver_exports_and_stops_like_torch(tmp_path):
 
 
 def test_onnx_engine_refuses_what_it_cannot_run(exported):
-    from deqguard.serving.engine import OptionsError
     from deqguard.serving.onnx_engine import OnnxEngine
+    from deqguard.serving.options import OptionsError
 
     oe = OnnxEngine(exported)
     assert oe.resolve().solver == "naive" and oe.resolve().max_iter <= ITERS
     for kwargs, words in (({"defense": "entropy-reduction"}, "torch backend"),
                           ({"solver": "anderson"}, "naive solver only"),
-                          ({"max_iter": ITERS + 1}, "exported graph")):
+                          ({"max_iter": ITERS + 1}, "exported graph"),
+                          ({"max_iter": 0}, "exported graph")):  # the cap the engine applies
         with pytest.raises(OptionsError, match=words):
             oe.resolve(**kwargs)
 

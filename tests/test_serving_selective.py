@@ -71,8 +71,8 @@ FORMS = {"json": _json, "multipart": _multipart, "raw": _raw}
 
 
 def test_coverage_in_json_multipart_and_raw_gives_the_same_answer(sel, pngs, calibrated):
-    from deqguard.serving.engine import TorchEngine
     from deqguard.serving.images import decode_image
+    from deqguard.serving.torch_engine import TorchEngine
 
     engine = TorchEngine.load(str(calibrated), device="cpu", threads=1)
     seen = set()

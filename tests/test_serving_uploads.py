@@ -185,7 +185,7 @@ def test_a_batch_mates_deadline_does_not_change_an_answer(served_url, pngs):
 
 def test_engine_deadlines_are_per_sample(tiny_checkpoint, pattern_data):
     """In one sub-batch, a sample past its deadline stops; its batch mates answer as alone."""
-    from deqguard.serving.engine import TorchEngine
+    from deqguard.serving.torch_engine import TorchEngine
 
     x, _ = pattern_data
     eng = TorchEngine.load(str(tiny_checkpoint), device="cpu", threads=1)

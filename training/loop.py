@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..models import build_model, save_checkpoint, update_metadata
 from ..models.classifier import Classifier
+from ..models.device import resolve_device
 from ..models.errors import DeqguardError
 from ..models.registry import resolve_config
 from . import distributed
@@ -106,11 +107,7 @@ class RunResult:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeqguardError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
+    return torch.device(resolve_device(name))
 
 
 def model_config_for(cfg: TrainConfig, info: DatasetInfo):

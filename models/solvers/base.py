@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from deqguard.solve_rules import STOP_REASONS
+
 Fn = Callable[[Tensor], Tensor]
 # Called after each step with (t, z_t, active) where `active` marks samples still iterating before
 # the step; the model uses it to decode every iterate without the solver keeping them.
@@ -31,9 +33,11 @@ IterateHook = Callable[[int, Tensor, Tensor], None]
 # Called after the iterate hook with (t, z_t, active); returns [B] bool: samples to stop now.
 StopHook = Callable[[int, Tensor, Tensor], Tensor]
 
-# Why a sample stopped; `SolverOutput.stopped` holds indices into this tuple.
-STOP_REASONS = ("max_iter", "tol", "settled", "deadline")
-STOP_MAX_ITER, STOP_TOL, STOP_SETTLED, STOP_DEADLINE = range(4)
+# Why a sample stopped: `SolverOutput.stopped` holds indices into STOP_REASONS.
+STOP_MAX_ITER = STOP_REASONS.index("max_iter")
+STOP_TOL = STOP_REASONS.index("tol")
+STOP_SETTLED = STOP_REASONS.index("settled")
+STOP_DEADLINE = STOP_REASONS.index("deadline")
 
 _EPS = 1e-9
 

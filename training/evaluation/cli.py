@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deqguard.solve_rules import DEFENSES
+
 _PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective")
 # deqguard.training.data.DATASETS, spelled out: importing it would load torch for --help.
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
@@ -124,14 +126,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     from deqguard.models.checkpoint import load_checkpoint, resolve_checkpoint, update_metadata
     from deqguard.models.defense import default_eps
+    from deqguard.models.device import resolve_device
     from deqguard.training.data import dataset_info, load_dataset
 
     from .runner import evaluate
     from .schema import CheckpointInfo, EvalSettings
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_checkpoint(args.checkpoint)
@@ -370,7 +371,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L-inf radius (default: 0.1 for 28px grey images, 8/255 otherwise)")
     p.add_argument("--attacks", default=DEFAULT_PARTS, metavar="PARTS",
                    help="comma list of parts, from " + ",".join(_PARTS) + " (see above)")
-    p.add_argument("--defense", default="none", choices=["none", "entropy-reduction"],
+    p.add_argument("--defense", default="none", choices=DEFENSES,
                    help="evaluate the plain solve, or the entropy-reduction defense (input "
                         "updates at inference)")
     p.add_argument("--defense-set", action="append", metavar="KEY=VALUE",

@@ -15,6 +15,7 @@ from deqguard.models.config import GradMode
 from deqguard.models.defense import EntropyReductionConfig
 from deqguard.models.selective import DEFAULT_COVERAGES as SELECTIVE_COVERAGES
 from deqguard.models.selective import SCORE_NAMES as SELECTIVE_SCORES
+from deqguard.solve_rules import DEFENSES
 
 SCHEMA_VERSION = 1
 EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "selective"]
@@ -62,7 +63,7 @@ class EvalSettings(_Model):
     n: int = Field(ge=1)
     eps: float = Field(gt=0)
     parts: list[EvalPart]
-    defense: Literal["none", "entropy-reduction"] = "none"
+    defense: Literal[DEFENSES] = "none"
     defense_config: EntropyReductionConfig | None = None
     pgd_steps: int = Field(10, ge=1)
     pgd_restarts: int = Field(1, ge=1)

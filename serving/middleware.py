@@ -1,4 +1,6 @@
-"""ASGI middleware guarding the HTTP front: body cap, JSON only, readable validation errors.
+"""The HTTP front's ASGI middleware: body cap, JSON only, readable validation errors; and the
+ASGI types and small helpers (answer an error, replay a read body) that uploads.py and
+openapi.py share.
 
 BentoML 1.4 has no body-size setting. `BodySizeLimit` answers 413 {"error": ...} to a body over
 the cap before the application parses anything. With a Content-Length the check is immediate; a
@@ -11,9 +13,9 @@ pickle bodies); the uploads POST /classify accepts are turned into JSON before i
 `ReadableValidationErrors` rewrites BentoML's pydantic 400 body
 {"error": "1 validation error for X", "detail": [...]} so that "error" names each field and
 problem ("solver: Input should be 'naive', 'anderson' or 'broyden'"); "detail" is kept. When
-every error concerns a field of `UNPROCESSABLE_FIELDS` the status becomes 422: issue 22's
-contract for `coverage` (0, negative, over 1, NaN, a string), which a client must be able to
-tell apart from a malformed request.
+every error concerns a field of the schema's `UNPROCESSABLE_FIELDS` the status becomes 422: a
+well-formed request asking for something this service cannot honour (a `coverage` of 0, below 0,
+over 1, NaN or a string), which a client must be able to tell apart from a malformed request.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .schema import UNPROCESSABLE_FIELDS
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -29,8 +33,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _DRAIN_FACTOR = 8  # read (and drop) at most this many times the cap before answering 413
-# Request fields whose invalid values are answered 422 instead of BentoML's 400 (see above).
-UNPROCESSABLE_FIELDS = frozenset({"coverage"})
 
 
 class BodySizeLimit:
@@ -48,7 +50,7 @@ class BodySizeLimit:
             return
         length = _content_length(scope)
         if length == -1:
-            await _reply(send, 400, "invalid Content-Length header")
+            await reply_error(send, 400, "invalid Content-Length header")
             return
         if length is not None:
             if length > self.max_bytes:
@@ -74,7 +76,7 @@ class BodySizeLimit:
             chunks.append(body)
             if not msg.get("more_body", False):
                 break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
     async def _drain(self, receive: Receive, length: int | None, already: int = 0) -> None:
         bound = _DRAIN_FACTOR * self.max_bytes
@@ -91,9 +93,9 @@ class BodySizeLimit:
 
     async def _too_large(self, send: Send, size: int, at_least: bool = False) -> None:
         over = "over" if not at_least else "at least, over"
-        await _reply(send, 413, f"request body is {size} bytes ({over} the limit of "
-                                f"{self.max_bytes} bytes, DEQGUARD_MAX_BODY_BYTES); send fewer "
-                                "or smaller images per request")
+        await reply_error(send, 413, f"request body is {size} bytes ({over} the limit of "
+                                     f"{self.max_bytes} bytes, DEQGUARD_MAX_BODY_BYTES); send "
+                                     "fewer or smaller images per request")
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -108,7 +110,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     sent = False
 
     async def replay() -> Message:
@@ -121,7 +123,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _reply(send: Send, status: int, message: str) -> None:
+async def reply_error(send: Send, status: int, message: str) -> None:
     payload = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
@@ -139,13 +141,13 @@ class JsonOnly:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") in self.methods:
-            ctype = _header(scope, b"content-type")
+            ctype = request_header(scope, b"content-type")
             media = ctype.split(";")[0].strip().lower() if ctype is not None else ""
             if media not in ("", "application/json"):
                 hint = (" (or upload the image: multipart/form-data with a file field 'image', "
                         "or a raw image/* body)" if scope.get("path") == "/classify" else "")
-                await _reply(send, 415, f"unsupported media type {media!r}: send a JSON body "
-                                        f"with Content-Type: application/json{hint}")
+                await reply_error(send, 415, f"unsupported media type {media!r}: send a JSON "
+                                             f"body with Content-Type: application/json{hint}")
                 return
         await self.app(scope, receive, send)
 
@@ -205,7 +207,7 @@ def _readable(body: bytes) -> tuple[bytes, int]:
     return json.dumps(data).encode(), status
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def request_header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key == name:
             return value.decode("latin-1")
