@@ -8,7 +8,7 @@
     model = build_model(config)           # a config object, e.g. from checkpoint metadata
 
 Adding an architecture is one module holding its config and network, decorated as above, and
-its import at the end of this module (which runs the decorators). The registered name is the
+its name in `_BUILTIN_MODULES` below (importing it runs the decorator). The registered name is the
 config's `arch`, the key checkpoint metadata stores, so a checkpoint is rebuilt through the same
 table a preset name is. Each architecture's name builds its default config; `presets` adds named
 variants (`large`, `xl`). In the style of torchvision.models' register_model / get_model /
@@ -17,10 +17,10 @@ list_models.
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, TypeVar
 
 from .classifier import Classifier
@@ -40,7 +40,38 @@ class Architecture:
 
 _ARCHITECTURES: dict[str, Architecture] = {}
 _PRESETS: dict[str, ModelConfig] = {}
-PRESETS: Mapping[str, ModelConfig] = MappingProxyType(_PRESETS)
+# The modules whose architectures register themselves when imported. They import this module
+# for the decorator, so they are loaded on the first use of the registry, not at its import:
+# whoever reads the registry sees them all, however `deqguard.models` was entered.
+_BUILTIN_MODULES = ("feedforward", "mdeq", "tiny", "wk_small")
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True  # first: their decorators come back through register()
+        for name in _BUILTIN_MODULES:
+            importlib.import_module(f"{__package__}.{name}")
+
+
+class _Presets(Mapping[str, ModelConfig]):
+    """A read-only view of the registered names that loads the built-ins first."""
+
+    def __getitem__(self, name: str) -> ModelConfig:
+        _load_builtins()
+        return _PRESETS[name]
+
+    def __iter__(self) -> Iterator[str]:
+        _load_builtins()
+        return iter(dict(_PRESETS))
+
+    def __len__(self) -> int:
+        _load_builtins()
+        return len(_PRESETS)
+
+
+PRESETS: Mapping[str, ModelConfig] = _Presets()
 """Every name `build_model` accepts and the config it starts from (read-only)."""
 
 
@@ -62,6 +93,7 @@ def register_model(name: str, config: type[ModelConfig], *,
             raise TypeError(f"preset {key!r} is a {type(cfg).__name__}, not a {config.__name__}")
 
     def register(model: M) -> M:
+        _load_builtins()  # a new name is checked against the built-in ones too
         taken = sorted(k for k in named if k in _PRESETS)
         if taken:
             raise ValueError(f"cannot register {model.__name__}: model name(s) "
@@ -75,6 +107,7 @@ def register_model(name: str, config: type[ModelConfig], *,
 
 def list_models() -> list[str]:
     """Every registered name, sorted: the architectures and their presets."""
+    _load_builtins()
     return sorted(_PRESETS)
 
 
@@ -88,6 +121,7 @@ def parse_model_config(data: Mapping[str, Any] | str) -> ModelConfig:
     if not isinstance(raw, Mapping):
         raise ValueError(f"a model config is a JSON object, got {type(raw).__name__}")
     arch = raw.get("arch")
+    _load_builtins()
     if arch not in _ARCHITECTURES:
         raise _unknown("architecture", arch, sorted(_ARCHITECTURES))
     return _ARCHITECTURES[arch].config.model_validate(raw)
@@ -98,7 +132,7 @@ def resolve_config(preset_or_config: str | ModelConfig, **overrides: Any) -> Mod
     keep)."""
     if isinstance(preset_or_config, str):
         try:
-            cfg = _PRESETS[preset_or_config]
+            cfg = PRESETS[preset_or_config]
         except KeyError:
             raise _unknown("preset", preset_or_config, list_models()) from None
     else:
@@ -115,6 +149,7 @@ def build_model(preset_or_config: str | ModelConfig, *, num_classes: int | None 
     """An initialised classifier: `model(x)` gives logits, `model.solve(x)` the trajectory."""
     cfg = resolve_config(preset_or_config, num_classes=num_classes, in_channels=in_channels,
                          image_size=image_size, **overrides)
+    _load_builtins()
     entry = _ARCHITECTURES.get(cfg.arch)
     if entry is None or not isinstance(cfg, entry.config):
         raise TypeError(f"{type(cfg).__name__} (arch {cfg.arch!r}) is not a registered model "
@@ -127,7 +162,3 @@ def get_model(name: str, **config: Any) -> Classifier:
     readers that know that one."""
     return build_model(name, **config)
 
-
-# The built-in architectures register themselves on import; importing them here means whoever
-# reads the registry sees all of them, however `deqguard.models` was entered.
-from . import feedforward, mdeq, tiny, wk_small  # noqa: E402, F401
