@@ -47,8 +47,8 @@ from .data import (
     load_dataset,
     resident_tensors,
 )
-from .guard import catastrophic_overfitting
 from .objectives import TrainForward, objective_loss
+from .overfit_guard import catastrophic_overfitting
 from .precision import choose_precision
 from .resume import RESUME_FILE, load_state, save_state
 from .validation import clean_accuracy, validate
