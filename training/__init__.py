@@ -6,7 +6,7 @@ Modules (imported on demand, so `deqguard --help` stays light):
     objectives  standard CE, PGD-AT, TRADES; random solver depth (Sec 3.3); Jacobian term
     attacks     L-inf PGD shared with evaluation
     loop        the run: epochs, validation, checkpoints, resumption (`train`, `Trainer`)
-    validation  clean/PGD accuracy and solver-budget sweeps for model selection
+    validation  clean/PGD accuracy and solver convergence for model selection
     distributed data parallelism under torchrun
     cli         `deqguard train`
     evaluation  `deqguard eval`: attacks, AutoAttack, detection, the report (a subpackage)
