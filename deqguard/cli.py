@@ -32,7 +32,7 @@ _COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "deqguard.models.cli": ("torch",),
     "deqguard.models.store_cli": ("torch",),
     "deqguard.training.cli": ("torch",),
-    "deqguard.training.window": ("torch",),
+    "deqguard.training.device_window": ("torch",),
     "deqguard.training.evaluation.cli": ("torch",),
     "deqguard.training.evaluation.detector_cli": ("torch",),
     "deqguard.serving.cli": ("torch",),

@@ -7,7 +7,7 @@ import torch
 
 from deqguard.training.batches import ResidentBatches
 from deqguard.training.data import CropFlip, load_dataset, resident_tensors
-from deqguard.training.loop import EpochBatches
+from deqguard.training.seeds import EpochBatches
 
 
 def _split(pattern_idx_dir, **kw):

@@ -16,7 +16,9 @@ from deqguard.models import load_checkpoint
 from deqguard.models.errors import DeqguardError
 from deqguard.training import precision
 from deqguard.training.config import config_differences
-from deqguard.training.loop import EpochBatches, Trainer, _Tally
+from deqguard.training.epoch import _Tally
+from deqguard.training.loop import Trainer
+from deqguard.training.seeds import EpochBatches
 
 ENV = precision.ENV
 

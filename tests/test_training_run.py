@@ -17,8 +17,8 @@ from deqguard.cli import main
 from deqguard.models import load_checkpoint, read_metadata
 from deqguard.models.checkpoint import tensor_sha256
 from deqguard.training.config import ConfigError, TrainConfig, build_config, preset_names
-from deqguard.training.loop import EpochBatches
 from deqguard.training.resume import ResumeError
+from deqguard.training.seeds import EpochBatches
 
 PRESETS = ["fashion-tiny-pgdat", "fashion-tiny-regulated", "fashion-cnn-pgdat",
            "cifar-large-trades-regulated", "cifar-resnet18-trades"]

@@ -9,8 +9,8 @@ import torch
 from deqguard.models import build_model
 from deqguard.training.attacks import fgsm_rs, n_fgsm
 from deqguard.training.config import ObjectiveConfig, build_config
-from deqguard.training.guard import catastrophic_overfitting
 from deqguard.training.objectives import TrainForward, objective_loss
+from deqguard.training.overfit_guard import catastrophic_overfitting
 
 torch.set_num_threads(1)
 EPS = 0.1

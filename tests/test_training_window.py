@@ -7,7 +7,7 @@ import json
 import tarfile
 
 from deqguard.cli import main
-from deqguard.training.window import WINDOW_PRESETS
+from deqguard.training.device_window import WINDOW_PRESETS
 
 TINY = ["--epochs", "1", "--limit", "192", "--device", "cpu", "--threads", "1",
         "--set", "data.val_size=64", "--set", "train.batch_size=32", "--set", "eval.val_limit=32",

@@ -1,9 +1,9 @@
 """Validation during training: clean and PGD accuracy, and how the solver behaves.
 
 This is the model-selection signal (validation split, never the test set) and a quick check that
-a trained model still behaves as a DEQ: accuracy should hold or improve as the solver budget
-grows, and most samples should converge within the default budget. The full robustness
-evaluation (AutoAttack, adaptive attacks) lives in the evaluation modules.
+a trained model still behaves as a DEQ: most samples should converge within the default budget.
+The full robustness evaluation (AutoAttack, adaptive attacks, solver-budget sweeps) lives in the
+evaluation modules.
 """
 
 from __future__ import annotations
@@ -77,21 +77,3 @@ def clean_accuracy(model: Classifier, loader: Iterable, device: torch.device,
             total += len(y)
     return correct / max(total, 1)
 
-
-def budget_sweep(model: Classifier, loader: Iterable, budgets: Iterable[int],
-                 device: torch.device, tol: float | None = None) -> list[dict[str, float]]:
-    """Clean accuracy and converged fraction at each solver budget (max_iter)."""
-    rows = []
-    data = list(_batches(loader, device))
-    with eval_mode(model), torch.no_grad():
-        for budget in budgets:
-            correct = conv = iters = total = 0.0
-            for x, y in data:
-                res = model.solve(x, max_iter=int(budget), tol=tol, trajectory=False)
-                correct += float((res.logits.argmax(1) == y).sum())
-                conv += float(res.converged.float().sum())
-                iters += float(res.iterations.float().sum())
-                total += len(y)
-            rows.append({"max_iter": int(budget), "clean_accuracy": correct / total,
-                         "converged_fraction": conv / total, "mean_iterations": iters / total})
-    return rows

@@ -1,0 +1,183 @@
+"""What a training run writes into its folder, and how it reads its own folder back.
+
+    last.safetensors   weights + metadata after every epoch (deqguard checkpoint, atomic)
+    best.safetensors   the epoch with the best validation PGD accuracy (clean: eval.select_by)
+    train_log.jsonl    one JSON line per epoch, then one {"event": "final"} line
+    resume.pt          optimizer/scheduler/position, every `save_every_steps` steps and per epoch
+
+`RunFiles` is a part of `Trainer` (deqguard.training.loop); the attributes it reads are set up by
+`Trainer.__init__`. The metadata written here is what `deqguard serve`, `deqguard eval` and the
+end-of-run summary read back, so a checkpoint says on its own how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..models import save_checkpoint
+from ..models.classifier import Classifier
+from ..models.errors import DeqguardError
+from . import distributed
+from .config import TrainConfig
+from .data import DatasetInfo
+from .precision import Precision
+from .resume import RESUME_FILE, ResumeError, load_state, save_state
+
+LAST, BEST, LOG = "last.safetensors", "best.safetensors", "train_log.jsonl"
+
+
+class RunFiles:
+    """Checkpoints, the epoch log and the resume state of one run (a part of `Trainer`)."""
+
+    cfg: TrainConfig
+    model: Classifier
+    device: torch.device
+    dist: distributed.DistInfo
+    amp: bool
+    precision: Precision
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    out: Path
+    name: str
+    _name_given: bool
+    preset: str
+    argv: list[str]
+    info: DatasetInfo
+    fingerprint: str
+    train_set: Dataset
+    val_set: Dataset
+    epoch: int
+    step: int
+    global_step: int
+    best: dict[str, Any]
+    tally_state: dict[str, float] | None
+    history: list[dict[str, Any]]
+    init: dict[str, Any] | None
+
+    # -- resume state ---------------------------------------------------------------------------
+    @property
+    def resume_path(self) -> Path:
+        return self.out / RESUME_FILE
+
+    def _config_dict(self) -> dict[str, Any]:
+        return self.cfg.model_dump(mode="json")
+
+    def _start(self, resume: bool) -> bool:
+        """Load the resume state when there is one; True when the run was resumed."""
+        path = self.resume_path
+        if not path.exists():
+            if resume and self.dist.is_main:
+                print(f"deqguard train: no resume state in {self.out}, starting a new run",
+                      file=sys.stderr)
+            return False
+        if not resume:
+            raise DeqguardError(f"{self.out} already holds a run ({path}); pass --resume to "
+                                "continue it, or choose another --out")
+        state = load_state(path, config=self._config_dict(), data_fingerprint=self.fingerprint,
+                           world_size=self.dist.world_size)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ResumeError(f"{path} does not match this model/optimizer: {exc}") from None
+        self.model.to(self.device)
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.global_step = int(state.get("global_step", 0))
+        self.best = dict(state.get("best", self.best))
+        self.tally_state = state.get("tally")
+        self.history = list(state.get("history", []))
+        self.init = state.get("init")
+        if not self._name_given and state.get("name"):
+            self.name = str(state["name"])  # resumed under the name it was started with
+        saved_amp = state.get("bf16_autocast")
+        if saved_amp is not None and bool(saved_amp) != self.amp and self.dist.is_main:
+            # train.amp=auto can resolve differently on another machine (train.device is free)
+            print(f"deqguard train: this run was started with bf16 autocast "
+                  f"{'on' if saved_amp else 'off'} and continues with it "
+                  f"{'on' if self.amp else 'off'}: it will not repeat an uninterrupted run",
+                  file=sys.stderr)
+        return True
+
+    def _save_resume(self, tally: dict[str, float] | None) -> None:
+        """The resume state as of now; `tally`: the epoch's running sums when mid-epoch."""
+        if not self.dist.is_main:
+            return
+        save_state(self.resume_path, {
+            "config": self._config_dict(), "data_fingerprint": self.fingerprint,
+            "world_size": self.dist.world_size, "epoch": self.epoch, "step": self.step,
+            "global_step": self.global_step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "best": self.best, "tally": tally, "history": self.history,
+            "init": self.init, "bf16_autocast": self.amp, "name": self.name,
+        })
+
+    # -- checkpoints and the log ----------------------------------------------------------------
+    def _save_epoch(self, metrics: dict[str, Any], *, improved: bool, best_epoch: int) -> None:
+        """last.safetensors after every epoch; best.safetensors too when this epoch is best."""
+        save_checkpoint(self.model, self.out / LAST, self._metadata(metrics))
+        if improved:
+            save_checkpoint(self.model, self.out / BEST,
+                            self._metadata({**metrics, "best_epoch": best_epoch}))
+
+    def _metadata(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "name": self.name,
+            "classes": self.info.classes,
+            "input": {"channels": self.info.in_channels, "height": self.info.image_size,
+                      "width": self.info.image_size, "value_range": [0.0, 1.0]},
+            "training": {
+                "preset": self.preset, "config": c.model_dump(mode="json"),
+                "command": shlex.join(self.argv), "argv": self.argv,
+                "data": {"dataset": c.data.dataset, "fingerprint": self.fingerprint,
+                         "train_images": len(self.train_set), "val_images": len(self.val_set)},
+                "data_fingerprint": self.fingerprint,
+                "epochs_completed": self.epoch, "global_step": self.global_step,
+                "world_size": self.dist.world_size, "device": self.device.type,
+                "bf16_autocast": self.amp, "precision": self.precision.label,
+                "channels_last": c.train.channels_last, "torch_version": torch.__version__,
+                "threads": torch.get_num_threads(),
+                **({"init": self.init} if self.init else {}),
+            },
+            "metrics": metrics,
+        }
+
+    def _epoch_metrics(self, entry: dict[str, Any]) -> dict[str, Any]:
+        e = self.cfg.eval
+        return {"epoch": entry["epoch"], "val_clean_accuracy": entry["val_clean_accuracy"],
+                "val_pgd_accuracy": entry["val_pgd_accuracy"],
+                "val_pgd": {"eps": e.eps, "steps": e.steps, "step_size": e.step_size,
+                            "start": "uniform", "gradient": "model default"},
+                "val_images": entry["val_images"],
+                "val_mean_iterations": entry["val_mean_iterations"],
+                "val_converged_fraction": entry["val_converged_fraction"]}
+
+    def _append_log(self, entry: dict[str, Any]) -> None:
+        with (self.out / LOG).open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _trim_log(self) -> None:
+        """Keep only the log lines of epochs the resume state has completed."""
+        path = self.out / LOG
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if "epoch" in row and "event" not in row and row["epoch"] <= self.epoch:
+                keep.append(line)
+        path.write_text("".join(line + "\n" for line in keep))
