@@ -1,4 +1,4 @@
-"""The design study of issue 21 as one table: DEQs at the anchor CNN's cost, with and without the
+"""The design study as one table: DEQs at the anchor CNN's cost, with and without the
 paper's regulation, next to the anchor itself.
 
 Each row is a run of a `bench/recipes.py` grid (its `deqguard train` command) plus one

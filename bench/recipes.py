@@ -1,6 +1,6 @@
 """Recipe and design searches: one `deqguard train` run per named grid entry, then one table.
 
-A baseline is judged with its own best recipe, never only the DEQ's (issue 21), so each model
+A baseline is judged with its own best recipe, never only the DEQ's, so each model
 family has a grid here; every row of the printed table is a `deqguard train` command (printed
 with it) and the validation split's numbers (the test set is not used for the choice). Runs are
 resumable: an entry whose log has its final line is skipped, an unfinished one continues, and

@@ -9,7 +9,7 @@ answering everything:
 
     .venv/bin/python bench/selective_http.py --checkpoint default --n 1000 --coverage 0.9
 
-Issue 22's targets at 0.9: realised coverage within 0.03 of 0.9, and accuracy among the answered
+The targets at coverage 0.9: realised coverage within 0.03 of 0.9, and accuracy among the answered
 at least the clean accuracy + 5 points. Not a test: it prints numbers measured in one run.
 """
 

@@ -9,7 +9,7 @@ trained model).
     .venv/bin/python bench/solvers.py --presets tiny --threads 2
     .venv/bin/python bench/solvers.py --checkpoint default --solvers anderson-list anderson
 
-`anderson-list` is Anderson with the stacked-list history it used before issue 10 (still the path
+`anderson-list` is Anderson with the stacked-list history it used before the ring buffer (still the path
 for exact backprop); against `anderson` (ring buffer, incremental Gram) it gives the time per
 solver iteration before and after that change.
 

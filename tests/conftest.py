@@ -73,7 +73,7 @@ class TinyRun:
     steps: int
 
 
-# The fixture recipe. Adam at a constant 3e-3 for 60 steps learnt by luck (issue 9: seeds 0-4
+# The fixture recipe. Adam at a constant 3e-3 for 60 steps learnt by luck (seeds 0-4
 # gave 0.445 to 1.0 on one CPU): accuracy rises to 1.0, then Adam knocks it back down (seed 4:
 # 0.99 -> 0.53 in 10 steps). A cosine
 # decay over the cap settles it, clipping bounds the rare large step, and the run stops as soon

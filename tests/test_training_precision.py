@@ -1,4 +1,4 @@
-"""`train.amp` and `train.channels_last` (issue 21): the bf16 path on any CPU, its refusal, fp32.
+"""`train.amp` and `train.channels_last`: the bf16 path on any CPU, its refusal, fp32.
 
 The CPU detection is overridden with DEQGUARD_CPU_BF16 (force / off), so every test here runs the
 same way on a CPU with or without AMX-BF16 / AVX512-BF16.

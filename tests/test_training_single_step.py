@@ -1,5 +1,5 @@
 """Cheap adversarial training: the single-step objectives, the overfitting guard, the one-cycle
-schedule (issue 10)."""
+schedule."""
 
 from __future__ import annotations
 
