@@ -9,9 +9,9 @@ trained model).
     .venv/bin/python bench/solvers.py --presets tiny --threads 2
     .venv/bin/python bench/solvers.py --checkpoint default --solvers anderson-list anderson
 
-`anderson-list` is Anderson with the stacked-list history it used before the ring buffer (still
-the path for exact backprop); against `anderson` (ring buffer, incremental Gram) it gives the time per
-solver iteration before and after that change.
+`anderson-list` is Anderson with the stacked-list history it used before the ring buffer
+(still the path for exact backprop); against `anderson` (ring buffer, incremental Gram) it gives
+the time per solver iteration before and after that change.
 
 A sample that does not reach `--tol` within the budget counts `max_iter` iterations; the
 `converged` column says how many did, and the median last relative residual how close the rest
