@@ -143,7 +143,7 @@ def craft_plan(model: Classifier, plan: tuple[CraftSpec, ...], cache: str | Path
     return out
 
 
-if __name__ == "__main__":  # background crafting: python -m deqguard.training.evaluation.advsets
+if __name__ == "__main__":  # background crafting: python -m deqguard.evaluation.advsets
     import sys
 
     from deqguard.models import load_checkpoint
