@@ -15,7 +15,9 @@ Modules (imported on demand, so `deqguard --help` stays light):
     selective   risk-coverage of the doubt scores (selective answers) and their calibration;
                 with risk_coverage (the curve and its area), bootstrap (intervals) and
                 selective_report (its plots and table)
-    runner      one evaluation run, part by part, into an `EvalReport` (`evaluate`)
+    runner      one evaluation run, part by part, into an `EvalReport` (`evaluate`); the
+                parts share `state` and live in robustness (clean accuracy to the worst case)
+                and detection_part (detection, selective answers)
     report      Markdown summary and PNG plots of a report, from the JSON alone
     advsets     adversarial image sets crafted once and cached, for detectors and benchmarks
     detector_fit, detector_attack
