@@ -23,5 +23,8 @@ Modules (imported on demand, so `deqguard --help` stays light):
     detector_fit, detector_attack
                 the learned detector: fitting on clean vs attacked dynamics, and the attack
                 that knows it
-    cli         `deqguard eval`; detector_cli: `deqguard detect`
+    cli         the `deqguard eval` parser (its choices in `choices`); the handler in
+                eval_command, with eval_settings (options -> settings) and eval_summary
+                (the printed summary)
+    detector_cli  `deqguard detect`
 """

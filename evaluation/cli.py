@@ -14,295 +14,22 @@
 The dataset is the one the checkpoint records (its training config), so the commands the
 server and the errors print run as written; --data names another. The default parts finish in
 minutes on a CPU; AutoAttack, which takes hours there at the default --n, runs only when asked.
-The command modules import torch only inside their handlers, so `deqguard eval --help` is fast."""
+This module is the parser; the handler is `eval_command.run`, which imports torch only when it
+runs, so `deqguard eval --help` is fast."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
-from typing import Any
 
-_PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective")
-# deqguard.training.data.DATASETS, spelled out: importing it would load torch for --help.
-DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
-# models.selective.SCORE_NAMES and DEFAULT_COVERAGES, spelled out: importing them would load
-# torch for --help (tests/test_selective_eval_cli.py checks they agree).
-SELECTIVE_SCORES = ("detector", "mean_entropy", "final_entropy", "max_softmax", "iterations")
-SELECTIVE_COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
-# deqguard.models.config.GradMode, spelled out: importing it would load torch for --help.
-GRAD_MODES = ("exact", "implicit", "phantom")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _stack(ds) -> tuple:
-    import torch
-
-    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
-    return torch.stack(list(xs)), torch.tensor(ys, dtype=torch.long)
-
-
-def _defense_config(pairs: list[str] | None):
-    import yaml
-
-    from deqguard.models.defense import EntropyReductionConfig
-    from deqguard.models.errors import DeqguardError
-
-    fields = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise DeqguardError(f"--defense-set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        fields[key.strip()] = yaml.safe_load(value)
-    return EntropyReductionConfig.model_validate(fields)
-
-
-def _recorded_data(meta) -> dict:
-    """The data section of the checkpoint's training config ({} when it records none).
-
-    A checkpoint trained by `deqguard train` names its dataset there (and in training.data), so
-    evaluating it on the data it was made for needs no --data.
-    """
-    training = meta.training or {}
-    data = dict((training.get("config") or {}).get("data") or {})
-    if not data.get("dataset"):
-        named = (training.get("data") or {}).get("dataset")
-        if named:
-            data["dataset"] = named
-    return data
-
-
-def _resolve_data(args: argparse.Namespace, meta, path) -> tuple[str, str | None]:
-    """(dataset, data_dir): --data and --data-dir, else what the checkpoint records."""
-    from deqguard.models.errors import DeqguardError
-
-    if args.data is not None:
-        return args.data, args.data_dir
-    recorded = _recorded_data(meta)
-    data = recorded.get("dataset")
-    if not data:
-        raise DeqguardError(f"{path} records no dataset in its metadata (training.config.data): "
-                            f"pass --data {'|'.join(DATASETS)}")
-    if data not in DATASETS:
-        raise DeqguardError(f"{path} was trained on {data!r}, which deqguard eval cannot load: "
-                            f"pass --data {'|'.join(DATASETS)}")
-    data_dir = args.data_dir
-    if data_dir is None and recorded.get("data_dir") and Path(recorded["data_dir"]).is_dir():
-        # where training read it; on another machine the dataset's default location instead
-        data_dir = str(recorded["data_dir"])
-    return data, data_dir
-
-
-def _eval(args: argparse.Namespace) -> int:
-    if args.schema:
-        from .schema import EvalReport
-
-        print(json.dumps(EvalReport.model_json_schema(), indent=2))
-        return 0
-    from deqguard.models.errors import DeqguardError
-
-    if not args.checkpoint:
-        raise DeqguardError("a CHECKPOINT is required (a .safetensors file or a shipped name "
-                            "such as default)")
-    parts = _names(args.attacks)
-    unknown = sorted(set(parts) - set(_PARTS))
-    if unknown:
-        raise DeqguardError(f"unknown --attacks {unknown}; choose from {', '.join(_PARTS)}")
-    import torch
-
-    from deqguard.models.checkpoint import load_checkpoint, resolve_checkpoint, update_metadata
-    from deqguard.models.defense import default_eps
-    from deqguard.training.data import dataset_info, load_dataset
-
-    from .runner import evaluate
-    from .schema import CheckpointInfo, EvalSettings
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = resolve_checkpoint(args.checkpoint)
-    model, meta = load_checkpoint(path, device=device)
-    data, data_dir = _resolve_data(args, meta, path)
-    info = dataset_info(data, data_dir)
-    c, s = meta.input.channels, meta.input.height
-    if (info.in_channels, info.image_size) != (c, s) and data != "imagefolder":
-        raise DeqguardError(f"{data} images are {info.in_channels}x{info.image_size}px, the "
-                            f"checkpoint expects {c}x{s}px")
-    size = s if data == "imagefolder" else None
-    x, y = _stack(load_dataset(data, args.split, data_dir=data_dir, limit=args.n,
-                               image_size=size))
-    if len(y) and int(y.max()) >= model.config.num_classes:
-        raise DeqguardError(f"{data} has label {int(y.max())}, the checkpoint only "
-                            f"{model.config.num_classes} classes")
-    selective = _selective_settings(args, parts)
-    x_val = y_val = None
-    if "detect" in parts or selective is not None:
-        # the checkpoint's own validation split (never trained on), unless overridden
-        trained = _recorded_data(meta)
-        val_size = args.val_size or int(trained.get("val_size", 5000))
-        split_seed = args.split_seed if args.split_seed is not None else int(
-            trained.get("split_seed", 0))
-        x_val, y_val = _stack(load_dataset(data, "val", data_dir=data_dir,
-                                           limit=args.val_n, image_size=size,
-                                           val_size=val_size, seed=split_seed))
-        if selective is not None:
-            selective.provenance = {
-                "data": data, "data_dir": data_dir, "split": "val",
-                "val_size": val_size, "split_seed": split_seed,
-                "command": " ".join(["deqguard", *getattr(args, "argv", sys.argv[1:])])}
-    eps = args.eps if args.eps is not None else default_eps(c, s)
-    settings = EvalSettings(
-        checkpoint=str(path), data=data, data_dir=data_dir, split=args.split,
-        n=len(x), eps=eps, parts=parts, defense=args.defense,
-        defense_config=_defense_config(args.defense_set) if args.defense != "none" else None,
-        pgd_steps=args.pgd_steps, pgd_restarts=args.restarts, step_size=args.step_size,
-        gradient_paths=_names(args.paths) if args.paths else None,
-        intermediate=_grid(args.intermediate), intermediate_tau=args.intermediate_tau,
-        bpda_paths=_names(args.bpda_paths) if args.bpda_paths else None,
-        steps_sweep=_ints(args.steps_sweep), eps_sweep=_floats(args.eps_sweep),
-        large_eps=args.large_eps, budgets=_ints(args.budgets),
-        aa_attacks=_names(args.aa_attacks) if args.aa_attacks else None, aa_n=args.aa_n,
-        aa_gradient=args.aa_gradient,
-        sweep_n=args.sweep_n or None, sweep_gradient=args.sweep_gradient,
-        detect_scores=_names(args.scores), early_index=args.early_index,
-        detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
-        calibrate=args.calibrate, calibration_score=args.calibration_score,
-        val_n=args.val_n, selective=selective, batch_size=args.batch_size, seed=args.seed,
-        device=device)
-    torch.manual_seed(args.seed)
-    ckpt = CheckpointInfo(path=str(path), name=meta.name, sha256=meta.sha256,
-                          arch=str(meta.model.get("arch", "")), is_deq=model.is_deq,
-                          solver=meta.model.get("solver"))
-    from deqguard.models.learned_detector import detector_from_metadata
-
-    if selective is not None and selective.calibrate and selective.score == "detector" and (
-            detector_from_metadata(meta) is None or not model.is_deq):
-        raise DeqguardError("--selective-score detector needs a learned detector in the "
-                            "checkpoint (deqguard detect fit CKPT --write)")
-    report = evaluate(model, x, y, settings, checkpoint=ckpt, x_val=x_val, y_val=y_val,
-                      progress=not args.no_progress,
-                      learned_detector=detector_from_metadata(meta)
-                      if "detect" in parts or selective is not None else None)
-    if args.calibrate:
-        det = report.detection
-        if det is None or det.calibration is None:
-            raise DeqguardError("--calibrate needs the detect part (--attacks ...,detect) and a "
-                                "validation split")
-        update_metadata(path, detection=det.calibration)
-        det.written_to_checkpoint = True
-    if args.calibrate_selective:
-        sel = report.selective
-        if sel is None or sel.calibration is None:
-            raise DeqguardError("--calibrate-selective made no calibration (see the warnings: "
-                                "the selective part is skipped under --defense)")
-        update_metadata(path, selective=sel.calibration)
-        sel.written_to_checkpoint = True
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(report.model_dump_json(indent=2))
-    if args.report:
-        from .report import write_report
-
-        write_report(report, args.report, command=" ".join(
-            ["deqguard", *getattr(args, "argv", sys.argv[1:])]))
-    print(json.dumps(for_people(_summary(report)), indent=2))
-    return 0
-
-
-def _selective_settings(args: argparse.Namespace, parts: list[str]):
-    """SelectiveSettings when the selective part runs or --calibrate-selective asks for it."""
-    from deqguard.models.errors import DeqguardError
-
-    if "selective" not in parts and not args.calibrate_selective:
-        return None
-    from .schema import SelectiveSettings
-
-    scores = _names(args.selective_scores)
-    unknown = sorted(set(scores + [args.selective_score]) - set(SELECTIVE_SCORES))
-    if unknown:
-        raise DeqguardError(f"unknown selective scores {unknown}; choose from "
-                            f"{', '.join(SELECTIVE_SCORES)}")
-    coverages = _floats(args.coverages)
-    if not coverages or not all(0 < c <= 1 for c in coverages):
-        raise DeqguardError(f"--coverages must be numbers in (0, 1], got {args.coverages!r}")
-    return SelectiveSettings(
-        scores=scores, target_coverage=args.target_coverage, coverages=coverages,
-        attack_n=args.selective_attack_n, pgd_steps=args.selective_pgd_steps,
-        pgd_gradient=args.selective_gradient, adaptive_n=args.selective_adaptive_n,
-        adaptive_lambda=args.selective_lambda, adaptive_steps=args.selective_adaptive_steps,
-        reps=args.reps, calibrate=args.calibrate_selective, score=args.selective_score,
-        cache=args.selective_cache)
-
-
-def _grid(text: str) -> list[tuple[int, int]]:
-    from .attacks import parse_grid
-
-    return parse_grid(text)
-
-
-def for_people(value: Any) -> Any:
-    """`value` with every float cut to 4 significant digits (0.14000000059604645 -> 0.14).
-
-    For the printed summary only: the JSON report (--json, --report) keeps the exact numbers.
-    Four digits resolve one image in 10,000 of an accuracy.
-    """
-    if isinstance(value, float):
-        return float(f"{value:.4g}")
-    if isinstance(value, dict):
-        return {k: for_people(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [for_people(v) for v in value]
-    return value
-
-
-def _summary(report) -> dict:
-    from .report import detection_note
-
-    out = {"checkpoint": report.checkpoint.path, "data": report.settings.data,
-           "n": report.settings.n, "eps": report.settings.eps,
-           "defense": report.settings.defense}
-    if report.clean:
-        out["clean_accuracy"] = report.clean.accuracy
-    for a in report.attacks:
-        out[f"acc/{a.name}"] = a.accuracy
-    if report.autoattack:
-        out["autoattack"] = report.autoattack.accuracy
-    if report.worst_case:
-        out["robust_accuracy_worst_case"] = report.worst_case.accuracy
-    if report.detection:
-        note = detection_note(report.detection)
-        if note:
-            out["detection_note"] = note
-        if report.detection.calibration:
-            out["detection"] = report.detection.calibration
-    if report.selective:
-        sel = report.selective
-        out["selective"] = {
-            k.kind: {name: {"aurc": r.aurc, "coverage": r.coverage,
-                            "accuracy_answered": r.accuracy_answered,
-                            "successful_answered": r.successful_answered}
-                     for name, r in k.scores.items()} for k in sel.kinds}
-        if sel.calibration:
-            out["selective_calibration"] = {
-                "score": sel.calibration["score"], "n": sel.calibration["n_calibration"],
-                "written": sel.written_to_checkpoint}
-    out["warnings"] = report.warnings
-    out["seconds"] = round(report.seconds_total, 1)
-    return out
+from .choices import (
+    DATASETS,
+    DEFAULT_PARTS,
+    GRAD_MODES,
+    PARTS,
+    SELECTIVE_COVERAGES,
+    SELECTIVE_SCORES,
+)
+from .eval_command import run
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -320,8 +47,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         return f"{text} (default: %(default)s)"
 
-
-DEFAULT_PARTS = "clean,budget,pgd,adaptive,detect"
 
 _DESCRIPTION = f"""\
 Evaluate a checkpoint on the test images of the dataset it was trained on (recorded in its
@@ -369,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=float,
                    help="L-inf radius (default: 0.1 for 28px grey images, 8/255 otherwise)")
     p.add_argument("--attacks", default=DEFAULT_PARTS, metavar="PARTS",
-                   help="comma list of parts, from " + ",".join(_PARTS) + " (see above)")
+                   help="comma list of parts, from " + ",".join(PARTS) + " (see above)")
     p.add_argument("--defense", default="none", choices=["none", "entropy-reduction"],
                    help="evaluate the plain solve, or the entropy-reduction defense (input "
                         "updates at inference)")
@@ -478,4 +203,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--schema", action="store_true",
                    help="print the JSON schema of the report and exit")
-    p.set_defaults(func=_eval)
+    p.set_defaults(func=run)
