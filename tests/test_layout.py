@@ -240,8 +240,8 @@ def test_wheel_ships_every_module_and_data_file(tmp_path):
     must = ["deqguard/__init__.py", "deqguard/cli.py", "deqguard/errors.py",
             "deqguard/fileio.py", "deqguard/models/weights/default.safetensors"]
     must += [f"deqguard/evaluation/{m}.py" for m in
-             ("__init__", "attacks", "autoattack", "cli", "detection", "report", "runner",
-              "schema")]
+             ("__init__", "attacks", "autoattack", "cli", "detection", "eval_command", "report",
+              "robustness", "runner", "schema", "state")]
     assert set(must) <= shipped
     assert fnmatch.filter(shipped, "deqguard/training/presets/*.yaml")
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
