@@ -16,10 +16,10 @@ import time
 
 import torch
 
+from deqguard.evaluation.advsets import split_images
 from deqguard.models import load_checkpoint
 from deqguard.models.dynamics import DynamicsConfig
 from deqguard.models.learned_detector import detector_from_metadata
-from deqguard.training.evaluation.advsets import split_images
 
 
 def best_time(fn, repeats: int) -> float:

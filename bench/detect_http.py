@@ -23,10 +23,10 @@ import httpx
 import numpy as np
 import torch
 
+from deqguard.evaluation.advsets import CraftSpec, craft, split_images
+from deqguard.evaluation.detector_cli import checkpoint_cache
 from deqguard.models import load_checkpoint, resolve_checkpoint
 from deqguard.serving.launch import serve_subprocess
-from deqguard.training.evaluation.advsets import CraftSpec, craft, split_images
-from deqguard.training.evaluation.detector_cli import checkpoint_cache
 
 
 def classify(url: str, x: np.ndarray, batch: int = 50) -> list[dict]:

@@ -2,10 +2,10 @@
 
 The package root only carries the version, the `deqguard` command (`cli`), the root of the
 intentional errors (`errors`) and atomic file writes (`fileio`): the few things every part
-imports. The work lives in `deqguard.models`, `deqguard.training` (with
-`deqguard.training.evaluation`), `deqguard.serving` and `deqguard.clients`, each in a top-level
-folder of its own (`models/`, `training/`, ...; mapped in pyproject.toml's `package-dir`), so the
-repository reads as the design card draws it while this folder bears the import name.
+imports. The work lives in `deqguard.models`, `deqguard.training`, `deqguard.evaluation`,
+`deqguard.serving` and `deqguard.clients`, each in a top-level folder of its own (`models/`,
+`training/`, ...; mapped in pyproject.toml's `package-dir`), so the repository reads as the
+design card draws it while this folder bears the import name.
 """
 
 __version__ = "0.1.0"

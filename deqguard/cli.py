@@ -33,8 +33,8 @@ _COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "deqguard.models.store_cli": ("torch",),
     "deqguard.training.cli": ("torch",),
     "deqguard.training.device_window": ("torch",),
-    "deqguard.training.evaluation.cli": ("torch",),
-    "deqguard.training.evaluation.detector_cli": ("torch",),
+    "deqguard.evaluation.cli": ("torch",),
+    "deqguard.evaluation.detector_cli": ("torch",),
     "deqguard.serving.cli": ("torch",),
     "deqguard.clients.cli": (),
 }

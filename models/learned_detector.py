@@ -1,6 +1,6 @@
 """The learned attack detector: a logistic model over dynamics features, stored as plain numbers.
 
-A detector is fitted offline (`deqguard.training.evaluation.detector_fit`) on clean vs attacked
+A detector is fitted offline (`deqguard.evaluation.detector_fit`) on clean vs attacked
 *validation* images and written into checkpoint metadata["detector"] (a key of its own, so the
 older single-score calibration in metadata["detection"] can be rewritten independently). Its
 stored form is numbers only: feature names, standardisation mean/std, coefficients, intercept,

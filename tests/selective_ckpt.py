@@ -46,10 +46,10 @@ def with_detector(src: str | Path, dst: Path) -> Path:
 def calibrated_copy(src: str | Path, dst: Path, score: str = "max_softmax", n_val: int = 200
                     ) -> Path:
     """A copy of `src` with metadata['selective'] for `score` on `n_val` held-out images."""
+    from deqguard.evaluation.selective import score_inputs, solve_spec
     from deqguard.models import load_checkpoint, update_metadata
     from deqguard.models.learned_detector import detector_from_metadata
     from deqguard.models.selective import calibrate
-    from deqguard.training.evaluation.selective import score_inputs, solve_spec
 
     if Path(src) != dst:
         shutil.copy(src, dst)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from deqguard.models import CheckpointError, load_checkpoint, read_metadata, update_metadata
-from deqguard.models.dynamics import DynamicsConfig
-from deqguard.models.learned_detector import LogisticDetector, detector_from_metadata
-from deqguard.training.evaluation.detector_fit import (
+from deqguard.evaluation.detector_fit import (
     build_detector,
     compute_features,
     score_features,
 )
+from deqguard.models import CheckpointError, load_checkpoint, read_metadata, update_metadata
+from deqguard.models.dynamics import DynamicsConfig
+from deqguard.models.learned_detector import LogisticDetector, detector_from_metadata
 
 CFG = DynamicsConfig(restart_iters=4)
 
@@ -90,8 +90,8 @@ def test_each_set_of_weights_gets_its_own_detection_cache(fitted, tiny_checkpoin
                                                           monkeypatch):
     """Attacked sets and features of one model must never feed another's detector."""
     from deqguard.cli import main
+    from deqguard.evaluation import detector_cli
     from deqguard.models import save_checkpoint
-    from deqguard.training.evaluation import detector_cli
 
     class Reached(Exception):
         pass
@@ -122,7 +122,7 @@ def test_detection_sets_are_crafted_through_the_requested_gradient(fitted, tmp_p
                                                                   gradient, monkeypatch):
     """The detector is judged on attacks as strong as robustness is: exact unless told."""
     from deqguard.cli import main
-    from deqguard.training.evaluation import advsets
+    from deqguard.evaluation import advsets
 
     class Reached(Exception):
         pass
@@ -191,7 +191,7 @@ def test_adaptive_attack_lowers_the_detector_score(tiny_checkpoint, pattern_data
     of 9 runs, seeds 0-2 by 5, 10, 20 steps). With differentiable features lam=5 lowered the mean
     score by 1.0 to 1.7 for seeds 0-2 and 5 or 10 steps; the margin asked for is 0.5.
     """
-    from deqguard.training.evaluation.detector_attack import detector_aware_pgd
+    from deqguard.evaluation.detector_attack import detector_aware_pgd
 
     model, _ = load_checkpoint(tiny_checkpoint, "cpu")
     clean_fit, adv_fit, cal, x = noise_features(model, pattern_data)

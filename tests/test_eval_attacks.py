@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import env_seed
 from torch import nn
 
-from deqguard.training.evaluation.attacks import (
+from deqguard.evaluation.attacks import (
     AttackSpec,
     detector_loss,
     intermediate_logits,
@@ -171,7 +171,7 @@ def test_autoattack_module_attacks_through_the_requested_gradient(tiny, path):
     The fixture trains with the phantom path, as the shipped presets do: a module that fell back
     to the checkpoint's default would be attacked through that weaker approximation.
     """
-    from deqguard.training.evaluation.runner import _Logits
+    from deqguard.evaluation.robustness import _Logits
 
     model, x, y = tiny
     assert model.config.grad.mode == "phantom"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from deqguard.cli import main
+from deqguard.evaluation.schema import EvalReport
 from deqguard.models import read_metadata
 from deqguard.models.detection_scores import DetectionCalibration
-from deqguard.training.evaluation.schema import EvalReport
 
 FAST = ["--n", "16", "--pgd-steps", "2", "--steps-sweep", "1,2", "--eps-sweep", "1",
         "--large-eps", "0.5", "--budgets", "1,5", "--intermediate", "1:2", "--aa-n", "4",
@@ -163,7 +163,7 @@ def test_eval_without_data_reads_the_checkpoints_dataset_and_skips_autoattack(
         recorded_copy, pattern_idx_dir, tmp_path, capsys, monkeypatch):
     """No --data, no --attacks: the recorded dataset, the default parts, no AutoAttack; the
     printed numbers are rounded, the JSON report's exact."""
-    from deqguard.training.evaluation import autoattack
+    from deqguard.evaluation import autoattack
 
     def refuse(*args, **kwargs):
         raise AssertionError("AutoAttack ran without being asked for")
@@ -258,7 +258,7 @@ def test_every_eval_and_detect_option_has_help_with_its_default():
 
 def test_cli_spells_out_the_datasets():
     """The CLI lists them without importing torch; they must stay training.data's own."""
+    from deqguard.evaluation import cli
     from deqguard.training.data import DATASETS
-    from deqguard.training.evaluation import cli
 
     assert cli.DATASETS == DATASETS

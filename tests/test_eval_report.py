@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from deqguard.training.evaluation.report import render_markdown, write_report
-from deqguard.training.evaluation.schema import (
+from deqguard.evaluation.report import render_markdown, write_report
+from deqguard.evaluation.schema import (
     CheckpointInfo,
     Curve,
     DetectionAttack,

@@ -141,7 +141,7 @@ def test_graph_sees_lazy_and_relative_imports():
     assert "deqguard.clients.local" in g["deqguard.clients.score"]  # inside make_engine
     assert "deqguard.serving.onnx_engine" in g["deqguard.serving.factory"]
     assert "deqguard.training.distributed" in g["deqguard.training.loop"]  # from . import x
-    assert "deqguard.training.attacks" in g["deqguard.training.evaluation.attacks"]
+    assert "deqguard.training.attacks" in g["deqguard.evaluation.attacks"]
     assert "deqguard.errors" in g["deqguard.models.errors"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -153,6 +153,57 @@ def test_no_import_cycles():
     detail = ["; ".join(f"{a} imports {sorted(g[a] & set(comp))}" for a in comp)
               for comp in found]
     assert not found, "import cycles:\n" + "\n".join(detail)
+
+
+# The rooms (top-level folders) and the rooms each may import, besides the package root
+# (version, errors, fileio). Evaluation judges what training produced, so it builds on training
+# (PGD, datasets) and models; training never imports evaluation: a training run does not load the
+# evaluation code, and `deqguard window`, which trains and then evaluates, runs `deqguard eval`
+# as a subprocess. The clients import serving only for the in-process engine.
+ROOMS = {
+    "models": {"models"},
+    "training": {"training", "models"},
+    "evaluation": {"evaluation", "training", "models"},
+    "serving": {"serving", "models"},
+    "clients": {"clients", "serving", "models"},
+}
+
+
+def _room(module: str) -> str:
+    """`deqguard.training.data` -> `training`; the package root's own modules -> `deqguard`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ROOMS else "deqguard"
+
+
+def against_direction(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from one room into a room it may not import."""
+    return sorted(f"{m} imports {t}" for m, targets in graph.items() for t in targets
+                  if _room(t) != "deqguard" and _room(m) != "deqguard"
+                  and _room(t) not in ROOMS[_room(m)])
+
+
+def test_rooms_are_the_declared_folders():
+    """The table names every room pyproject.toml maps, and no other."""
+    declared = {pkg.split(".")[1] for pkg in _setuptools()["package-dir"] if "." in pkg}
+    assert declared == set(ROOMS)
+
+
+def test_rooms_import_one_way():
+    """Each room imports only the rooms it builds on (lazy imports count too)."""
+    bad = against_direction(import_graph())
+    assert not bad, "imports against the rooms' direction:\n" + "\n".join(bad)
+
+
+def test_room_rule_sees_a_reverse_import():
+    """The rule is not vacuous: evaluation really imports training, and a training module that
+    imported evaluation, even lazily, would be caught."""
+    g = import_graph()
+    assert "deqguard.training.attacks" in g["deqguard.evaluation.attacks"]
+    assert "deqguard.training.data" in g["deqguard.evaluation.eval_command"]  # lazily
+    assert against_direction({"deqguard.training.window": {"deqguard.evaluation.cli"},
+                              "deqguard.evaluation.cli": {"deqguard.training.data",
+                                                          "deqguard.errors"}}) == [
+        "deqguard.training.window imports deqguard.evaluation.cli"]
 
 
 def test_wheel_ships_every_module_and_data_file(tmp_path):
@@ -188,9 +239,9 @@ def test_wheel_ships_every_module_and_data_file(tmp_path):
 
     must = ["deqguard/__init__.py", "deqguard/cli.py", "deqguard/errors.py",
             "deqguard/fileio.py", "deqguard/models/weights/default.safetensors"]
-    must += [f"deqguard/training/evaluation/{m}.py" for m in
-             ("__init__", "attacks", "autoattack", "cli", "detection", "report", "runner",
-              "schema")]
+    must += [f"deqguard/evaluation/{m}.py" for m in
+             ("__init__", "attacks", "autoattack", "cli", "detection", "eval_command", "report",
+              "robustness", "runner", "schema", "state")]
     assert set(must) <= shipped
     assert fnmatch.filter(shipped, "deqguard/training/presets/*.yaml")
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]

@@ -12,9 +12,9 @@ import torch
 from selective_ckpt import with_detector
 
 from deqguard.cli import main
+from deqguard.evaluation.schema import EvalReport
 from deqguard.models import load_checkpoint, read_metadata
 from deqguard.models.selective import doubt_score, selective_from_metadata
-from deqguard.training.evaluation.schema import EvalReport
 
 N_VAL = 60
 
@@ -122,8 +122,8 @@ def test_bad_selective_requests_are_refused(tiny_checkpoint, pattern_idx_dir, tm
 
 def test_cli_spells_out_the_models_scores_and_coverages():
     """The CLI lists them without importing torch; they must stay the models' own."""
+    from deqguard.evaluation import cli
     from deqguard.models import selective
-    from deqguard.training.evaluation import cli
 
     assert cli.SELECTIVE_SCORES == selective.SCORE_NAMES
     assert cli.SELECTIVE_COVERAGES == selective.DEFAULT_COVERAGES

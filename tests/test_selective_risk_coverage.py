@@ -1,14 +1,14 @@
-"""Risk-coverage (training/evaluation/risk_coverage.py) on hand-made examples with known answers,
-and the per-kind summary with its bootstrap intervals (training/evaluation/selective.py)."""
+"""Risk-coverage (evaluation/risk_coverage.py) on hand-made examples with known answers,
+and the per-kind summary with its bootstrap intervals (evaluation/selective.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from deqguard.training.evaluation.bootstrap import bootstrap_many
-from deqguard.training.evaluation.risk_coverage import answered_stats, aurc, risk_coverage
-from deqguard.training.evaluation.selective import Scored, judge_kind
+from deqguard.evaluation.bootstrap import bootstrap_many
+from deqguard.evaluation.risk_coverage import answered_stats, aurc, risk_coverage
+from deqguard.evaluation.selective import Scored, judge_kind
 
 
 def test_curve_and_area_by_hand():

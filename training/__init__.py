@@ -16,5 +16,7 @@ Modules (imported on demand, so `deqguard --help` stays light):
     validation  clean/PGD accuracy and solver convergence for model selection
     distributed data parallelism under torchrun
     cli         `deqguard train`
-    evaluation  `deqguard eval`: attacks, AutoAttack, detection, the report (a subpackage)
+
+Judging a trained checkpoint (`deqguard eval`, `deqguard detect`) lives in `deqguard.evaluation`,
+which imports this package; nothing here imports it back.
 """

@@ -110,7 +110,8 @@ def craft(model: Classifier, spec: CraftSpec, x: Tensor, y: Tensor, cache: str |
 
 # The detection experiment's sets (README, "Detection"): validation images are attacked with a
 # mix of attacks and radii so the detector does not learn one attack's fingerprint; test images
-# with the target attack of issue 11, PGD-40 at eps 0.1.
+# with one fixed target attack, PGD-40 at eps 0.1, so every detector is measured against the
+# same attack.
 VAL_PLAN: tuple[CraftSpec, ...] = (
     CraftSpec("pgd", 0.1, 20, "val", 0, 100),
     CraftSpec("pgd", 0.05, 10, "val", 100, 50),
@@ -143,7 +144,7 @@ def craft_plan(model: Classifier, plan: tuple[CraftSpec, ...], cache: str | Path
     return out
 
 
-if __name__ == "__main__":  # background crafting: python -m deqguard.training.evaluation.advsets
+if __name__ == "__main__":  # background crafting: python -m deqguard.evaluation.advsets
     import sys
 
     from deqguard.models import load_checkpoint

@@ -1,9 +1,10 @@
 """Fitting, calibrating and measuring the learned detector (models/learned_detector.py).
 
-Protocol (issue 11): the logistic model is fitted on clean vs attacked *validation* images
-(several attacks and radii; failed attacks count as attacks), its threshold is calibrated at the
-asked FPR on a *separate* set of clean validation images, and every number reported on test
-images comes with a bootstrap 95% interval. Single features are oriented (higher = attacked) by
+Protocol, so that no reported number comes from images the detector was fitted or calibrated on:
+the logistic model is fitted on clean vs attacked *validation* images (several attacks and radii;
+failed attacks count as attacks), its threshold is calibrated at the asked FPR on a *separate*
+set of clean validation images, and every number reported on test images comes with a bootstrap
+95% interval. Single features are oriented (higher = attacked) by
 the sign of their validation mean difference, never by the test set.
 
 The fit is L2-regularised logistic regression by L-BFGS in torch (scikit-learn is not a

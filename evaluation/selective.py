@@ -1,6 +1,6 @@
 """The selective part of `deqguard eval`: what abstaining buys per doubt score; its calibration.
 
-Protocol (issue 22):
+Protocol, so that a threshold never sees the inputs it is judged on:
 - Thresholds come from clean *validation* images only (the checkpoint's own split); the one at
   the target coverage (0.9 by default) is where every kind of test input is judged.
 - Test inputs: clean; PGD-40 through the exact gradient (backprop through every solver

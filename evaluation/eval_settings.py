@@ -1,0 +1,107 @@
+"""`deqguard eval`'s options turned into the run's `EvalSettings` (and its `SelectiveSettings`),
+with a one-line error for each value the parser cannot check on its own."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .choices import PARTS, SELECTIVE_SCORES
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def requested_parts(args: argparse.Namespace) -> list[str]:
+    """The --attacks parts, checked before anything is loaded."""
+    from deqguard.models.errors import DeqguardError
+
+    if not args.checkpoint:
+        raise DeqguardError("a CHECKPOINT is required (a .safetensors file or a shipped name "
+                            "such as default)")
+    parts = names(args.attacks)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise DeqguardError(f"unknown --attacks {unknown}; choose from {', '.join(PARTS)}")
+    return parts
+
+
+def _defense_config(pairs: list[str] | None):
+    import yaml
+
+    from deqguard.models.defense import EntropyReductionConfig
+    from deqguard.models.errors import DeqguardError
+
+    fields = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise DeqguardError(f"--defense-set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        fields[key.strip()] = yaml.safe_load(value)
+    return EntropyReductionConfig.model_validate(fields)
+
+
+def _grid(text: str) -> list[tuple[int, int]]:
+    from .attacks import parse_grid
+
+    return parse_grid(text)
+
+
+def selective_settings(args: argparse.Namespace, parts: list[str]):
+    """SelectiveSettings when the selective part runs or --calibrate-selective asks for it."""
+    from deqguard.models.errors import DeqguardError
+
+    if "selective" not in parts and not args.calibrate_selective:
+        return None
+    from .schema import SelectiveSettings
+
+    scores = names(args.selective_scores)
+    unknown = sorted(set(scores + [args.selective_score]) - set(SELECTIVE_SCORES))
+    if unknown:
+        raise DeqguardError(f"unknown selective scores {unknown}; choose from "
+                            f"{', '.join(SELECTIVE_SCORES)}")
+    coverages = floats(args.coverages)
+    if not coverages or not all(0 < c <= 1 for c in coverages):
+        raise DeqguardError(f"--coverages must be numbers in (0, 1], got {args.coverages!r}")
+    return SelectiveSettings(
+        scores=scores, target_coverage=args.target_coverage, coverages=coverages,
+        attack_n=args.selective_attack_n, pgd_steps=args.selective_pgd_steps,
+        pgd_gradient=args.selective_gradient, adaptive_n=args.selective_adaptive_n,
+        adaptive_lambda=args.selective_lambda, adaptive_steps=args.selective_adaptive_steps,
+        reps=args.reps, calibrate=args.calibrate_selective, score=args.selective_score,
+        cache=args.selective_cache)
+
+
+def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: str | None,
+                  n: int, eps: float, parts: list[str], selective: Any, device: str):
+    """Every setting of the run, recorded in the report next to the numbers it produced."""
+    from .schema import EvalSettings
+
+    return EvalSettings(
+        checkpoint=str(path), data=data, data_dir=data_dir, split=args.split,
+        n=n, eps=eps, parts=parts, defense=args.defense,
+        defense_config=_defense_config(args.defense_set) if args.defense != "none" else None,
+        pgd_steps=args.pgd_steps, pgd_restarts=args.restarts, step_size=args.step_size,
+        gradient_paths=names(args.paths) if args.paths else None,
+        intermediate=_grid(args.intermediate), intermediate_tau=args.intermediate_tau,
+        bpda_paths=names(args.bpda_paths) if args.bpda_paths else None,
+        steps_sweep=ints(args.steps_sweep), eps_sweep=floats(args.eps_sweep),
+        large_eps=args.large_eps, budgets=ints(args.budgets),
+        aa_attacks=names(args.aa_attacks) if args.aa_attacks else None, aa_n=args.aa_n,
+        aa_gradient=args.aa_gradient,
+        sweep_n=args.sweep_n or None, sweep_gradient=args.sweep_gradient,
+        detect_scores=names(args.scores), early_index=args.early_index,
+        detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
+        calibrate=args.calibrate, calibration_score=args.calibration_score,
+        val_n=args.val_n, selective=selective, batch_size=args.batch_size, seed=args.seed,
+        device=device)
