@@ -113,9 +113,9 @@ MOUNTED_ROUTES: dict[str, dict[str, Any]] = {
         "responses": {"200": {"description": "The HTML page", "content": {
             "text/html": {"schema": {"type": "string"}}}}}}},
 }
-# Documentation of the documentation is left out: `/` (BentoML's Swagger page), /docs.json,
-# BentoML's /schema.json and the page's assets.
-UNDOCUMENTED = ("/", DOC_PATH, "/schema.json", "/static_content")
+# Documentation of the documentation is left out: `/` (a redirect to /ui), the API page /docs/
+# and its Swagger files, /docs.json, BentoML's /schema.json and its assets.
+UNDOCUMENTED = ("/", "/docs/", "/docs/swagger/", DOC_PATH, "/schema.json", "/static_content")
 
 
 def add_routes(doc: dict[str, Any]) -> dict[str, Any]:

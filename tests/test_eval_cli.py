@@ -221,7 +221,8 @@ def test_default_parts_leave_out_the_hours_long_autoattack():
 
 def test_the_servers_selective_fix_runs_as_printed(recorded_copy):
     """The 422 for coverage < 1 on an uncalibrated checkpoint prints a command; run it."""
-    from deqguard.serving.engine import OptionsError, TorchEngine
+    from deqguard.serving.options import OptionsError
+    from deqguard.serving.torch_engine import TorchEngine
 
     with pytest.raises(OptionsError) as refused:
         TorchEngine.load(str(recorded_copy), device="cpu", threads=1).resolve(coverage=0.5)
