@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve.py                       # untrained `tiny` preset, 28x28x1
     .venv/bin/python bench/serve.py --checkpoint default --requests 256
     .venv/bin/python bench/serve.py --checkpoint default --defaults --skip-onnx   # README
+    .venv/bin/python bench/serve.py --ladder        # the whole ladder, floor to model (ladder.py)
 
 `--defaults`: the checkpoint's default options as a plain request gets them (its solver, max_iter
 and tol, the settled exit), on Fashion-MNIST test images when present (else random PNGs), so the
@@ -153,7 +154,16 @@ def torch_vs_onnx(checkpoint: str, tmp: Path, iters: int, batch: int, repeats: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ladder" in argv:  # its own options: `serve.py --ladder --help`
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import ladder
+
+        return ladder.main([a for a in argv if a != "--ladder"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ladder", action="store_true",
+                   help="run bench/ladder.py instead: the framework floor, deqguard on the CNN "
+                        "and the default, and the in-process engines, interleaved over rounds")
     p.add_argument("--checkpoint", help="checkpoint (default: `default`, else untrained tiny)")
     p.add_argument("--requests", type=int, default=128, help="images per concurrency level")
     p.add_argument("--concurrency", default="1,8,32")

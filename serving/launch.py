@@ -31,12 +31,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_subprocess(checkpoint: str | os.PathLike, log_path: str | os.PathLike, *,
                      timeout: float = 180.0, threads: int = 1, cwd: str | None = None,
-                     **env: str) -> Iterator[str]:
+                     service: str = SERVICE, **env: str) -> Iterator[str]:
     """Yield the base URL (127.0.0.1, a free port) once /readyz answers 200; stop it afterwards.
 
     `env` adds DEQGUARD_* settings (e.g. DEQGUARD_BACKEND="onnx"); tracking is off and intra-op
     threads are pinned to `threads`. If the server fails to start, the error carries the tail of
-    its log (`log_path`).
+    its log (`log_path`). `service` serves another BentoML service the same way (a benchmark's
+    baseline, importable from `cwd`), so both are started and stopped alike.
     """
     import httpx
 
@@ -49,7 +50,7 @@ def serve_subprocess(checkpoint: str | os.PathLike, log_path: str | os.PathLike,
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
+            [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1",
              "--port", str(port)],
             cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
