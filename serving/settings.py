@@ -23,8 +23,10 @@ can refuse a request the model would refuse without asking it. Precedence: a tem
 
 `request_budget_ms` is the server's deadline for every request, counted from its arrival: a
 request without deadline_ms gets it, a larger deadline_ms is cut to it, and an answer it cut says
-stopped="budget". Off by default: a time limit makes answers depend on load and hardware, and
-without it a request's cost is still bounded by max_iter_cap x max_batch.
+stopped="budget" (a selective one abstains). It stops what a deadline can stop: the torch
+backend's plain solve; the entropy-reduction defense and the ONNX graph run their fixed
+iterations, bounded by max_iter_cap. Off by default: a time limit makes answers depend on load
+and hardware, and without it a request's cost is still bounded by max_iter_cap x max_batch.
 """
 
 from __future__ import annotations
