@@ -15,8 +15,12 @@ from typing import Any
 SOLVERS: tuple[str, ...] = ("naive", "anderson", "broyden")
 # Inference-time defenses a request may ask for.
 DEFENSES: tuple[str, ...] = ("none", "entropy-reduction")
-# Why a sample's solve stopped; the solvers report an index into this tuple.
-STOP_REASONS: tuple[str, ...] = ("max_iter", "tol", "settled", "deadline")
+# Why a sample's solve stopped; the solvers report an index into this tuple. "budget" is the
+# server's own deadline (its per-request compute budget): the solver stops at it as at "deadline",
+# and the service names it apart, so a caller can tell a cut it asked for from one it did not.
+DEADLINE_STOP = "deadline"
+BUDGET_STOP = "budget"
+STOP_REASONS: tuple[str, ...] = ("max_iter", "tol", "settled", DEADLINE_STOP, BUDGET_STOP)
 # The most solver iterations a checkpoint's config may ask for (the server applies a lower cap).
 MAX_ITER_BOUND = 1000
 

@@ -78,6 +78,12 @@ def _check(args: argparse.Namespace, checkpoint: str) -> None:
 
     if args.threads < 1:
         raise ServeError(f"--threads {args.threads}: the model worker needs at least 1")
+    from .settings import settings_problem
+
+    problem = settings_problem({"checkpoint": checkpoint, "backend": args.backend,
+                                "threads": args.threads})
+    if problem:
+        raise ServeError(problem)
     from_env = args.checkpoint is None and "DEQGUARD_CHECKPOINT" in os.environ
     label = f"checkpoint {checkpoint!r}" + (" (from $DEQGUARD_CHECKPOINT)" if from_env else "")
     graph = args.backend == "onnx" and args.onnx

@@ -14,7 +14,9 @@ trajectory is cut to the sample's own iteration count (traces.py).
 Anytime inference: the settled exit (`settle_iters` / `settle_entropy`, models/anytime.py) is part
 of the options key; a deadline is not (every request's is different) but travels per sample as an
 absolute time, and the solver stops each sample at its own deadline only, so a batch mate's
-deadline never changes an answer. `stopped` says which criterion ended a sample.
+deadline never changes an answer. `stopped` says which criterion ended a sample. The server's
+compute budget (`request_budget_ms`) is one more deadline per sample; where it comes before the
+caller's own, a sample it stops says `stopped="budget"`, and a selective answer abstains on it.
 
 Trajectories are always computed, since detection scores read them; the `trajectory` flag only
 decides whether they are returned. A calibrated decision (the detector's, or a selective one
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from deqguard.solve_rules import DEFENSES, SOLVERS
+from deqguard.solve_rules import BUDGET_STOP, DEADLINE_STOP, DEFENSES, SOLVERS
 
 from .answers import AnswerBuilder
 from .attack_detection import Detector
@@ -58,6 +60,9 @@ class ModelEngine(ABC):
         self._lock = threading.Lock()
         self.ready = threading.Event()
         self.pair_singles = True
+        # The server's per-request deadline (settings.request_budget_ms), as GET /model shows
+        # it; the front turns it into each item's budget (`classify_grouped`).
+        self.request_budget_ms: int | None = None
 
     @property
     def detector(self) -> Detector:
@@ -174,18 +179,26 @@ class ModelEngine(ABC):
         return [self.result(t, opts, trajectory) for t in self.trace(x, opts, deadlines)]
 
     def classify_grouped(self, xs: Sequence[np.ndarray], opts: Sequence[SolveOptions],
-                         deadlines: Sequence[float] | None = None) -> list[SampleTrace]:
+                         deadlines: Sequence[float] | None = None,
+                         budgets: Sequence[float] | None = None) -> list[SampleTrace]:
         """Items with mixed options: one sub-batch per distinct options, answers in input order.
-        `deadlines` (absolute time.time() seconds, inf for none) stay per item."""
+        `deadlines` (the callers') and `budgets` (the server's, `request_budget_ms`), absolute
+        time.time() seconds with inf for none, stay per item: the earlier one stops it, and a
+        stop at the budget says stopped="budget"."""
+        n = len(xs)
+        own = [np.inf] * n if deadlines is None else [float(d) for d in deadlines]
+        server = [np.inf] * n if budgets is None else [float(b) for b in budgets]
+        cut = [min(d, b) for d, b in zip(own, server, strict=True)]
         groups: dict[SolveOptions, list[int]] = {}
         for i, o in enumerate(opts):
             groups.setdefault(o, []).append(i)
-        out: list[SampleTrace | None] = [None] * len(xs)
+        out: list[SampleTrace | None] = [None] * n
         for o, idx in groups.items():
-            dl = None if deadlines is None else np.array([deadlines[i] for i in idx], np.float64)
+            dl = np.array([cut[i] for i in idx], np.float64)
             traces = self.trace(np.stack([xs[i] for i in idx]), o, dl)
             for i, t in zip(idx, traces, strict=True):
-                out[i] = t
+                out[i] = (replace(t, stopped=BUDGET_STOP)
+                          if t.stopped == DEADLINE_STOP and server[i] < own[i] else t)
         return out  # type: ignore[return-value]
 
     def warm_up(self) -> None:
@@ -204,6 +217,7 @@ class ModelEngine(ABC):
                         "defaults": {"max_iter": d.max_iter, "tol": d.tol, "solver": d.solver,
                                      "settle_iters": d.settle_iters,
                                      "settle_entropy": d.settle_entropy},
+                        "request_budget_ms": self.request_budget_ms,
                         "defenses": self.defenses(), "solvers": self.solvers(),
                         "selective": self.selector.describe()},
         }

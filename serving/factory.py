@@ -25,4 +25,5 @@ def load_engine(settings: Any) -> ModelEngine:
         engine = TorchEngine.load(settings.checkpoint, device=settings.device,
                                   threads=settings.threads, max_iter_cap=settings.max_iter_cap)
     engine.pair_singles = settings.batch_invariant
+    engine.request_budget_ms = settings.request_budget_ms
     return engine

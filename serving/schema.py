@@ -40,7 +40,9 @@ class ClassifyOptions(BaseModel):
     deadline_ms: int | None = Field(
         None, ge=1, le=600_000,
         description="anytime: answer with the current iterate once this many ms have passed "
-                    "since the request arrived (stopped='deadline'; torch backend only)")
+                    "since the request arrived (stopped='deadline'; torch backend only). A "
+                    "server with a compute budget (request_budget_ms, GET /model) stops "
+                    "every request at that budget, the earlier of the two")
     settle_iters: int | None = Field(
         None, ge=0, le=MAX_ITER_BOUND,
         description="anytime: stop once the top-1 class is unchanged over this many iterates "
@@ -137,12 +139,15 @@ class ClassifyResult(BaseModel):
     converged: bool
     stopped: StopReason | None = Field(
         None, description="why the solve stopped: tol (converged), settled (anytime exit), "
-                          "deadline, or max_iter (null only from servers older than this field)")
+                          "deadline (the request's deadline_ms), budget (the server's "
+                          "per-request compute budget; a selective answer then abstains), or "
+                          "max_iter (null only from servers older than this field)")
     detection: Detection
     abstained: bool = Field(
         False, description="true when the doubt score is over the threshold of the requested "
-                           "coverage: the service would rather not answer (the prediction is "
-                           "still given); always false at coverage 1")
+                           "coverage, or the server's compute budget cut the solve "
+                           "(stopped='budget'): the service would rather not answer (the "
+                           "prediction is still given); always false at coverage 1")
     selective: Selective | None = Field(
         None, description="score and threshold behind `abstained` (null only from servers "
                           "older than this field)")

@@ -10,6 +10,8 @@ What is refused below full coverage, and why:
 - a checkpoint without the calibration: no threshold exists;
 - a coverage under the lowest stored one: no extrapolation past what was measured;
 - the entropy-reduction defense, a deadline: the thresholds were measured on plain, full solves;
+  the server's own deadline (its compute budget) is no reason to refuse: an answer it cut
+  abstains instead;
 - for scores that read the solver's path (`SOLVE_DEPENDENT`), another solver, tolerance or
   budget than the calibrated one;
 - the `detector` score where the backend computes no dynamics features (ONNX).
@@ -20,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from deqguard.models.selective import SOLVE_DEPENDENT, doubt_score
-from deqguard.solve_rules import FULL_COVERAGE
+from deqguard.solve_rules import BUDGET_STOP, FULL_COVERAGE
 
 from .options import SolveOptions
 from .schema import Selective
@@ -99,6 +101,9 @@ class Selector:
             score = float(doubt_score(trace.as_result(), cal.score, self.detector)[0])
         threshold = cal.threshold(opts.coverage)
         abstained = threshold is not None and score is not None and score > threshold
+        # A solve the server's budget cut is not the full solve the threshold was set on: below
+        # full coverage it is not answered, whatever its score.
+        abstained = abstained or (trace.stopped == BUDGET_STOP and self.reads_dynamics(opts))
         return abstained, Selective(coverage=float(opts.coverage), score_name=cal.score,
                                     score=score, threshold=threshold)
 

@@ -116,7 +116,8 @@ class DEQGuardModel:
     @bentoml.api(batchable=True, max_batch_size=MODEL_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """items: {"x": float32 [C, H, W], "options": {...}, "trajectory": bool,
-        "deadline_at": time.time() seconds or None} -> a ClassifyResult dict, or
+        "deadline_at", "budget_at": time.time() seconds or None (the caller's deadline, the
+        server's compute budget)} -> a ClassifyResult dict, or
         {"error": message} for options this server refuses."""
         from . import metrics
         from .options import OptionsError
@@ -131,7 +132,9 @@ class DEQGuardModel:
             except OptionsError as exc:
                 out[i] = {"error": str(exc)}
         deadlines = [items[i].get("deadline_at") or float("inf") for i in ok]
-        traces = self.engine.classify_grouped([items[i]["x"] for i in ok], opts, deadlines)
+        budgets = [items[i].get("budget_at") or float("inf") for i in ok]
+        traces = self.engine.classify_grouped([items[i]["x"] for i in ok], opts, deadlines,
+                                              budgets)
         done = []
         for i, o, t in zip(ok, opts, traces, strict=True):
             res = self.engine.result(t, o, bool(items[i].get("trajectory", True)))
@@ -241,8 +244,12 @@ class DEQGuard:
         # The deadline counts from the request's arrival at the front (the model's queue too).
         deadline_at = (arrived + request.deadline_ms / 1000.0
                        if request.deadline_ms is not None else None)
+        # The server's compute budget, a deadline of its own: it is no option of the request,
+        # so a selective request is not refused for it (its cut answers abstain instead).
+        budget = SETTINGS.request_budget_ms
+        budget_at = arrived + budget / 1000.0 if budget is not None else None
         items = [{"x": xi, "options": opts, "trajectory": request.trajectory,
-                  "deadline_at": deadline_at} for xi in x]
+                  "deadline_at": deadline_at, "budget_at": budget_at} for xi in x]
         answers = await self._call_model("infer", items)
         errors = [a["error"] for a in answers if "error" in a]
         if errors:

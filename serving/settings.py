@@ -19,6 +19,14 @@ can refuse a request the model would refuse without asking it. Precedence: a tem
 | max_batch        | DEQGUARD_MAX_BATCH          | max_batch      | 256 images per request         |
 | max_pixels       | DEQGUARD_MAX_PIXELS         | max_pixels     | 4096*4096 per image            |
 | max_request_pixels | DEQGUARD_MAX_REQUEST_PIXELS | (same) | 64 Mpx per request |
+| request_budget_ms | DEQGUARD_REQUEST_BUDGET_MS | (same) | off (1 to 600000 ms) |
+
+`request_budget_ms` is the server's deadline for every request, counted from its arrival: a
+request without deadline_ms gets it, a larger deadline_ms is cut to it, and an answer it cut says
+stopped="budget" (a selective one abstains). It stops what a deadline can stop: the torch
+backend's plain solve; the entropy-reduction defense and the ONNX graph run their fixed
+iterations, bounded by max_iter_cap. Off by default: a time limit makes answers depend on load
+and hardware, and without it a request's cost is still bounded by max_iter_cap x max_batch.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .images import DEFAULT_MAX_PIXELS
 
@@ -48,6 +56,7 @@ class ServerSettings(BaseModel):
     max_batch: int = Field(256, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64)
     max_request_pixels: int = Field(64 * 1024 * 1024, ge=64)
+    request_budget_ms: int | None = Field(None, ge=1, le=600_000)
 
 
 _ARG_ALIASES = {"onnx": "onnx_path"}
@@ -75,3 +84,17 @@ def load_settings(overrides: dict[str, Any] | None = None) -> ServerSettings:
         values[_ARG_ALIASES.get(key, key)] = value
     values.update(overrides or {})
     return ServerSettings.model_validate(values)
+
+
+def settings_problem(overrides: dict[str, Any] | None = None) -> str | None:
+    """Why the settings `load_settings(overrides)` would read are unusable, in one line naming
+    the first bad one as it is set, or None: `deqguard serve` refuses them before BentoML starts,
+    whose traceback would name neither the variable nor the range."""
+    try:
+        load_settings(overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        env = _ENV_NAMES.get(name, ENV_PREFIX + name.upper())
+        return f"server setting {name} (${env}): {err['msg']}, got {err.get('input')!r}"
+    return None

@@ -162,3 +162,53 @@ def test_onnx_backend_refuses_what_it_cannot_score(onnx_graph, tiny_checkpoint, 
     with pytest.raises(OptionsError, match="solver=anderson"):
         onnx.resolve(coverage=0.9)
     onnx.resolve(coverage=1.0)
+
+
+def test_a_selective_answer_the_servers_budget_cut_abstains(engine, x):
+    """The server's budget is no option of the request: a selective request is not refused for
+    it, and an answer it cut abstains (the thresholds were set on full solves); at coverage 1
+    it is answered, saying stopped='budget'."""
+    import time
+
+    n = len(x)
+    past, far = [time.time() - 1] * n, [time.time() + 3600] * n
+    sel = engine.resolve(coverage=0.9)
+    cut = [engine.result(t, sel, False) for t in engine.classify_grouped(list(x), [sel] * n,
+                                                                          budgets=past)]
+    assert all(a.stopped == "budget" and a.abstained for a in cut)
+    assert all(a.selective.threshold is not None for a in cut)
+    full = engine.resolve(coverage=1.0)
+    answered = [engine.result(t, full, False)
+                for t in engine.classify_grouped(list(x), [full] * n, budgets=past)]
+    assert all(a.stopped == "budget" and not a.abstained for a in answered)
+    short_of_it = [engine.result(t, sel, False)
+                   for t in engine.classify_grouped(list(x), [sel] * n, budgets=far)]
+    assert ([a.model_dump() for a in short_of_it]
+            == [a.model_dump() for a in engine.classify(x, sel, trajectory=False)])
+
+
+def test_the_selector_abstains_on_a_budget_cut_whatever_the_score():
+    """A sure answer (doubt far under the threshold) abstains below coverage 1 when the
+    server's budget stopped it, and only then."""
+    from deqguard.models.selective import SelectiveCalibration
+    from deqguard.serving.options import SolveOptions
+    from deqguard.serving.selective import Selector
+    from deqguard.serving.traces import SampleTrace
+
+    cal = SelectiveCalibration(score="max_softmax", coverages=[0.5, 0.8, 1.0],
+                               thresholds=[0.5, 0.8, 1.0], realised=[0.5, 0.8, 1.0],
+                               n_calibration=10)
+    selector = Selector(cal)
+    opts = SolveOptions(max_iter=5, tol=1e-3, solver="naive", coverage=0.8)
+    sure = torch.tensor([30.0, 0.0, 0.0])
+
+    def trace(stopped: str) -> SampleTrace:
+        return SampleTrace(logits=sure, entropy=torch.zeros(1), residual=torch.ones(1),
+                           iterations=1, converged=False, stopped=stopped)
+
+    for stopped in ("deadline", "max_iter", "tol"):
+        abstained, block = selector(trace(stopped), opts)
+        assert not abstained and block.score < block.threshold
+    assert selector(trace("budget"), opts)[0]
+    full = SolveOptions(max_iter=5, tol=1e-3, solver="naive")
+    assert not selector(trace("budget"), full)[0]

@@ -181,3 +181,14 @@ def test_serve_help_documents_the_checkpoint_and_the_defaults(capsys):
                  "$DEQGUARD_CHECKPOINT", "default: 127.0.0.1", "default: 3000",
                  "default: $DEQGUARD_THREADS, else 1", "default: $DEQGUARD_BACKEND, else torch"):
         assert part in text, part
+
+
+def test_serve_refuses_a_bad_server_setting_naming_its_variable(capsys, no_bentoml,
+                                                                monkeypatch):
+    from deqguard.serving.launch import free_port
+
+    monkeypatch.setenv("DEQGUARD_REQUEST_BUDGET_MS", "0")
+    assert main(["serve", "--port", str(free_port())]) == 2
+    line = _one_error_line(capsys)
+    assert "request_budget_ms ($DEQGUARD_REQUEST_BUDGET_MS)" in line and "'0'" in line
+    assert no_bentoml == []

@@ -148,3 +148,64 @@ def test_settled_exit_stands_aside_while_a_calibrated_detector_reads_the_dynamic
     assert [r.detection.score for r in detected] == [r.detection.score for r in full]
     skipped = eng.classify(x, eng.resolve(**loose, detect=False))
     assert all(r.stopped == "settled" and r.detection.detector == "off" for r in skipped)
+
+
+# -- the server's per-request compute budget ------------------------------------------------------
+# A budget already past when the solve starts stops a sample after its first iteration, as a
+# passed deadline does: deterministic, no timing involved.
+
+def test_the_servers_budget_cuts_a_request_and_the_answer_says_so(engine, x):
+    import time
+
+    opts = engine.resolve(max_iter=30, tol=1e-9, settle_iters=0)
+    past, far, inf = time.time() - 1, time.time() + 3600, float("inf")
+    # 0: the budget is over; 1: it caps a later deadline of the caller's own; 2: the caller's
+    # deadline comes first; 3: a batch mate with neither
+    traces = engine.classify_grouped(list(x[:4]), [opts] * 4, deadlines=[inf, far, past, inf],
+                                     budgets=[past, past, far, inf])
+    assert [t.stopped for t in traces] == ["budget", "budget", "deadline", "max_iter"]
+    assert [t.iterations for t in traces] == [1, 1, 1, 30]
+    answer = engine.result(traces[0], opts, True)
+    assert (answer.stopped, answer.iterations, answer.converged) == ("budget", 1, False)
+    assert len(answer.entropy) == len(answer.residual) == 1
+    alone = engine.trace(x[3:4], opts)[0]
+    np.testing.assert_array_equal(traces[3].logits, alone.logits)
+    assert traces[3].iterations == alone.iterations
+
+
+def test_without_the_budget_or_short_of_it_answers_are_unchanged(tiny_checkpoint, x):
+    import time
+
+    from deqguard.serving.factory import load_engine
+    from deqguard.serving.settings import load_settings
+
+    base = {"checkpoint": str(tiny_checkpoint), "backend": "torch", "device": "cpu"}
+    plain = load_engine(load_settings(base))
+    budgeted = load_engine(load_settings({**base, "request_budget_ms": 600_000}))
+    assert plain.describe()["serving"]["request_budget_ms"] is None
+    assert budgeted.describe()["serving"]["request_budget_ms"] == 600_000
+    opts = plain.resolve(max_iter=12)
+    want = [a.model_dump() for a in plain.classify(x, opts)]
+    n = len(x)
+    for eng, budgets in ((plain, None), (plain, [float("inf")] * n),
+                         (budgeted, [time.time() + 600] * n)):
+        traces = eng.classify_grouped(list(x), [opts] * n, budgets=budgets)
+        assert [eng.result(t, opts, True).model_dump() for t in traces] == want
+
+
+def test_the_budget_setting_is_validated(monkeypatch):
+    from pydantic import ValidationError
+
+    from deqguard.serving.settings import load_settings, settings_problem
+
+    assert load_settings().request_budget_ms is None
+    monkeypatch.setenv("DEQGUARD_REQUEST_BUDGET_MS", "250")
+    assert load_settings().request_budget_ms == 250 and settings_problem() is None
+    for bad in ("0", "-5", "600001", "soon"):
+        monkeypatch.setenv("DEQGUARD_REQUEST_BUDGET_MS", bad)
+        with pytest.raises(ValidationError):
+            load_settings()
+        problem = settings_problem()
+        assert problem.startswith("server setting request_budget_ms "
+                                  "($DEQGUARD_REQUEST_BUDGET_MS): ")
+        assert repr(bad) in problem and "\n" not in problem

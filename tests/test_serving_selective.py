@@ -245,3 +245,27 @@ def test_http_coverage_benchmark_runs_against_the_server(sel_url, pattern_idx_di
     assert half["answered"] == round(half["realised_coverage"] * 60) < 60
     assert full["realised_coverage"] == 1.0 and full["threshold"] is None
     assert "realised" in proc.stdout
+
+
+def test_the_servers_budget_cuts_answers_and_selective_ones_abstain(calibrated, tmp_path):
+    """A server with a 1 ms compute budget (over before the solve starts: the front -> model
+    hop takes longer, as with deadline_ms=1): every answer says stopped='budget'; a selective
+    request is answered, abstaining, not refused; the caller's own deadline_ms stays refused
+    below coverage 1."""
+    from serving_server import serve
+
+    with serve(calibrated, tmp_path / "server.log", DEQGUARD_REQUEST_BUDGET_MS="1") as url, \
+            httpx.Client(base_url=url, timeout=120) as c:
+        assert c.get("/model").json()["serving"]["request_budget_ms"] == 1
+        png = png_bytes(val_images(1)[0][0].numpy())
+        for form, send in FORMS.items():
+            r = send(c, png, coverage=0.9, max_iter=50, settle_iters=0)
+            assert r.status_code == 200, f"{form}: {r.text}"
+            a = r.json()
+            assert (a["stopped"], a["iterations"], a["abstained"]) == ("budget", 1, True), form
+        full = _json(c, png, max_iter=50, settle_iters=0).json()
+        assert (full["stopped"], full["abstained"]) == ("budget", False)
+        capped = _json(c, png, max_iter=50, settle_iters=0, deadline_ms=600_000).json()
+        assert capped["stopped"] == "budget"
+        own = _json(c, png, coverage=0.9, deadline_ms=50)
+        assert own.status_code == 422 and "drop deadline_ms" in own.json()["error"]

@@ -78,7 +78,8 @@ function show(a) {
   $("prediction").title = a.abstained ? "abstained: the best guess, not an answer" : "";
   showSelective(a);
   const why = {tol: "converged (tol)", settled: "settled (anytime exit)",
-               deadline: "deadline reached", max_iter: "max_iter reached"}[a.stopped] || a.stopped;
+               deadline: "deadline reached", budget: "server budget reached",
+               max_iter: "max_iter reached"}[a.stopped] || a.stopped;
   $("summary").innerHTML = "";
   $("summary").append(`${a.iterations} iterations, stopped: `,
                       el("span", {class: a.stopped === "settled" ? "settled" : ""}, why),
