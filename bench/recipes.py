@@ -65,6 +65,7 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "anchor-lr2e-3": ("fashion-cnn-wk", ["optim.lr=2.0e-3"]),
         "anchor-lr5e-3": ("fashion-cnn-wk", ["optim.lr=5.0e-3"]),
         "anchor-lr1e-2": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
+        "anchor-lr2e-2": ("fashion-cnn-wk", ["optim.lr=2.0e-2"]),  # 1e-2 led: past the edge
         "regulated-lr1e-3": ("fashion-wk-regulated", ["optim.lr=1.0e-3"]),
         "regulated-lr2e-3": ("fashion-wk-regulated", ["optim.lr=2.0e-3"]),
         "regulated-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
