@@ -17,10 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deqguard.solve_rules import DEFENSES, FULL_COVERAGE
+
 from .engine import Engine
 from .files import build_items, describe_unmatched
 from .output import ResumableOutput, ScoreError
 from .rows import Row, output_format
+
+# Options given at the value that means "not given": recorded as not given, so `--coverage 1`
+# after a run without it (or the other way round) is the same run, not a refused one.
+_SAME_AS_ABSENT = {"coverage": FULL_COVERAGE, "defense": DEFENSES[0]}  # DEFENSES[0]: none
+
+
+def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options an output records: sorted, without those given at their absent meaning."""
+    return {k: v for k, v in sorted(options.items())
+            if not (k in _SAME_AS_ABSENT and v == _SAME_AS_ABSENT[k])}
 
 
 @dataclass
@@ -173,7 +185,7 @@ def score_folder(cfg: ScoreConfig) -> Summary:
             (cfg.warn or warn_on_stderr)(unmatched)
         fingerprint = {
             "input_dir": os.path.abspath(cfg.input_dir), "model_sha256": info.sha256,
-            "options": dict(sorted(cfg.options.items())),
+            "options": recorded_options(cfg.options),
         }
         output = ResumableOutput(cfg.out, fingerprint, chunk_rows=cfg.chunk_rows,
                                  overwrite=cfg.overwrite)

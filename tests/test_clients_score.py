@@ -234,6 +234,21 @@ def test_finished_output_refuses_other_options_until_overwrite(
     assert score(*common, out, *first) == 2  # and the output now records the new options
 
 
+@pytest.mark.parametrize("given", [["--coverage", "1"], ["--defense", "none"]],
+                         ids=["coverage-1", "defense-none"])
+def test_an_option_given_at_its_absent_meaning_is_the_same_run(
+        given, small_dir, calibrated, tmp_path, capsys):
+    """`--coverage 1` answers exactly as no --coverage, so it resumes rather than refuses."""
+    out = tmp_path / "scores.jsonl"
+    common = [small_dir, "--checkpoint", calibrated, "--workers", 0, "--out", out]
+    assert score(*common) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert score(*common, *given) == 0
+    assert "(0 scored in this run" in capsys.readouterr().out
+    assert out.read_bytes() == before
+
+
 def test_output_without_a_record_is_not_reused(small_dir, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "old.csv"
     common = [small_dir, "--checkpoint", tiny_checkpoint, "--workers", 0, "--out", out]
