@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 from deqguard.solve_rules import DEFENSES
+from deqguard.threads import add_threads_argument
 
 from .choices import (
     DATASETS,
@@ -108,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="DIR", help="write report.md and PNG plots into DIR")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when available, else cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    add_threads_argument(p, default=0)
     p.add_argument("--pgd-steps", type=int, default=10, help="steps of every PGD attack")
     p.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
     p.add_argument("--step-size", type=float, help="PGD step (default: 2.5 eps / steps)")

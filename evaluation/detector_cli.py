@@ -21,18 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deqguard.threads import add_threads_argument
+
 from .cli import GRAD_MODES, HelpFormatter
 
 # numpy and torch are imported inside the handlers: `deqguard detect --help` loads neither.
 
 
 def _load(args: argparse.Namespace):
-    import torch
-
     from deqguard.models import load_checkpoint
+    from deqguard.threads import apply_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     return load_checkpoint(args.checkpoint, "cpu")
 
 
@@ -243,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="clean validation images for the threshold")
         q.add_argument("--fpr", type=float, default=0.05,
                        help="false-positive rate of the threshold on clean images")
-        q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        add_threads_argument(q, default=1)
         q.add_argument("--gradient", default="exact", choices=GRAD_MODES,
                        help="gradient path the attacked sets are crafted through on a DEQ "
                             "(exact: backprop through every solver iteration)")

@@ -56,13 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(args: argparse.Namespace) -> str:
-    import torch
-
     from deqguard.models.device import resolve_device
+    from deqguard.threads import apply_threads
 
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     return device
 
 
