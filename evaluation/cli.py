@@ -123,7 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="damping of those unrolled steps")
     p.add_argument("--bpda-paths", metavar="PATHS",
                    help="with --defense: BPDA gradient paths, a comma list of exact,phantom,"
-                        "implicit (default: exact)")
+                        "implicit, or full (exact through the input updates too) "
+                        "(default: exact)")
     p.add_argument("--steps-sweep", default="1,5,10,20",
                    help="gradient-masking check: PGD steps to sweep ('' for none)")
     p.add_argument("--eps-sweep", default="0.5,1,2,4",

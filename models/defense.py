@@ -24,6 +24,12 @@ i.e. each round's purified input is x~_r = x + stop_grad(x'_r - x), so d x~_r / 
   f(., inject(x~)) with x~ = x + stop_grad(x'_readout - x), and the gradient is the model's
   phantom unroll / implicit adjoint from the detached z_r. Cheaper, but z_r is an early,
   unconverged iterate, so this surrogate can be weak (the evaluation reports both).
+- grad="full" (`FULL_GRADIENT`): no straight-through at all. The input updates
+  x' <- clip(x' - a sign(g)) are differentiated as they are: sign(g) is piecewise constant, so
+  its derivative is zero almost everywhere and the exact gradient of an update is the identity
+  except where the clip to [0, 1] binds (there it is zero). This is the exact gradient of the
+  defended forward; it differs from grad="exact" only on pixels the defense pushes against the
+  image range (most of a Fashion-MNIST background), which is why both are attacked.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from .classifier import Classifier, DEQClassifier, SolveResult
 from .config import GradConfig
 from .entropy import prediction_entropy
 from .grad import attach_gradient
+
+# The gradient path of `bpda_logits` that differentiates the input updates too (module doc).
+FULL_GRADIENT = "full"
 
 
 def default_eps(in_channels: int, image_size: int) -> float:
@@ -83,18 +92,25 @@ class DefenseTrace:
 
 
 def _entropy_input_steps(model: DEQClassifier, z: Tensor, x_cur: Tensor, x0: Tensor,
-                         steps: int, eps: float, step: float) -> Tensor:
-    """Signed-gradient descent on H(decode(f(z, inject(x')))) with z held fixed (paper.md 3.1)."""
+                         steps: int, eps: float, step: float, *,
+                         keep_graph: bool = False) -> Tensor:
+    """Signed-gradient descent on H(decode(f(z, inject(x')))) with z held fixed (paper.md 3.1).
+
+    `keep_graph` keeps x_cur's and x0's graph through the steps and clips (the sign has no
+    gradient): the exact derivative of the updates, for grad="full" attacks.
+    """
     z = z.detach()
-    x_adv = x_cur.detach()
+    x_adv = x_cur if keep_graph else x_cur.detach()
+    if not keep_graph:
+        x0 = x0.detach()
     for _ in range(steps):
-        x_adv.requires_grad_(True)
+        leaf = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            h = prediction_entropy(model.decode(model.layer(z, model.inject(x_adv)))).sum()
-            (g,) = torch.autograd.grad(h, x_adv)
-        x_adv = x_adv.detach() - step * g.sign()
+            h = prediction_entropy(model.decode(model.layer(z, model.inject(leaf)))).sum()
+            (g,) = torch.autograd.grad(h, leaf)
+        x_adv = x_adv - step * g.sign()
         x_adv = torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
-    return x_adv.detach()
+    return x_adv if keep_graph else x_adv.detach()
 
 
 def _compact(rounds: list[Tensor], counts: Tensor) -> Tensor:
@@ -124,11 +140,13 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
                             solver: str | None = None, max_iter: int | None = None,
                             tol: float | None = None, trajectory: bool = True,
                             eps: float | None = None,
-                            straight_through: bool = False) -> DefenseTrace:
+                            straight_through: bool = False,
+                            exact_updates: bool = False) -> DefenseTrace:
     """Run the defended dynamics; see `entropy_reduction_solve` for the arguments.
 
     `straight_through=True` keeps a graph from x to the readout logits: solver steps under
-    exact autograd, input updates as the identity (see the module doc, grad="exact").
+    exact autograd, input updates as the identity (see the module doc, grad="exact");
+    with `exact_updates` too, the input updates are differentiated as well (grad="full").
     """
     if not model.is_deq:
         raise ValueError("input entropy reduction needs a DEQ model (it acts along the dynamics)")
@@ -146,6 +164,9 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
     grad_mode = torch.enable_grad() if straight_through else torch.no_grad()
     with torch.inference_mode(False):
         x0 = x.detach().clone()
+        exact_updates = exact_updates and straight_through
+        if exact_updates:
+            x0 = x  # the clips' bounds x0 +- eps carry x's gradient too
         x_cur = x0
         z: Tensor | None = None
         entropies, residuals, iters = [], [], torch.zeros(x.shape[0], dtype=torch.long,
@@ -155,7 +176,8 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
         with grad_mode:
             for r in range(rounds):
                 k = min(steps, total - done)
-                x_in = x + (x_cur - x).detach() if straight_through else x_cur
+                x_in = (x + (x_cur - x).detach() if straight_through and not exact_updates
+                        else x_cur)
                 eq = model.equilibrium(x_in, solver=solver, max_iter=k, tol=tol,
                                        trajectory=trajectory, keep_states=True, z0=z,
                                        grad="exact" if straight_through else None)
@@ -175,10 +197,12 @@ def entropy_reduction_trace(model: Classifier, x: Tensor,
                 done += k
                 if r < rounds - 1 and cfg.input_steps > 0:
                     x_cur = _entropy_input_steps(model, z, x_cur, x0, cfg.input_steps,
-                                                 cfg.eps, cfg.step_size)
+                                                 cfg.eps, cfg.step_size,
+                                                 keep_graph=exact_updates)
             assert z_read is not None and converged is not None
             logits = model.decode(z_read)
         counts = torch.stack(counts_per_round)
+        x_read, x_cur = x_read.detach(), x_cur.detach()
         result = SolveResult(
             logits=logits, residual=_compact(residuals, counts), iterations=iters,
             converged=converged,
@@ -206,8 +230,16 @@ def entropy_reduction_solve(model: Classifier, x: Tensor,
 def bpda_logits(model: Classifier, x: Tensor, cfg: EntropyReductionConfig | None = None, *,
                 solver: str | None = None, max_iter: int | None = None, tol: float | None = None,
                 grad: GradConfig | str | None = "exact", eps: float | None = None) -> Tensor:
-    """Defended logits for adaptive attacks: exact forward value, BPDA gradient (module doc)."""
+    """Defended logits for adaptive attacks: exact forward value, BPDA gradient (module doc).
+
+    `grad` is a solver gradient path (BPDA: the input updates pass the gradient through as
+    the identity) or `FULL_GRADIENT` (the exact gradient, input updates included).
+    """
     assert isinstance(model, DEQClassifier)
+    if grad == FULL_GRADIENT:
+        return entropy_reduction_trace(model, x, cfg, solver=solver, max_iter=max_iter, tol=tol,
+                                       trajectory=False, eps=eps, straight_through=True,
+                                       exact_updates=True).result.logits
     gcfg = model._grad_config(grad)
     if gcfg.mode == "exact":
         return entropy_reduction_trace(model, x, cfg, solver=solver, max_iter=max_iter, tol=tol,
@@ -226,7 +258,8 @@ def bpda_logits(model: Classifier, x: Tensor, cfg: EntropyReductionConfig | None
 class DefendedClassifier(torch.nn.Module):
     """`model` behind the defense as a plain logits module (AutoAttack, PGD wrappers).
 
-    The forward value is the defended prediction; gradients are BPDA (`bpda_logits`).
+    The forward value is the defended prediction; gradients are BPDA, or exact with
+    grad=`FULL_GRADIENT` (`bpda_logits`).
     """
 
     def __init__(self, model: Classifier, cfg: EntropyReductionConfig | None = None, *,

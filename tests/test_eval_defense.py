@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deqguard.models.defense import (
+    FULL_GRADIENT,
     DefendedClassifier,
     EntropyReductionConfig,
     bpda_logits,
@@ -95,3 +96,69 @@ def test_defended_trajectory_does_not_depend_on_batch_mates(model_and_data):
         torch.testing.assert_close(batch.residual[:n, i], alone.residual[:n, 0], atol=1e-4,
                                    rtol=1e-4)
         assert torch.all(batch.entropy[n:, i] == batch.entropy[n - 1, i])
+
+
+def _grad(model, x, cfg, path, w, **kw):
+    xr = x.clone().requires_grad_(True)
+    (bpda_logits(model, xr, cfg, grad=path, **kw) * w).sum().backward()
+    return xr.grad
+
+
+def test_full_gradient_drops_updates_that_pin_pixels_to_the_image_range(model_and_data):
+    """With a step of 2 and a radius of 1, one input step sends every pixel of x' to 0 or 1
+    strictly through the clip: x' no longer moves with x, so the exact gradient reaches x only
+    through the first round's injection and the state it hands on. BPDA would pass a second,
+    identity path through the purified input; grad="full" must not."""
+    model, x, _ = model_and_data
+    xs = 0.1 + 0.8 * x[:6]  # in [0.1, 0.9]: x +- 1 always lies strictly outside [0, 1]
+    cfg = EntropyReductionConfig(eps=1.0, step_size=2.0, rounds=2, solver_steps_per_round=2,
+                                 input_steps=1)
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    kw = {"solver": "naive", "tol": 0.0}
+    full = _grad(model, xs, cfg, FULL_GRADIENT, w, **kw)
+    bpda = _grad(model, xs, cfg, "exact", w, **kw)
+
+    x_pinned = entropy_reduction_trace(model, xs, cfg, trajectory=False, **kw).x_final
+    assert torch.all((x_pinned == 0) | (x_pinned == 1))
+    xr = xs.clone().requires_grad_(True)  # the same two rounds, x' held constant
+    z = model.equilibrium(xr, max_iter=2, grad="exact", **kw).z
+    z = model.equilibrium(x_pinned, max_iter=2, grad="exact", z0=z, **kw).z
+    (model.decode(z) * w).sum().backward()
+    torch.testing.assert_close(full, xr.grad, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(bpda, xr.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_full_gradient_equals_bpda_where_no_update_meets_the_image_range(model_and_data):
+    """Away from 0 and 1 every update's exact derivative is the identity, BPDA's assumption."""
+    model, x, _ = model_and_data
+    xs = 0.3 + 0.4 * x[:6]  # in [0.3, 0.7]: x +- eps never leaves [0, 1]
+    cfg = EntropyReductionConfig(eps=0.1, rounds=3, input_steps=4)
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    full, bpda = (_grad(model, xs, cfg, p, w) for p in (FULL_GRADIENT, "exact"))
+    assert full.abs().sum() > 0
+    torch.testing.assert_close(full, bpda, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["exact", FULL_GRADIENT])
+def test_attack_through_the_defense_stays_in_the_ball_and_raises_the_loss(model_and_data, path):
+    import torch.nn.functional as F
+
+    from deqguard.evaluation.attacks import AttackSpec, run_attack
+
+    model, x, y = model_and_data
+    xs, ys = x[:16], y[:16]
+    cfg = EntropyReductionConfig(rounds=2, input_steps=3).resolved(model)
+    spec = AttackSpec(name="t", kind="bpda", eps=0.1, steps=4, step_size=0.04, gradient=path)
+
+    def predict(xb):
+        return entropy_reduction_solve(model, xb, cfg).logits.argmax(1)
+
+    def loss(xb):
+        return F.cross_entropy(entropy_reduction_solve(model, xb, cfg).logits, ys)
+
+    x_adv, ok = run_attack(model, spec, xs, ys, predict, defense=cfg,
+                           generator=torch.Generator().manual_seed(0))
+    assert (x_adv - xs).abs().max() <= 0.1 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert loss(x_adv) > loss(xs)  # the gradient through the defense points uphill
+    torch.testing.assert_close(ok, predict(x_adv) == ys)
