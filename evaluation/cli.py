@@ -104,6 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--defense-set", action="append", metavar="KEY=VALUE",
                    help="an EntropyReductionConfig field, repeatable, e.g. rounds=4 "
                         "input_steps=10 eps=0.1 (default: the config's defaults)")
+    p.add_argument("--defense-config", metavar="FILE",
+                   help="start from the settings in FILE: an EntropyReductionConfig as JSON, or "
+                        "the report of python -m deqguard.evaluation.defense_tune (its choice, "
+                        "made on validation images); --defense-set overrides single fields")
     p.add_argument("--json", metavar="FILE",
                    help="write the full report (EvalReport JSON, exact numbers) here")
     p.add_argument("--report", metavar="DIR", help="write report.md and PNG plots into DIR")

@@ -36,19 +36,56 @@ def requested_parts(args: argparse.Namespace) -> list[str]:
     return parts
 
 
-def _defense_config(pairs: list[str] | None):
+def _defense_config(pairs: list[str] | None, path: str | None = None):
     import yaml
+    from pydantic import ValidationError
 
     from deqguard.models.defense import EntropyReductionConfig
     from deqguard.models.errors import DeqguardError
 
-    fields = {}
+    fields = _defense_file(path) if path else {}
     for item in pairs or []:
         if "=" not in item:
             raise DeqguardError(f"--defense-set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         fields[key.strip()] = yaml.safe_load(value)
-    return EntropyReductionConfig.model_validate(fields)
+    try:
+        return EntropyReductionConfig.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise DeqguardError(f"defense setting {'.'.join(map(str, err['loc']))}: "
+                            f"{err['msg']}") from None
+
+
+def _defense_settings(args: argparse.Namespace):
+    path = getattr(args, "defense_config", None)
+    if args.defense == "none":
+        if path:
+            from deqguard.models.errors import DeqguardError
+
+            raise DeqguardError("--defense-config needs --defense entropy-reduction")
+        return None
+    return _defense_config(args.defense_set, path)
+
+
+def _defense_file(path: str) -> dict:
+    """The fields of --defense-config: a config, or a tuning report's `best_config`."""
+    import json
+
+    from deqguard.models.errors import DeqguardError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DeqguardError(f"--defense-config {path}: cannot read a JSON object: {exc}") from None
+    if isinstance(data, dict) and "settings" in data and "best_config" in data:
+        if data["best_config"] is None:
+            raise DeqguardError(f"--defense-config {path}: the tuning chose no setting (none "
+                                "kept clean accuracy on validation)")
+        data = data["best_config"]
+    if not isinstance(data, dict):
+        raise DeqguardError(f"--defense-config {path}: expected a JSON object")
+    return data
 
 
 def _grid(text: str) -> list[tuple[int, int]]:
@@ -90,7 +127,7 @@ def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: 
     return EvalSettings(
         checkpoint=str(path), data=data, data_dir=data_dir, split=args.split,
         n=n, eps=eps, parts=parts, defense=args.defense,
-        defense_config=_defense_config(args.defense_set) if args.defense != "none" else None,
+        defense_config=_defense_settings(args),
         pgd_steps=args.pgd_steps, pgd_restarts=args.restarts, step_size=args.step_size,
         gradient_paths=names(args.paths) if args.paths else None,
         intermediate=_grid(args.intermediate), intermediate_tau=args.intermediate_tau,

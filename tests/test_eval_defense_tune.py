@@ -95,3 +95,39 @@ def test_tuner_reads_only_validation_images_and_resumes(recorded, tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("defense_tune: error:") and "other settings" in err
     assert "\n" not in err
+
+
+def test_eval_takes_the_tuned_choice_from_the_report(tmp_path):
+    """`deqguard eval --defense-config REPORT` evaluates what the tuning chose; --defense-set
+    still overrides single fields; a report without a choice is a clear error."""
+    import argparse
+
+    from deqguard.evaluation.eval_settings import _defense_settings
+
+    chosen = EntropyReductionConfig(rounds=2, solver_steps_per_round=8, input_steps=3)
+    settings = dt.TuneSettings(checkpoint="c", sha256="s", data="fashion-mnist", data_dir=None,
+                               val_size=100, split_seed=0, n=10, eps=0.1, pgd_steps=1,
+                               step_size=0.25, paths=["exact"], max_clean_drop=0.01, seed=0,
+                               batch_size=10)
+    report = dt.DefenseTuneReport(settings=settings, rule=dt.RULE, best=0, best_config=chosen)
+    path = tmp_path / "tune.json"
+    path.write_text(report.model_dump_json())
+
+    def args(**kw):
+        base = {"defense": "entropy-reduction", "defense_set": None, "defense_config": None}
+        return argparse.Namespace(**{**base, **kw})
+
+    assert _defense_settings(args(defense_config=str(path))) == chosen
+    assert _defense_settings(args(defense_config=str(path), defense_set=["input_steps=5"])
+                             ) == chosen.model_copy(update={"input_steps": 5})
+    plain = tmp_path / "cfg.json"
+    plain.write_text(chosen.model_dump_json())
+    assert _defense_settings(args(defense_config=str(plain))) == chosen
+    path.write_text(report.model_copy(update={"best": None, "best_config": None})
+                    .model_dump_json())
+    with pytest.raises(DeqguardError, match="chose no setting"):
+        _defense_settings(args(defense_config=str(path)))
+    with pytest.raises(DeqguardError, match="needs --defense entropy-reduction"):
+        _defense_settings(args(defense="none", defense_config=str(plain)))
+    with pytest.raises(DeqguardError, match="defense setting rounds"):
+        _defense_settings(args(defense_set=["rounds=0"]))
