@@ -13,8 +13,10 @@ PNGs need next to the clean ones.
 Traffic: --concurrency clients in a closed loop send --requests single-image POST /classify per
 mix, interleaved over --rounds:
   clean     every request a clean test image with the default options;
-  slowdown  --share of them an attacked image asking max_iter = the server's cap (what a caller
-            may ask; --attack-max-iter lowers it), the rest clean;
+  cap       --share of them a clean image asking max_iter = the server's cap (what a caller may
+            ask; --attack-max-iter lowers it), the rest clean: the control for
+  slowdown  --share of them an attacked image asking the same, the rest clean (requests with
+            other options run as their own sub-batch, so `cap` is what the options alone cost);
   options   --share of them a clean image asking max_iter = the cap and tol 1e-12: the cost any
             caller can force without an attack, for comparison.
 Servers: `open` (the defaults: cap 100, no budget) and `protected` (DEQGUARD_MAX_ITER_CAP =
@@ -45,7 +47,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import _fashion_pngs, _pct  # noqa: E402
 
-MIXES = ("clean", "slowdown", "options")
+MIXES = ("clean", "cap", "slowdown", "options")
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -133,6 +135,8 @@ async def run_mix(url: str, clean: list[str], adv: list[str], mix: str, n: int, 
                     kind, body = "clean", {"image": clean[i % len(clean)]}
                 elif mix == "slowdown":
                     kind, body = "other", {"image": adv[i % len(adv)], "max_iter": cap}
+                elif mix == "cap":
+                    kind, body = "other", {"image": clean[(i + 7) % len(clean)], "max_iter": cap}
                 else:
                     kind, body = "other", {"image": clean[(i + 7) % len(clean)],
                                            "max_iter": cap, "tol": 1e-12}

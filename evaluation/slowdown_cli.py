@@ -30,7 +30,9 @@ def add_slowdown_arguments(p: argparse.ArgumentParser) -> None:
                    help="the second budget measured: the server's max_iter cap")
     g.add_argument("--slowdown-save", metavar="DIR",
                    help="write the attacked images here as slowdown-SOLVER.npz and 8-bit PNGs "
-                        "(bench/slowdown_http.py sends them; default: not written)")
+                        "(bench/slowdown_http.py sends them), and read them back instead of "
+                        "attacking again when a rerun has the same settings (resume; default: "
+                        "not written)")
 
 
 def slowdown_settings(args: argparse.Namespace, parts: list[str]):

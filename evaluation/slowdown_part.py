@@ -9,6 +9,7 @@ keeps a sample's cost its own: in a batch, every sample pays for the slowest one
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,12 +60,23 @@ def slowdown(ev: EvalState) -> None:
     budgets = sorted({cfg.max_iter, s.cap})
     results = []
     for solver in s.solvers or [cfg.solver]:
-        _log(ev, f"slowdown: attacking {solver} (k={k}, {s.steps} steps) on {n} images")
-        t0 = time.perf_counter()
-        x_adv, _ = slowdown_attack(model, x, eps=ev.s.eps, k=k, steps=s.steps, solver=solver,
-                                   restarts=s.restarts, batch_size=ev.s.batch_size,
-                                   generator=ev.generator())
-        seconds = time.perf_counter() - t0
+        key = {"sha256": ev.ckpt.sha256, "solver": solver, "eps": ev.s.eps, "k": k,
+               "steps": s.steps, "restarts": s.restarts, "seed": ev.s.seed}
+        generator = ev.generator()  # drawn either way: a resumed run keeps the later seeds
+        saved = load_attacked(Path(s.save), key, x) if s.save else None
+        if saved is not None:
+            _log(ev, f"slowdown: {solver} attacked images read from {s.save}")
+            x_adv, seconds = saved
+        else:
+            _log(ev, f"slowdown: attacking {solver} (k={k}, {s.steps} steps) on {n} images")
+            t0 = time.perf_counter()
+            x_adv, _ = slowdown_attack(model, x, eps=ev.s.eps, k=k, steps=s.steps,
+                                       solver=solver, restarts=s.restarts,
+                                       batch_size=ev.s.batch_size, generator=generator)
+            seconds = time.perf_counter() - t0
+            if s.save:
+                save_attacked(Path(s.save), solver, x, x_adv, y, eps=ev.s.eps, k=k,
+                              key=key, seconds=seconds)
         r_clean = _residuals(model, x, k, solver, ev.s.batch_size)
         r_adv = _residuals(model, x_adv, k, solver, ev.s.batch_size)
         rows = []
@@ -72,13 +84,12 @@ def slowdown(ev: EvalState) -> None:
             _log(ev, f"slowdown: timing {solver} at max_iter {b}")
             rows.append(measure_budget(model, x, x_adv, y, solver=solver, max_iter=b,
                                        is_default=b == cfg.max_iter))
-        if s.save:
-            save_attacked(Path(s.save), solver, x, x_adv, y, eps=ev.s.eps, k=k)
         results.append(SlowdownResult(
             solver=solver, k=k, steps=s.steps, restarts=s.restarts, eps=ev.s.eps, n=n,
             residual_clean_median=float(r_clean.median()),
             residual_attacked_median=float(r_adv.median()),
-            residual_raised_fraction=mean(r_adv > r_clean), seconds=seconds, budgets=rows))
+            residual_raised_fraction=mean(r_adv > r_clean), seconds=seconds,
+            resumed=saved is not None, budgets=rows))
     ev.report.slowdown = SlowdownSection(tol=cfg.tol, default_max_iter=cfg.max_iter,
                                          results=results, note=NOTE)
 
@@ -142,8 +153,9 @@ def _sync(device: torch.device) -> None:
 
 
 def save_attacked(folder: Path, solver: str, x: Tensor, x_adv: Tensor, y: Tensor, *, eps: float,
-                  k: int) -> Path:
-    """folder/slowdown-SOLVER.npz (float inputs, their 8-bit versions, labels) and
+                  k: int, key: dict | None = None, seconds: float = 0.0) -> Path:
+    """folder/slowdown-SOLVER.npz (float inputs, their 8-bit versions, labels, and `key`: what
+    made them, so a rerun with the same settings reads them instead of attacking again) and
     folder/slowdown-SOLVER/NNNN.png: what an HTTP client sends (bench/slowdown_http.py)."""
     from PIL import Image
 
@@ -151,13 +163,30 @@ def save_attacked(folder: Path, solver: str, x: Tensor, x_adv: Tensor, y: Tensor
     q = quantize_in_ball(x_adv, x, eps).cpu().numpy()
     path = folder / f"slowdown-{solver}.npz"
     np.savez_compressed(path, x=x.cpu().numpy(), x_adv=x_adv.cpu().numpy(), x_adv_uint8=q,
-                        y=y.cpu().numpy(), eps=eps, k=k, solver=solver)
+                        y=y.cpu().numpy(), eps=eps, k=k, solver=solver,
+                        key=json.dumps(key or {}, sort_keys=True), seconds=seconds)
     pngs = folder / f"slowdown-{solver}"
     pngs.mkdir(exist_ok=True)
     for i, img in enumerate(q):
         arr = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
         Image.fromarray(arr).save(pngs / f"{i:04d}.png")
     return path
+
+
+def load_attacked(folder: Path, key: dict, x: Tensor) -> tuple[Tensor, float] | None:
+    """(x_adv, crafting seconds) saved by an earlier run with the same `key` on the same images,
+    else None (nothing saved, other settings, other images)."""
+    path = folder / f"slowdown-{key['solver']}.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        if "key" not in saved or json.loads(str(saved["key"])) != json.loads(
+                json.dumps(key, sort_keys=True)):
+            return None
+        if saved["x"].shape != tuple(x.shape) or not np.array_equal(saved["x"],
+                                                                    x.cpu().numpy()):
+            return None
+        return torch.from_numpy(saved["x_adv"]).to(x.device), float(saved["seconds"])
 
 
 def markdown(section: SlowdownSection) -> list[str]:

@@ -60,6 +60,8 @@ class SlowdownResult(_Model):
     residual_raised_fraction: float = Field(description="share of images whose residual after "
                                             "k the attack raised")
     seconds: float = Field(description="crafting time")
+    resumed: bool = Field(False, description="the attacked images were read from the save "
+                          "folder, crafted by an earlier run with the same settings")
     budgets: list[SlowdownBudget]
 
 

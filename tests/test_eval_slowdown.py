@@ -126,3 +126,27 @@ def test_eval_slowdown_refuses_an_unknown_solver(tiny_checkpoint, pattern_idx_di
     err = capsys.readouterr().err
     assert err.startswith("deqguard eval: error:") and "newton" in err
     assert "Traceback" not in err
+
+
+def test_a_rerun_with_the_same_settings_reads_the_saved_attack(tiny_checkpoint, pattern_idx_dir,
+                                                               tmp_path):
+    adv = tmp_path / "adv"
+
+    def run(steps: str) -> EvalReport:
+        out = tmp_path / f"eval-{steps}.json"
+        assert main(["eval", str(tiny_checkpoint), "--data", "fashion-mnist", "--data-dir",
+                     str(pattern_idx_dir), "--attacks", "slowdown", "--n", "4",
+                     "--slowdown-k", "2", "--slowdown-steps", steps, "--slowdown-cap", "30",
+                     "--slowdown-save", str(adv), "--json", str(out), "--no-progress",
+                     "--threads", "1"]) == 0
+        return EvalReport.model_validate_json(out.read_text())
+
+    first = run("2")
+    saved = np.load(adv / "slowdown-anderson.npz")["x_adv"]
+    again = run("2")
+    assert [r.resumed for r in first.slowdown.results] == [False]
+    assert [r.resumed for r in again.slowdown.results] == [True]
+    assert again.slowdown.results[0].seconds == pytest.approx(first.slowdown.results[0].seconds)
+    assert np.array_equal(np.load(adv / "slowdown-anderson.npz")["x_adv"], saved)
+    other = run("3")  # other settings: attacked again, and saved over
+    assert [r.resumed for r in other.slowdown.results] == [False]
