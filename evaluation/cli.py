@@ -33,6 +33,7 @@ from .choices import (
     SELECTIVE_SCORES,
 )
 from .eval_command import run
+from .slowdown_cli import add_slowdown_arguments
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -69,6 +70,9 @@ one CPU thread (from its measured reports in docs/eval/wk/):
              and --aa-attacks
   selective  risk-coverage of the doubt scores on clean, PGD-40 and detector-
              aware inputs; not in the default: several minutes
+  slowdown   inputs crafted to stall the solver: iterations and ms per answer,
+             clean against attacked; not in the default: ~2 min per solver at
+             --slowdown-n 100
 The default, {DEFAULT_PARTS}, takes about 7 minutes at --n 1000 and
 about 3 at --n 200. A model with more solver iterations or a larger network costs more.
 """
@@ -199,6 +203,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--selective-score", default="max_softmax", choices=SELECTIVE_SCORES,
                    help="the score the server will use (choose the best measured on attacked "
                         "inputs at equal clean coverage)")
+    add_slowdown_arguments(p)
     p.add_argument("--val-n", type=int, default=500,
                    help="validation images for calibration (parts detect, selective)")
     p.add_argument("--val-size", type=int,

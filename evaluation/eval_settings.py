@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import PARTS, SELECTIVE_SCORES
+from .slowdown_cli import slowdown_settings
 
 
 def ints(text: str) -> list[int]:
@@ -140,5 +141,6 @@ def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: 
         detect_scores=names(args.scores), early_index=args.early_index,
         detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
         calibrate=args.calibrate, calibration_score=args.calibration_score,
-        val_n=args.val_n, selective=selective, batch_size=args.batch_size, seed=args.seed,
+        val_n=args.val_n, selective=selective, slowdown=slowdown_settings(args, parts),
+        batch_size=args.batch_size, seed=args.seed,
         device=device)

@@ -52,6 +52,23 @@ def summary(report) -> dict:
             out["selective_calibration"] = {
                 "score": sel.calibration["score"], "n": sel.calibration["n_calibration"],
                 "written": sel.written_to_checkpoint}
+    if report.slowdown:
+        out["slowdown"] = slowdown_summary(report.slowdown)
     out["warnings"] = report.warnings
     out["seconds"] = round(report.seconds_total, 1)
+    return out
+
+
+def slowdown_summary(section) -> dict:
+    """Per solver and budget: [clean, attacked] iterations, converged share and ms per answer."""
+    out = {}
+    for r in section.results:
+        for b in r.budgets:
+            c, a = b.clean, b.attacked
+            out[f"{r.solver}/max_iter{b.max_iter}"] = {
+                "mean_iterations": [c.mean_iterations, a.mean_iterations],
+                "p90_iterations": [c.p90_iterations, a.p90_iterations],
+                "max_iterations": [c.max_iterations, a.max_iterations],
+                "converged": [c.converged_fraction, a.converged_fraction],
+                "ms_per_answer": [c.ms_per_answer, a.ms_per_answer], "ms_ratio": b.ms_ratio}
     return out

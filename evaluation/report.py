@@ -257,6 +257,10 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
         from .selective_report import markdown as selective_markdown
 
         lines += selective_markdown(report.selective)
+    if report.slowdown:
+        from .slowdown_part import markdown as slowdown_markdown
+
+        lines += slowdown_markdown(report.slowdown)
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)

@@ -4,7 +4,8 @@ One run produces an `EvalReport` (`schema.py`). The pieces run in this order: cl
 accuracy and timing, accuracy against the solver budget, PGD through every gradient path plus
 the paper's intermediate-state attacks, adaptive attacks (BPDA through the defense, the
 entropy-aware attack on the detector), gradient-masking sweeps, AutoAttack, detection, selective
-answers (selective.py: risk-coverage, the calibration the server reads). With the
+answers (selective.py: risk-coverage, the calibration the server reads), slowdown attacks
+(slowdown_part.py: what an input crafted to stall the solver costs per answer). With the
 entropy-reduction defense on, PGD inputs are crafted on the undefended model (transfer, the
 paper's protocol) and judged on the defended one; BPDA and AutoAttack attack the defended
 forward itself. The headline robust accuracy is the per-sample worst case over all of them.
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from deqguard.models.classifier import Classifier
 
-from . import detection_part, robustness
+from . import detection_part, robustness, slowdown_part
 from .schema import CheckpointInfo, EvalReport, EvalSettings
 from .state import EvalState
 
@@ -50,6 +51,8 @@ class Evaluation(EvalState):
             tasks.append(("detection", self._part(detection_part.detection)))
         if "selective" in parts or (self.s.selective and self.s.selective.calibrate):
             tasks.append(("selective", self._part(detection_part.selective)))
+        if "slowdown" in parts:
+            tasks.append(("slowdown", self._part(slowdown_part.slowdown)))
         return tasks
 
     def _part(self, part: Callable[[EvalState], None]) -> Callable[[], None]:
