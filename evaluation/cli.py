@@ -9,6 +9,8 @@
         --selective-attack-n 500 --selective-cache runs/selective --report eval/  # risk-coverage
     deqguard eval CKPT --attacks clean --val-n 2000 \
         --calibrate-selective --selective-score max_softmax        # metadata["selective"]
+    deqguard eval default --attacks clean,adaptive-selective --n 500 \
+        --selective-cache runs/selective --json as.json     # doubt scores under aimed attack
     deqguard eval --schema                                                         # JSON schema
 
 The dataset is the one the checkpoint records (its training config), so the commands the
@@ -194,6 +196,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--selective-score", default="max_softmax", choices=SELECTIVE_SCORES,
                    help="the score the server will use (choose the best measured on attacked "
                         "inputs at equal clean coverage)")
+    g = p.add_argument_group(
+        "attacks on the doubt scores (part adaptive-selective)",
+        "Per doubt score and coverage, an attack aimed at a wrong answer the score lets through "
+        "at its clean-calibrated threshold (the checkpoint's for its served score, else set on "
+        "--val-n validation images): APGD schedule, exact gradient through the solver, stage 1 "
+        "makes the answer wrong, stage 2 lowers the score while it stays wrong. Compared with "
+        "PGD (--selective-pgd-steps) on the same images; cached under --selective-cache.")
+    g.add_argument("--adaptive-scores", default=",".join(SELECTIVE_SCORES),
+                   help="doubt scores to attack (detector: needs a learned detector)")
+    g.add_argument("--adaptive-coverages", default="0.8,0.9",
+                   help="clean coverages whose thresholds are attacked")
+    g.add_argument("--iters", type=int, default=100, help="iterations of each attack run")
+    g.add_argument("--adaptive-restarts", type=int, default=1,
+                   help="untargeted runs from random starts")
+    g.add_argument("--targets", type=int, default=3, metavar="K",
+                   help="targeted DLR runs towards the K top wrong classes of the clean answer")
+    g.add_argument("--adaptive-loss", default="ce", choices=["ce", "dlr"],
+                   help="stage-1 loss of the untargeted runs")
     p.add_argument("--val-n", type=int, default=500,
                    help="validation images for calibration (parts detect, selective)")
     p.add_argument("--val-size", type=int,

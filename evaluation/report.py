@@ -257,6 +257,10 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
         from .selective_report import markdown as selective_markdown
 
         lines += selective_markdown(report.selective)
+    if report.adaptive_selective:
+        from .adaptive_selective_report import markdown as adaptive_selective_markdown
+
+        lines += adaptive_selective_markdown(report.adaptive_selective)
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)

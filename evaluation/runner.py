@@ -23,7 +23,7 @@ from torch import Tensor
 
 from deqguard.models.classifier import Classifier
 
-from . import detection_part, robustness
+from . import adaptive_selective, detection_part, robustness
 from .schema import CheckpointInfo, EvalReport, EvalSettings
 from .state import EvalState
 
@@ -50,6 +50,8 @@ class Evaluation(EvalState):
             tasks.append(("detection", self._part(detection_part.detection)))
         if "selective" in parts or (self.s.selective and self.s.selective.calibrate):
             tasks.append(("selective", self._part(detection_part.selective)))
+        if "adaptive-selective" in parts:
+            tasks.append(("adaptive-selective", self._part(adaptive_selective.part)))
         return tasks
 
     def _part(self, part: Callable[[EvalState], None]) -> Callable[[], None]:

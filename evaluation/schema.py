@@ -17,9 +17,13 @@ from deqguard.models.selective import DEFAULT_COVERAGES as SELECTIVE_COVERAGES
 from deqguard.models.selective import SCORE_NAMES as SELECTIVE_SCORES
 from deqguard.solve_rules import DEFENSES
 
+from .adaptive_selective_schema import AdaptiveSelectiveSection, AdaptiveSelectiveSettings
+
 SCHEMA_VERSION = 1
-EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "selective"]
-ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective")
+EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "selective",
+                   "adaptive-selective"]
+ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective",
+                              "adaptive-selective")
 
 
 class _Model(BaseModel):
@@ -105,6 +109,7 @@ class EvalSettings(_Model):
     calibration_score: str = "mean_entropy"
     val_n: int = Field(500, ge=1)
     selective: SelectiveSettings | None = None
+    adaptive_selective: AdaptiveSelectiveSettings | None = None
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     device: str = "cpu"
@@ -302,4 +307,5 @@ class EvalReport(_Model):
     defense: DefenseSummary | None = None
     detection: DetectionSection | None = None
     selective: SelectiveSection | None = None
+    adaptive_selective: AdaptiveSelectiveSection | None = None
     warnings: list[str] = Field(default_factory=list)
