@@ -76,7 +76,8 @@ class AdaptiveSelectiveRow(_Model):
     aurc_attacked_ci: Interval = None
     augrc_attacked: float
     augrc_attacked_ci: Interval = None
-    seconds: float = Field(description="crafting time of this set (0 when read from the cache)")
+    seconds: float = Field(description="time to get this set in this run (chunks read from the "
+                           "cache cost about 0)")
 
 
 class AdaptiveSelectiveSection(_Model):

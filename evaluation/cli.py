@@ -71,6 +71,11 @@ one CPU thread (from its measured reports in docs/eval/wk/):
              and --aa-attacks
   selective  risk-coverage of the doubt scores on clean, PGD-40 and detector-
              aware inputs; not in the default: several minutes
+  adaptive-selective
+             per doubt score and coverage (--adaptive-coverages), an attack aimed
+             at a wrong answer the score lets through, against PGD-40 on the same
+             images; not in the default: about 1 hour per score at --n 500 with
+             the default --iters/--targets (the detector about 2), estimated
 The default, {DEFAULT_PARTS}, takes about 7 minutes at --n 1000 and
 about 3 at --n 200. A model with more solver iterations or a larger network costs more.
 """
