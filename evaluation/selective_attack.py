@@ -129,9 +129,9 @@ def wrong_margin(logits: Tensor, y: Tensor) -> Tensor:
 def dlr(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
     """APGD's difference-of-logits ratio (to maximise), untargeted or towards `target`."""
     srt = logits.sort(dim=1, descending=True).values
-    z_y = logits.gather(1, y[:, None])[:, 0]
     if target is None:
         return wrong_margin(logits, y) / (srt[:, 0] - srt[:, 2] + _TINY)
+    z_y = logits.gather(1, y[:, None])[:, 0]
     z_t = logits.gather(1, target[:, None])[:, 0]
     return -(z_y - z_t) / (srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + _TINY)
 
@@ -214,7 +214,7 @@ def _uniform(x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
 Evaluate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
-def _evaluator(model: Classifier, x0: Tensor, y: Tensor, goal: Goal, loss: Loss,
+def _evaluator(model: Classifier, y: Tensor, goal: Goal, loss: Loss,
                target: Tensor | None) -> Evaluate:
     """(idx, x) -> (gradient of the loss, tier, progress, loss) for the samples `idx`."""
 
@@ -238,7 +238,7 @@ def apgd_run(model: Classifier, x: Tensor, y: Tensor, goal: Goal, best: Best, *,
     idx = (~best.done).nonzero().flatten()
     if idx.numel() == 0:
         return
-    evaluate = _evaluator(model, x, y, goal, loss, target)
+    evaluate = _evaluator(model, y, goal, loss, target)
     xs = x[idx]
     cur = _uniform(xs, eps, gen)
     grad, tier, prog, _ = evaluate(idx, cur)
