@@ -5,7 +5,8 @@ they mirror import torch, which `deqguard eval --help` must not load (the tests 
 copy agrees with its source).
 """
 
-PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective", "slowdown")
+PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective", "slowdown",
+         "adaptive-selective")
 DEFAULT_PARTS = "clean,budget,pgd,adaptive,detect"
 # deqguard.training.data.DATASETS
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")

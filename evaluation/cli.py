@@ -9,6 +9,8 @@
         --selective-attack-n 500 --selective-cache runs/selective --report eval/  # risk-coverage
     deqguard eval CKPT --attacks clean --val-n 2000 \
         --calibrate-selective --selective-score max_softmax        # metadata["selective"]
+    deqguard eval default --attacks clean,adaptive-selective --n 500 \
+        --selective-cache runs/selective --json as.json     # doubt scores under aimed attack
     deqguard eval --schema                                                         # JSON schema
 
 The dataset is the one the checkpoint records (its training config), so the commands the
@@ -73,6 +75,11 @@ one CPU thread (from its measured reports in docs/eval/wk/):
   slowdown   inputs crafted to stall the solver: iterations and ms per answer,
              clean against attacked; not in the default: ~2 min per solver at
              --slowdown-n 100
+  adaptive-selective
+             per doubt score and coverage (--adaptive-coverages), an attack aimed
+             at a wrong answer the score lets through, against PGD-40 on the same
+             images; not in the default: about 1 hour per score at --n 500 with
+             the default --iters/--targets (the detector about 2), estimated
 The default, {DEFAULT_PARTS}, takes about 7 minutes at --n 1000 and
 about 3 at --n 200. A model with more solver iterations or a larger network costs more.
 """
@@ -204,6 +211,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the score the server will use (choose the best measured on attacked "
                         "inputs at equal clean coverage)")
     add_slowdown_arguments(p)
+    g = p.add_argument_group(
+        "attacks on the doubt scores (part adaptive-selective)",
+        "Per doubt score and coverage, an attack aimed at a wrong answer the score lets through "
+        "at its clean-calibrated threshold (the checkpoint's for its served score, else set on "
+        "--val-n validation images): APGD schedule, exact gradient through the solver, stage 1 "
+        "makes the answer wrong, stage 2 lowers the score while it stays wrong. Compared with "
+        "PGD (--selective-pgd-steps) on the same images; cached under --selective-cache.")
+    g.add_argument("--adaptive-scores", default=",".join(SELECTIVE_SCORES),
+                   help="doubt scores to attack (detector: needs a learned detector)")
+    g.add_argument("--adaptive-coverages", default="0.8,0.9",
+                   help="clean coverages whose thresholds are attacked")
+    g.add_argument("--iters", type=int, default=100, help="iterations of each attack run")
+    g.add_argument("--adaptive-restarts", type=int, default=1,
+                   help="untargeted runs from random starts")
+    g.add_argument("--targets", type=int, default=3, metavar="K",
+                   help="targeted DLR runs towards the K top wrong classes of the clean answer")
+    g.add_argument("--adaptive-loss", default="ce", choices=["ce", "dlr"],
+                   help="stage-1 loss of the untargeted runs")
     p.add_argument("--val-n", type=int, default=500,
                    help="validation images for calibration (parts detect, selective)")
     p.add_argument("--val-size", type=int,

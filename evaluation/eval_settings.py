@@ -120,6 +120,35 @@ def selective_settings(args: argparse.Namespace, parts: list[str]):
         cache=args.selective_cache)
 
 
+def adaptive_selective_settings(args: argparse.Namespace, parts: list[str]):
+    """AdaptiveSelectiveSettings when the adaptive-selective part runs."""
+    from deqguard.models.errors import DeqguardError
+
+    if "adaptive-selective" not in parts:
+        return None
+    from .adaptive_selective_schema import AdaptiveSelectiveSettings
+
+    scores = names(args.adaptive_scores)
+    unknown = sorted(set(scores) - set(SELECTIVE_SCORES))
+    if not scores or unknown:
+        raise DeqguardError(f"unknown --adaptive-scores {unknown}; choose from "
+                            f"{', '.join(SELECTIVE_SCORES)}")
+    coverages = floats(args.adaptive_coverages)
+    if not coverages or not all(0 < c < 1 for c in coverages):
+        raise DeqguardError(f"--adaptive-coverages must be numbers in (0, 1), got "
+                            f"{args.adaptive_coverages!r}")
+    for flag, value, low in (("--iters", args.iters, 1), ("--targets", args.targets, 0),
+                             ("--adaptive-restarts", args.adaptive_restarts, 0)):
+        if value < low:
+            raise DeqguardError(f"{flag} must be at least {low}, got {value}")
+    if args.adaptive_restarts == 0 and args.targets == 0:
+        raise DeqguardError("--adaptive-restarts 0 and --targets 0 leave no attack to run")
+    return AdaptiveSelectiveSettings(
+        scores=scores, coverages=coverages, iters=args.iters, restarts=args.adaptive_restarts,
+        targets=args.targets, loss=args.adaptive_loss, pgd_steps=args.selective_pgd_steps,
+        pgd_gradient=args.selective_gradient, reps=args.reps, cache=args.selective_cache)
+
+
 def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: str | None,
                   n: int, eps: float, parts: list[str], selective: Any, device: str):
     """Every setting of the run, recorded in the report next to the numbers it produced."""
@@ -142,5 +171,5 @@ def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: 
         detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,
         calibrate=args.calibrate, calibration_score=args.calibration_score,
         val_n=args.val_n, selective=selective, slowdown=slowdown_settings(args, parts),
-        batch_size=args.batch_size, seed=args.seed,
-        device=device)
+        adaptive_selective=adaptive_selective_settings(args, parts),
+        batch_size=args.batch_size, seed=args.seed, device=device)

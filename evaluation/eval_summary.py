@@ -54,6 +54,14 @@ def summary(report) -> dict:
                 "written": sel.written_to_checkpoint}
     if report.slowdown:
         out["slowdown"] = slowdown_summary(report.slowdown)
+    if report.adaptive_selective:
+        out["adaptive_selective"] = {
+            f"{r.score}@{r.coverage:g}": {
+                "attack_error_rate": r.attack_error_rate, "pgd_error_rate": r.pgd_error_rate,
+                "accuracy_answered": r.attacked_accuracy_answered,
+                "successful_answered": r.successful_answered,
+                "wrong_answered": r.wrong_answered}
+            for r in report.adaptive_selective.rows}
     out["warnings"] = report.warnings
     out["seconds"] = round(report.seconds_total, 1)
     return out

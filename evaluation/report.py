@@ -261,6 +261,10 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
         from .slowdown_part import markdown as slowdown_markdown
 
         lines += slowdown_markdown(report.slowdown)
+    if report.adaptive_selective:
+        from .adaptive_selective_report import markdown as adaptive_selective_markdown
+
+        lines += adaptive_selective_markdown(report.adaptive_selective)
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 Answering the k inputs of least doubt (k = 1..n) gives coverage k/n and selective risk
 errors(k)/k; accuracy among answered inputs is 1 - risk. The area under the risk-coverage curve
 (AURC, Geifman et al. 2019) is the mean selective risk over k = 1..n: lower is better, and a
-score that orders every error after every correct answer reaches the minimum.
+score that orders every error after every correct answer reaches the minimum. AUGRC (Traub et
+al. 2024) averages the generalized risk errors(k)/n instead: wrong answers per input seen.
 
 Tied doubt scores have no order, so within a tie group the errors are spread evenly (the
 expectation over every order of the group): a constant score then gives the plain error rate at
@@ -46,6 +47,19 @@ def aurc(doubt: np.ndarray, correct: np.ndarray) -> float:
     """Area under the risk-coverage curve: the mean selective risk over k = 1..n."""
     _, acc = risk_coverage(doubt, correct)
     return float(np.mean(1.0 - acc))
+
+
+def augrc(doubt: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the generalized risk-coverage curve (Traub et al. 2024): the mean over
+    k = 1..n of errors(k) / n, the share of all inputs answered wrongly.
+
+    Selective risk divides by the answered only, so AURC rewards a score for answering few;
+    the generalized risk counts every wrong answer given against the whole set, the harm a
+    caller meets. A constant score gives about half the error rate, a perfect one
+    e^2 / 2 for error rate e (errors only at the top coverages).
+    """
+    cov, acc = risk_coverage(doubt, correct)
+    return float(np.mean(cov * (1.0 - acc)))
 
 
 def answered_stats(doubt: np.ndarray, correct: np.ndarray, threshold: float,

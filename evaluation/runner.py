@@ -24,7 +24,7 @@ from torch import Tensor
 
 from deqguard.models.classifier import Classifier
 
-from . import detection_part, robustness, slowdown_part
+from . import adaptive_selective, detection_part, robustness, slowdown_part
 from .schema import CheckpointInfo, EvalReport, EvalSettings
 from .state import EvalState
 
@@ -53,6 +53,8 @@ class Evaluation(EvalState):
             tasks.append(("selective", self._part(detection_part.selective)))
         if "slowdown" in parts:
             tasks.append(("slowdown", self._part(slowdown_part.slowdown)))
+        if "adaptive-selective" in parts:
+            tasks.append(("adaptive-selective", self._part(adaptive_selective.part)))
         return tasks
 
     def _part(self, part: Callable[[EvalState], None]) -> Callable[[], None]:

@@ -17,13 +17,14 @@ from deqguard.models.selective import DEFAULT_COVERAGES as SELECTIVE_COVERAGES
 from deqguard.models.selective import SCORE_NAMES as SELECTIVE_SCORES
 from deqguard.solve_rules import DEFENSES
 
+from .adaptive_selective_schema import AdaptiveSelectiveSection, AdaptiveSelectiveSettings
 from .slowdown_schema import SlowdownSection, SlowdownSettings
 
 SCHEMA_VERSION = 1
 EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "selective",
-                   "slowdown"]
+                   "slowdown", "adaptive-selective"]
 ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective",
-                              "slowdown")
+                              "slowdown", "adaptive-selective")
 
 
 class _Model(BaseModel):
@@ -110,6 +111,7 @@ class EvalSettings(_Model):
     val_n: int = Field(500, ge=1)
     selective: SelectiveSettings | None = None
     slowdown: SlowdownSettings | None = None
+    adaptive_selective: AdaptiveSelectiveSettings | None = None
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     device: str = "cpu"
@@ -308,4 +310,5 @@ class EvalReport(_Model):
     detection: DetectionSection | None = None
     selective: SelectiveSection | None = None
     slowdown: SlowdownSection | None = None
+    adaptive_selective: AdaptiveSelectiveSection | None = None
     warnings: list[str] = Field(default_factory=list)
