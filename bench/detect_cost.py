@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--time-images", type=int, default=64,
                    help="images solved per variant and round")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-detection", action="store_true", help="only time the groups")
     p.add_argument("--json", help="write everything here")
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                               "shipped_features": shipped.features if shipped else None,
                               "load_before": _load_avg()}
     if not args.skip_detection:
-        sets = collect_sets(model, checkpoint_cache(args.cache, meta.sha256), base,
+        # every feature once (each group reads its own columns), whatever the shipped set
+        sets = collect_sets(model, checkpoint_cache(args.cache, meta.sha256), configs["all"],
                             n_fit=args.n_fit, n_cal=args.n_cal, n_test=args.n_test,
                             lam=args.lam, log=lambda m: print(m, flush=True))
         report["sets"] = sets.described

@@ -178,12 +178,16 @@ def group_detection(sets: DetectionSets, configs: dict[str, DynamicsConfig], *,
     if reference in scores:
         ref_neg, ref_pos = scores[reference]
         for name, (neg, pos) in scores.items():
+            if name == reference:
+                continue
             for attack, p in pos.items():
+                entry = out[name]["attacks"][attack]
+                entry[f"all_minus_{reference}"] = paired_difference(
+                    neg, p, ref_neg, ref_pos[attack], reps=reps)
                 ok = clean_ok & (sets.test_adv[attack]["_pred"] != sets.y_test)
-                if name == reference or not ok.any():
-                    continue
-                out[name]["attacks"][attack][f"minus_{reference}"] = paired_difference(
-                    neg[clean_ok], p[ok], ref_neg[clean_ok], ref_pos[attack][ok], reps=reps)
+                if ok.any():
+                    entry[f"minus_{reference}"] = paired_difference(
+                        neg[clean_ok], p[ok], ref_neg[clean_ok], ref_pos[attack][ok], reps=reps)
     return out
 
 
@@ -192,14 +196,25 @@ def _ci(entry: dict[str, Any], key: str) -> str:
     return f"{entry[key]:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def markdown_table(detection: dict[str, dict[str, Any]], timing: dict[str, Any] | None
-                   ) -> str:
-    """One row per group: AUROC and served-threshold TPR per attack, f evaluations, ms/answer."""
+def _diff(entry: dict[str, Any], key: str) -> str:
+    d = entry.get(key)
+    if d is None:
+        return "-"
+    lo, hi = d["ci"] or (float("nan"), float("nan"))
+    return f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def markdown_table(detection: dict[str, dict[str, Any]], timing: dict[str, Any] | None,
+                   reference: str = REFERENCE) -> str:
+    """One row per group: per attack the AUROC on successful attacks and its paired difference
+    to the reference group, the AUROC on every attacked input, the share of successful attacks
+    flagged at the group's served threshold; then f evaluations and ms per answer."""
     attacks = list(next(iter(detection.values()))["attacks"])
     sizes = sorted({int(b) for t in (timing or {}).values() for b in t}) if timing else []
     head = ["group", "features beyond the trajectory"]
     for a in attacks:
-        head += [f"AUROC {a} [95% CI]", f"TPR {a}"]
+        head += [f"AUROC {a} succ. [95% CI]", f"vs {reference} [95% CI]", f"AUROC {a} all",
+                 f"flagged {a}"]
     head += ["extra f evals"]
     for b in sizes:
         head += [f"ms b{b}", f"x plain b{b}"]
@@ -209,7 +224,8 @@ def markdown_table(detection: dict[str, dict[str, Any]], timing: dict[str, Any] 
         for a in attacks:
             e = row["attacks"][a]
             s = e.get("successful")
-            cells += [_ci(s, "auroc") if s else "n/a",
+            cells += [_ci(s, "auroc") if s else "n/a", _diff(e, f"minus_{reference}"),
+                      _ci(e["all"], "auroc"),
                       f"{e['successful_flagged']:.2f}" if s else "n/a"]
         cells.append(f"{row['extra_f_evals']:g}")
         for b in sizes:

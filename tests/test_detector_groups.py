@@ -146,7 +146,9 @@ def test_groups_are_told_apart_by_what_their_features_catch():
     assert blind["minus_all"]["diff"] < -0.3 and blind["minus_all"]["ci"][1] < 0
     assert "minus_all" not in out["all"]["attacks"]["pgd40"]
     # the low-entropy attack fooled nothing here: measured over all inputs, no successful view
-    assert "successful" not in out["all"]["attacks"]["pgd40-lowent"]
+    lowent = out["trajectory"]["attacks"]["pgd40-lowent"]
+    assert "successful" not in lowent and "minus_all" not in lowent
+    assert lowent["all_minus_all"]["diff"] < -0.3
     assert out["entropy-step"]["extra_f_evals"] == 4
     assert "entropy_step_drop" not in out["trajectory"]["features"]
     table = markdown_table(out, {g: {"1": {"ms_per_answer": 2.0, "ratio": 1.5, "ratio_min": 1.2,
@@ -154,6 +156,7 @@ def test_groups_are_told_apart_by_what_their_features_catch():
     rows = [r for r in table.splitlines() if r.startswith("| ")][1:]
     assert [r.split(" | ")[0][2:] for r in rows] == list(GROUPS)
     assert all("1.50 (1.20-1.70)" in r for r in rows)
+    assert f"{blind['minus_all']['diff']:+.3f}" in rows[0]
 
 
 def test_collect_sets_crafts_once_and_reuses_the_cache(tiny_model, pattern_data, tmp_path):
