@@ -3,8 +3,10 @@
 Crafting PGD-40 through a DEQ on a CPU costs minutes per hundred images, and the detector is
 fitted, calibrated and evaluated on the same sets many times over; so each set is written in
 chunks of `chunk` images to `<cache>/<name>/<start>.npz` and a rerun skips the chunks it
-already has (a killed run resumes where it stopped). The attack does not know the detector:
-detector-aware attacks live in `detector_attack.py`.
+already has (a killed run resumes where it stopped). The attacks do not know the detector:
+detector-aware attacks live in `detector_attack.py`. One of them does know what a cheap detector
+looks at: `pgd-lowent` (attacks.py, `detector_loss`) also pushes the trajectory's entropy down
+once the input is misclassified, the confident mistake an entropy score cannot see.
 
 On a DEQ the attacks backprop through every solver iteration (`exact`) unless a spec says
 otherwise: a detector measured only against the phantom training gradient would be judged on
@@ -26,16 +28,19 @@ from torch import Tensor
 
 from deqguard.fileio import atomic_write_bytes
 from deqguard.models.classifier import Classifier
-from deqguard.training.attacks import pgd_ce
+from deqguard.training.attacks import pgd, pgd_ce
 
-from .attacks import default_step_size, path_logits
+from .attacks import default_step_size, detector_loss, path_logits
 
-AttackName = Literal["pgd", "apgd-ce"]
+AttackName = Literal["pgd", "apgd-ce", "pgd-lowent"]
 
 
 @dataclass(frozen=True)
 class CraftSpec:
-    """One attack on one slice of one split; `name` is also the cache folder's name."""
+    """One attack on one slice of one split; `name` is also the cache folder's name.
+
+    `lam`: weight of the summed trajectory entropy of `pgd-lowent` (ignored by the others).
+    """
 
     attack: AttackName
     eps: float
@@ -45,10 +50,12 @@ class CraftSpec:
     count: int
     seed: int = 0
     gradient: str = "exact"
+    lam: float = 0.0
 
     @property
     def name(self) -> str:
-        return (f"{self.split}-{self.start}-{self.count}-{self.attack}{self.steps}"
+        lam = f"-lam{self.lam:g}" if self.attack == "pgd-lowent" else ""
+        return (f"{self.split}-{self.start}-{self.count}-{self.attack}{self.steps}{lam}"
                 f"-eps{self.eps:g}-{self.gradient}-s{self.seed}")
 
 
@@ -69,6 +76,12 @@ def _craft_chunk(model: Classifier, spec: CraftSpec, x: Tensor, y: Tensor, seed:
         # best_loss=True: the highest-loss point for every input, fooled or not (the detector
         # sees failed attacks as attacks too)
         return apgd.perturb(x, y, best_loss=True).detach()
+    if spec.attack == "pgd-lowent":
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        # detector_loss differentiates through every solver iteration itself (exact)
+        return pgd(lambda xa: detector_loss(model, xa, y, spec.lam), x, eps=spec.eps,
+                   step_size=default_step_size(spec.eps, spec.steps), steps=spec.steps,
+                   start="uniform", generator=gen)
     raise ValueError(f"unknown attack {spec.attack!r}")
 
 
@@ -119,6 +132,26 @@ VAL_PLAN: tuple[CraftSpec, ...] = (
     CraftSpec("apgd-ce", 0.1, 10, "val", 200, 50),
 )
 TEST_PLAN: tuple[CraftSpec, ...] = (CraftSpec("pgd", 0.1, 40, "test", 0, 200),)
+
+
+def block_plan(specs: tuple[CraftSpec, ...], n: int, *, block: int = 50
+               ) -> tuple[CraftSpec, ...]:
+    """The first n images of a split in blocks of `block`, block k attacked by specs[k % len]
+    (their split, start and count are replaced, and the seed becomes k).
+
+    Blocks, not one spec of n images: a larger n reuses every cached block of a smaller one, so
+    a run can grow from a quick size to the full one without crafting anything twice.
+    """
+    return tuple(replace(specs[k % len(specs)], start=s, count=min(block, n - s), seed=k)
+                 for k, s in enumerate(range(0, n, block)))
+
+
+# The same mix of attacks and radii as VAL_PLAN (2:1:1:1), for block_plan.
+VAL_MIX: tuple[CraftSpec, ...] = (
+    CraftSpec("pgd", 0.1, 20, "val", 0, 0), CraftSpec("pgd", 0.1, 20, "val", 0, 0),
+    CraftSpec("pgd", 0.05, 10, "val", 0, 0), CraftSpec("pgd", 0.15, 10, "val", 0, 0),
+    CraftSpec("apgd-ce", 0.1, 10, "val", 0, 0),
+)
 
 
 def with_gradient(plan: tuple[CraftSpec, ...], gradient: str) -> tuple[CraftSpec, ...]:

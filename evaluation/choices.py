@@ -15,3 +15,6 @@ SELECTIVE_SCORES = ("detector", "mean_entropy", "final_entropy", "max_softmax", 
 SELECTIVE_COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 # deqguard.models.config.GradMode
 GRAD_MODES = ("exact", "implicit", "phantom")
+# deqguard.evaluation.detector_groups.GROUPS (tests/test_detector_groups.py)
+FEATURE_GROUPS = ("trajectory", "residual", "restart", "entropy-step", "jacobian",
+                  "residual+entropy-step", "all-but-restart", "all")

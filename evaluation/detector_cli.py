@@ -1,6 +1,7 @@
 """`deqguard detect fit|evaluate`: the learned detector on a checkpoint, from cached attacked sets.
 
     deqguard detect fit default --cache runs/detect --write          # metadata["detector"]
+    deqguard detect fit default --features all-but-restart --write   # a cheaper feature set
     deqguard detect evaluate default --cache runs/detect --json runs/detect/eval.json \
         --plot runs/detect/detector.png --adaptive-n 20 --lambdas 0.5,2
 
@@ -23,6 +24,7 @@ from typing import Any
 
 from deqguard.threads import add_threads_argument
 
+from .choices import FEATURE_GROUPS
 from .cli import GRAD_MODES, HelpFormatter
 
 # numpy and torch are imported inside the handlers: `deqguard detect --help` loads neither.
@@ -65,12 +67,12 @@ def _fit(args: argparse.Namespace) -> int:
     import numpy as np
 
     from deqguard.models import update_metadata
-    from deqguard.models.dynamics import DynamicsConfig
 
     from .detector_fit import auroc_fast, build_detector, save_json, score_features
+    from .detector_groups import group_config
 
     model, meta = _load(args)
-    cfg = DynamicsConfig()
+    cfg = group_config(args.features)
     cache = checkpoint_cache(args.cache, meta.sha256)
     fit_clean, fit_adv, cal_clean, plan = _val_sets(model, cache, cfg, args.n_cal,
                                                     args.gradient)
@@ -78,6 +80,7 @@ def _fit(args: argparse.Namespace) -> int:
                          model_sha256=meta.sha256,
                          training={"data": "fashion-mnist val split (5000 held-out training "
                                    "images, seed 0)", "attacks": plan,
+                                   "feature_group": args.features,
                                    "fit_clean": "val images 0..249 (the attacked ones)",
                                    "calibration_clean": f"val images 250..{249 + args.n_cal}",
                                    "fit": "L2 logistic regression, L-BFGS, balanced classes"})
@@ -254,6 +257,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="L2 penalty of the logistic regression")
             q.add_argument("--write", action="store_true",
                            help="store the detector in the checkpoint's metadata['detector']")
+            q.add_argument("--features", default="all", choices=FEATURE_GROUPS,
+                           help="the feature group the detector reads (what serving computes "
+                                "and pays for per request; bench/detect_cost.py compares them): "
+                                "trajectory is free, all is every probe")
         else:
             q.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
             q.add_argument("--plot", metavar="PNG",

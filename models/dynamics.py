@@ -12,13 +12,14 @@ evaluations (one f evaluation = one solver iteration; a vector-Jacobian product 
 | mean_entropy, early_entropy, entropy_drop | free | entropy: mean, at `early_index`, early-final |
 | early_disagree | free | 1 if the prediction at `early_index` differs from the final one |
 | iterations, converged | free | the solver's own statistics |
-| log_residual | 1 | log10 ||f(z*) - z*|| / ||f(z*)|| at the returned state |
+| log_residual | 1 (0 beside the Jacobian) | log10 ||f(z*) - z*|| / ||f(z*)|| at the state z* |
 | jacobian_rms | 2 x jacobian_vjps | Hutchinson ||J_f(z*)||_F / sqrt(d) (Bai et al. 2021) |
 | spectral_radius | 2 x power_iters | power iteration on J_f(z*)^T (0 iterations: feature absent) |
-| restart_shift, restart_flip, restart_entropy | restart_iters + 1 | re-solve from z* + a kick |
+| restart_shift, restart_flip, restart_entropy | restart_iters | re-solve from z* + a kick |
 | entropy_step_drop | ~4 | entropy drop after one Sec 3.2 signed input step |
 
-`log_residual` and the Jacobian share one f evaluation with a graph at z*. Everything random (the
+`log_residual` and the Jacobian share one f evaluation with a graph at z*; with all of them off
+(a trajectory-only detector) the features cost no f evaluation at all. Everything random (the
 Hutchinson probes, the kick) is one fixed pattern drawn from `seed` and shared by every sample,
 so a sample's features depend neither on its batch mates nor on the call: the served flag and
 the in-process one agree, and an attacker can know the pattern (no security through noise).
@@ -62,6 +63,8 @@ class DynamicsConfig(BaseModel):
     Hutchinson probes. `power_iters`: power iterations for the spectral radius (0 = skip).
     `restart_iters` / `restart_kick`: the perturbed re-solve, from z* + kick * rms(z*) * noise.
     `entropy_step`: size of the one signed input step of the entropy-reduction feature.
+    `log_residual`: whether to compute it (False and no Jacobian feature: no f evaluation at z*).
+    A switched-off feature changes no other: each draws its own fixed pattern.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,11 +74,14 @@ class DynamicsConfig(BaseModel):
     restart_iters: int = Field(8, ge=0, le=1000)
     restart_kick: float = Field(0.5, ge=0)
     entropy_step: float = Field(0.025, ge=0)
+    log_residual: bool = True
     seed: int = 0
 
     def names(self) -> list[str]:
         """The features this configuration computes, in FEATURE_NAMES order."""
         skip = set()
+        if not self.log_residual:
+            skip.add("log_residual")
         if self.jacobian_vjps == 0:
             skip.add("jacobian_rms")
         if self.power_iters == 0:
@@ -88,9 +94,14 @@ class DynamicsConfig(BaseModel):
 
     def extra_f_evals(self) -> float:
         """Approximate cost beyond the plain solve, in f evaluations (module table)."""
-        cost = 1 + 2 * self.jacobian_vjps + 2 * self.power_iters
+        cost = 1 if self.probes_z_star() else 0
+        cost += 2 * self.jacobian_vjps + 2 * self.power_iters
         cost += self.restart_iters + (4 if self.entropy_step > 0 else 0)
         return float(cost)
+
+    def probes_z_star(self) -> bool:
+        """Whether any feature needs the f evaluation with a graph at z* (residual, Jacobian)."""
+        return self.log_residual or self.jacobian_vjps > 0 or self.power_iters > 0
 
 
 def _pattern(shape: torch.Size, seed: int, salt: int, like: Tensor) -> Tensor:
@@ -165,7 +176,7 @@ def _entropy_step_drop(model: DEQClassifier, x: Tensor, z_star: Tensor, step: fl
     return h0 - h1
 
 
-def _restart(model: DEQClassifier, x: Tensor, u: Tensor, z_star: Tensor, logits: Tensor,
+def _restart(model: DEQClassifier, x: Tensor, z_star: Tensor, logits: Tensor,
              cfg: DynamicsConfig, solver: str | None, tol: float | None, *,
              create_graph: bool) -> dict[str, Tensor]:
     """Re-solve `restart_iters` steps from z* + kick * rms(z*) * pattern and compare."""
@@ -264,14 +275,15 @@ def _features(model: DEQClassifier, x: Tensor, result: SolveResult, cfg: Dynamic
         entropy = torch.stack([prediction_entropy(d) for d in decoded])
         predictions = torch.stack([d.argmax(-1) for d in decoded])
     feats = trajectory_features(result, cfg, entropy=entropy, predictions=predictions)
-    u = model.inject(x)
+    if cfg.probes_z_star():
+        u = model.inject(x)
 
-    def f(z: Tensor) -> Tensor:
-        return model.layer(z, u)
+        def f(z: Tensor) -> Tensor:
+            return model.layer(z, u)
 
-    feats.update(jacobian_features(f, result.z, cfg, create_graph=create_graph))
+        feats.update(jacobian_features(f, result.z, cfg, create_graph=create_graph))
     if cfg.restart_iters:
-        feats.update(_restart(model, x, u, result.z, result.logits, cfg, solver, tol,
+        feats.update(_restart(model, x, result.z, result.logits, cfg, solver, tol,
                               create_graph=create_graph))
     if cfg.entropy_step:
         feats["entropy_step_drop"] = _entropy_step_drop(model, x, result.z, cfg.entropy_step,
