@@ -11,7 +11,8 @@ DEFAULT_PARTS = "clean,budget,pgd,adaptive,detect"
 # deqguard.training.data.DATASETS
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 # models.selective.SCORE_NAMES and DEFAULT_COVERAGES (tests/test_selective_eval_cli.py)
-SELECTIVE_SCORES = ("detector", "mean_entropy", "final_entropy", "max_softmax", "iterations")
+SELECTIVE_SCORES = ("detector", "mean_entropy", "final_entropy", "max_softmax", "iterations",
+                    "rectified")
 SELECTIVE_COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 # deqguard.models.config.GradMode
 GRAD_MODES = ("exact", "implicit", "phantom")

@@ -170,6 +170,10 @@ def _learned_detector(meta, model, parts: list[str], selective: Any) -> Any:
             and (detector is None or not model.is_deq)):
         raise DeqguardError("--selective-score detector needs a learned detector in the "
                             "checkpoint (deqguard detect fit CKPT --write)")
+    if (selective is not None and selective.calibrate and selective.score == "rectified"
+            and getattr(model, "rectifier", None) is None):
+        raise DeqguardError("--selective-score rectified needs a checkpoint with a rectifier "
+                            "head (deqguard train with model.overrides.rectifier)")
     return detector
 
 

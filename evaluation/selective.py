@@ -31,6 +31,7 @@ from torch import Tensor
 
 from deqguard.models.classifier import Classifier
 from deqguard.models.selective import (
+    SCORE_NAMES,
     SelectiveCalibration,
     calibrate,
     coverage_threshold,
@@ -193,14 +194,23 @@ def selective_section(model: Classifier, x: Tensor, y: Tensor, x_val: Tensor, y_
     """The report's selective section: the measurements (`measure`) and/or the calibration."""
     skipped = []
     usable = detector is not None and model.is_deq
-    names = [n for n in dict.fromkeys(s.scores) if n != "detector" or usable]
+    headed = getattr(model, "rectifier", None) is not None
+    names = [n for n in dict.fromkeys(s.scores)
+             if (n != "detector" or usable) and (n != "rectified" or headed)]
     if "detector" in s.scores and not usable:
         skipped.append("detector score and detector-aware attack: the checkpoint has no learned "
                        "detector (deqguard detect fit CKPT --write)")
+    if "rectified" in s.scores and not headed and tuple(s.scores) != SCORE_NAMES:
+        # asked for by name; the default list just has no such score on a plain checkpoint
+        skipped.append("rectified score: the checkpoint has no rectifier head (deqguard train "
+                       "with model.overrides.rectifier)")
     if s.calibrate and s.score not in names:
         if s.score == "detector" and not usable:
             raise ValueError("--selective-score detector needs a learned detector in the "
                              "checkpoint (deqguard detect fit CKPT --write)")
+        if s.score == "rectified" and not headed:
+            raise ValueError("--selective-score rectified needs a checkpoint with a rectifier "
+                             "head")
         names.append(s.score)
     if not measure:
         names = [s.score]

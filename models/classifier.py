@@ -22,6 +22,7 @@ from .entropy import prediction_entropy
 from .errors import InputError
 from .grad import attach_gradient
 from .layers import VariationalDropout2d
+from .rectifier import Rectifier
 from .solvers import SolverOutput, get_solver
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ class SolveResult:
     predictions: Tensor | None = field(default=None, repr=False)
     # per-sample dynamics features {name: [B]} when `solve(features=...)` asked for them
     features: dict[str, Tensor] | None = field(default=None, repr=False)
+    # [B] the rectifier head's logit A (models/rectifier.py), for a model that has one
+    rectifier: Tensor | None = None
 
     @property
     def final_entropy(self) -> Tensor:
@@ -78,6 +81,8 @@ class Classifier(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # a DEQ's trained doubt head (DEQClassifier.attach_rectifier); None: the plain network
+        self.rectifier: Rectifier | None = None
 
     def check_input(self, x: Tensor) -> None:
         """Refuse inputs the model cannot have been trained on, with a message saying why."""
@@ -113,6 +118,31 @@ class DEQClassifier(Classifier):
 
     is_deq = True
     config: DEQConfig
+
+    def attach_rectifier(self) -> None:
+        """Build the configured rectifier head, sized from the state one image solves in
+        (`registry.build_model` calls this; the architectures need not know about it)."""
+        cfg = self.config.rectifier
+        if cfg is None:
+            return
+        c, s = self.config.in_channels, self.config.image_size
+        with torch.no_grad():
+            x = next(self.parameters()).new_zeros(1, c, s, s)
+            size = self.initial_state(self.inject(x))[0].numel()
+        self.rectifier = Rectifier(size, cfg).to(x.device)
+
+    def rectifier_logit(self, z: Tensor, result: SolveResult) -> Tensor:
+        """The head's A [B] at state z, with the trajectory features of `result` if it reads
+        them (`result` must then carry the entropy trajectory)."""
+        if self.rectifier is None:
+            raise ValueError("this model has no rectifier head (model config 'rectifier')")
+        length = self.rectifier.config.trajectory
+        feats = None
+        if length:
+            from .detection_scores import trajectory_features
+
+            feats = trajectory_features(result, length)
+        return self.rectifier(z, feats)
 
     # -- the four pieces a DEQ architecture supplies -------------------------------------------
     def inject(self, x: Tensor) -> Tensor:
@@ -210,17 +240,21 @@ class DEQClassifier(Classifier):
         `settle` / `deadline` add the anytime stops (see `equilibrium`); `stopped` says which
         criterion ended each sample. `features` (opt-in: they cost extra f evaluations, see
         `models/dynamics.py`) adds the per-sample dynamics features the learned detector reads;
-        True means the defaults.
+        True means the defaults. A model with a rectifier head also returns its logit A
+        (`result.rectifier`), through the state's gradient path.
         """
         want = features is not None and features is not False
+        path = self.rectifier is not None and self.rectifier.config.trajectory > 0
         eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
-                              trajectory=trajectory or want, keep_states=keep_states,
+                              trajectory=trajectory or want or path, keep_states=keep_states,
                               settle=settle, deadline=deadline)
         out = eq.output
         result = SolveResult(logits=self.decode(eq.z), entropy=eq.entropy,
                              residual=out.residual, iterations=out.iterations,
                              converged=out.converged, z=eq.z_star, states=out.states,
                              stopped=out.stopped, predictions=eq.predictions)
+        if self.rectifier is not None:
+            result.rectifier = self.rectifier_logit(eq.z, result)
         if want:
             from .dynamics import DynamicsConfig, dynamics_features
 

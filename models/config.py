@@ -67,8 +67,26 @@ class ModelConfig(_Strict):
     arch: str
 
 
+class RectifierConfig(_Strict):
+    """A rectified-rejection head (Pang et al., CVPR 2022): a scalar A read off the equilibrium.
+
+    The served doubt is 1 - max p x sigmoid(A) (models/rectifier.py). The head sees the
+    flattened state z* and, when `trajectory` > 0, the entropy and log10 relative residual of
+    the first `trajectory` iterates: how the DEQ got there, not only where it ended.
+    """
+
+    hidden: int = Field(64, ge=1)
+    trajectory: int = Field(0, ge=0, le=100, description="iterates whose entropy and residual "
+                            "the head reads (0: the state only)")
+
+
 class DEQConfig(ModelConfig):
-    """Base of the equilibrium models' configs: how they solve and how gradients flow back."""
+    """Base of the equilibrium models' configs: how they solve and how gradients flow back.
+
+    `rectifier` adds a trained doubt head; None (every checkpoint written without one) builds
+    exactly the network it did before.
+    """
 
     solver: SolverConfig = SolverConfig()
     grad: GradConfig = GradConfig()
+    rectifier: RectifierConfig | None = None

@@ -154,7 +154,10 @@ def build_model(preset_or_config: str | ModelConfig, *, num_classes: int | None 
     if entry is None or not isinstance(cfg, entry.config):
         raise TypeError(f"{type(cfg).__name__} (arch {cfg.arch!r}) is not a registered model "
                         f"config; registered: {', '.join(sorted(_ARCHITECTURES))}")
-    return entry.model(cfg)
+    model = entry.model(cfg)
+    if getattr(cfg, "rectifier", None) is not None:
+        model.attach_rectifier()
+    return model
 
 
 def get_model(name: str, **config: Any) -> Classifier:

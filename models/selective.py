@@ -15,9 +15,11 @@ served by interpolating their thresholds linearly (`SelectiveCalibration.thresho
 Scores, all computed by functions that already exist (none is re-implemented here):
 `detector` (the learned detector's log-odds, models/learned_detector.py, over the solve's
 dynamics features), and `mean_entropy`, `final_entropy`, `max_softmax` (1 - max p) and
-`iterations` from `models.detection_scores.detection_score`. `detector`, `mean_entropy` and
-`iterations` read the solver's path, not only its answer, so their thresholds hold only for the
-solve they were calibrated on (`SOLVE_DEPENDENT`).
+`iterations` from `models.detection_scores.detection_score`, and `rectified` (1 - max p x
+sigmoid(A), the trained rectifier head of models/rectifier.py, for a checkpoint that has one).
+`detector`, `mean_entropy`, `iterations` and `rectified` (whose head may read the trajectory)
+read the solver's path, not only its answer, so their thresholds hold only for the solve they
+were calibrated on (`SOLVE_DEPENDENT`).
 """
 
 from __future__ import annotations
@@ -36,15 +38,18 @@ from .classifier import SolveResult
 from .detection_scores import detection_score
 from .errors import CheckpointError
 from .metadata_block import read_block
+from .rectifier import rectified_doubt
 
 SELECTIVE_VERSION = 1
 METADATA_KEY = "selective"
-ScoreName = Literal["detector", "mean_entropy", "final_entropy", "max_softmax", "iterations"]
+ScoreName = Literal["detector", "mean_entropy", "final_entropy", "max_softmax", "iterations",
+                    "rectified"]
 SCORE_NAMES: tuple[str, ...] = ("detector", "mean_entropy", "final_entropy", "max_softmax",
-                                "iterations")
+                                "iterations", "rectified")
 # Scores that read the solver's trajectory or features: another solver, tolerance or budget
 # moves them, so a threshold calibrated on one solve means nothing on another.
-SOLVE_DEPENDENT: frozenset[str] = frozenset({"detector", "mean_entropy", "iterations"})
+SOLVE_DEPENDENT: frozenset[str] = frozenset({"detector", "mean_entropy", "iterations",
+                                             "rectified"})
 # Dense towards 1, where the last segment ends at the largest calibration score (a coarse step).
 DEFAULT_COVERAGES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9,
                                         0.95, 0.98, 0.99, FULL_COVERAGE)
@@ -189,8 +194,14 @@ def doubt_score(result: SolveResult, name: str, detector: Any = None) -> Tensor:
     """Per-sample doubt [B] (higher = less sure) of a solve, by the existing scoring functions.
 
     `detector` (a models.learned_detector.LogisticDetector) scores the solve's dynamics features
-    (`model.solve(..., features=detector.dynamics)` puts them in `result.features`).
+    (`model.solve(..., features=detector.dynamics)` puts them in `result.features`); `rectified`
+    reads the head's logit that a model with a rectifier puts in `result.rectifier`.
     """
+    if name == "rectified":
+        if result.rectifier is None:
+            raise ValueError("the rectified score needs a checkpoint with a rectifier head "
+                             "(model config 'rectifier', trained by deqguard train)")
+        return rectified_doubt(result.logits.detach(), result.rectifier.detach())
     if name == "detector":
         if detector is None:
             raise ValueError("the detector score needs the checkpoint's learned detector")

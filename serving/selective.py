@@ -14,7 +14,8 @@ What is refused below full coverage, and why:
   abstains instead;
 - for scores that read the solver's path (`SOLVE_DEPENDENT`), another solver, tolerance or
   budget than the calibrated one;
-- the `detector` score where the backend computes no dynamics features (ONNX).
+- the `detector` and `rectified` scores where the backend computes no dynamics features and
+  runs no rectifier head (ONNX: its graph is the classifier's logits only).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class Selector:
                 ) -> str | None:
         """Why `opts` (valid options) cannot be answered selectively, or None when they can.
 
-        `features`: whether this backend computes dynamics features; `deadline`: the request
-        set deadline_ms.
+        `features`: whether this backend computes dynamics features (and runs the rectifier
+        head: the torch backend does both); `deadline`: the request set deadline_ms.
         """
         c = opts.coverage
         if not self.reads_dynamics(opts):
@@ -79,6 +80,9 @@ class Selector:
             return ("this checkpoint's selective score is the learned detector, whose dynamics "
                     "features this backend does not compute (they need autograd): use the torch "
                     f"backend, or send coverage {_FULL}")
+        if cal.score == "rectified" and not features:
+            return ("this checkpoint's selective score is its rectifier head, which this backend "
+                    f"does not run: use the torch backend, or send coverage {_FULL}")
         if cal.score in SOLVE_DEPENDENT:
             want = cal.solve
             got = {"solver": opts.solver, "tol": opts.tol, "max_iter": opts.max_iter}

@@ -30,6 +30,7 @@ class SampleTrace:
     converged: bool
     stopped: str = "max_iter"  # one of STOP_REASONS
     features: dict[str, Tensor] | None = None  # {name: [1]} dynamics features, when computed
+    rectifier: Tensor | None = None  # [1] the rectifier head's logit, for a model with one
 
     def __reduce__(self) -> tuple:
         """Pickled as plain numbers (exactly, dtypes kept): torch pickles each tensor as a
@@ -37,15 +38,17 @@ class SampleTrace:
         cost more than building the answers."""
         feats = (None if self.features is None else
                  {k: _plain(v) for k, v in self.features.items()})
+        head = None if self.rectifier is None else _plain(self.rectifier)
         return (_rebuild, (_plain(self.logits), _plain(self.entropy), _plain(self.residual),
-                           self.iterations, self.converged, self.stopped, feats))
+                           self.iterations, self.converged, self.stopped, feats, head))
 
     def as_result(self) -> SolveResult:
         """This trace as a batch of one (views, no copies), the form models/' scores read."""
         return SolveResult(
             logits=self.logits[None], entropy=self.entropy[:, None],
             residual=self.residual[:, None], iterations=torch.tensor([self.iterations]),
-            converged=torch.tensor([self.converged]), features=self.features)
+            converged=torch.tensor([self.converged]), features=self.features,
+            rectifier=self.rectifier)
 
 
 def _plain(t: Tensor) -> tuple[list, torch.dtype]:
@@ -53,14 +56,16 @@ def _plain(t: Tensor) -> tuple[list, torch.dtype]:
 
 
 def _rebuild(logits: tuple, entropy: tuple, residual: tuple, iterations: int, converged: bool,
-             stopped: str, features: dict[str, tuple] | None) -> SampleTrace:
+             stopped: str, features: dict[str, tuple] | None,
+             rectifier: tuple | None = None) -> SampleTrace:
     def tensor(plain: tuple) -> Tensor:
         return torch.tensor(plain[0], dtype=plain[1])
 
     return SampleTrace(logits=tensor(logits), entropy=tensor(entropy), residual=tensor(residual),
                        iterations=iterations, converged=converged, stopped=stopped,
                        features=None if features is None else
-                       {k: tensor(v) for k, v in features.items()})
+                       {k: tensor(v) for k, v in features.items()},
+                       rectifier=None if rectifier is None else tensor(rectifier))
 
 
 def split_batch(result: SolveResult) -> list[SampleTrace]:
@@ -77,6 +82,7 @@ def split_batch(result: SolveResult) -> list[SampleTrace]:
     stopped = None if result.stopped is None else result.stopped.cpu().tolist()
     features = (None if result.features is None else
                 {k: v.detach().double().cpu() for k, v in result.features.items()})
+    head = None if result.rectifier is None else result.rectifier.detach().float().cpu()
     out = []
     for i in range(logits.shape[0]):
         it = max(int(iterations[i]), 1)
@@ -90,5 +96,6 @@ def split_batch(result: SolveResult) -> list[SampleTrace]:
             logits=logits[i].clone(), entropy=ent.clone(), residual=res.clone(), iterations=it,
             converged=bool(converged[i]), stopped=why,
             features=None if features is None else
-            {k: v[i:i + 1].clone() for k, v in features.items()}))
+            {k: v[i:i + 1].clone() for k, v in features.items()},
+            rectifier=None if head is None else head[i:i + 1].clone()))
     return out

@@ -112,6 +112,29 @@ class JacobianConfig(_Strict):
     vectors: int = Field(2, ge=1)
 
 
+ADVERSARIAL_CE_KINDS = ("pgd-at", *SINGLE_STEP_KINDS)  # CE on one adversarial batch
+
+
+class RectifierTrainConfig(_Strict):
+    """Training of the rectifier head (models/rectifier.py, Pang et al. CVPR 2022).
+
+    `weight` > 0 adds weight x BCE(max p x sigmoid(A), stopgrad p_y) on the adversarial batch of
+    the CE objectives (pgd-at, fgsm-rs, n-fgsm); the model needs a head
+    (`model.overrides.rectifier`). `freeze_backbone` trains the head alone: cheap, and the
+    classifier's answers and robustness stay exactly those of the checkpoint it starts from.
+    """
+
+    weight: float = Field(0.0, ge=0)
+    freeze_backbone: bool = False
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> RectifierTrainConfig:
+        if self.freeze_backbone and self.weight <= 0:
+            raise ValueError("rectifier.freeze_backbone leaves only the head to train: set "
+                             "rectifier.weight > 0")
+        return self
+
+
 class OptimConfig(_Strict):
     name: Literal["adam", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -184,6 +207,15 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     train: RunConfig = RunConfig()
+    rectifier: RectifierTrainConfig = RectifierTrainConfig()
+
+    @model_validator(mode="after")
+    def _rectifier_objective(self) -> TrainConfig:
+        kind = self.objective.kind
+        if self.rectifier.weight > 0 and kind not in ADVERSARIAL_CE_KINDS:
+            raise ValueError(f"rectifier.weight > 0 trains on the adversarial batch of "
+                             f"{', '.join(ADVERSARIAL_CE_KINDS)}; objective.kind is {kind!r}")
+        return self
 
 
 # Fields that may differ between a run and its resumption: they do not change the computation.
@@ -192,7 +224,8 @@ RESUME_FREE_FIELDS = frozenset({"data.data_dir", "data.download", "train.num_wor
 # Fields added after resume states may have been written: a saved config without one of them
 # ran with the value given here, so resuming such a run under that value is no difference.
 # (A run saved before `data.pipeline` read its batches through the DataLoader.)
-ADDED_FIELDS: dict[str, Any] = {"train.channels_last": False, "data.pipeline": "loader"}
+ADDED_FIELDS: dict[str, Any] = {"train.channels_last": False, "data.pipeline": "loader",
+                                "rectifier.weight": 0.0, "rectifier.freeze_backbone": False}
 
 
 # -- presets ---------------------------------------------------------------------------------------

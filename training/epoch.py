@@ -31,7 +31,7 @@ class _Tally:
     """Running sums of one epoch; survives a resume through the resume state."""
 
     KEYS = ("loss", "images", "clean_correct", "clean_n", "adv_correct", "adv_n", "iters",
-            "iters_n", "depth", "depth_n", "jac", "jac_n", "seconds", "steps")
+            "iters_n", "depth", "depth_n", "jac", "jac_n", "rr", "rr_n", "seconds", "steps")
 
     def __init__(self, saved: dict[str, float] | None = None):
         self.v = {k: 0.0 for k in self.KEYS}
@@ -91,7 +91,8 @@ class EpochLoop:
             out = objective_loss(cfg.objective, fwd, x, y, noise=noise_gen,
                                  clean_only=self.global_step < cfg.objective.clean_warmup_steps,
                                  jacobian_vectors=j.vectors if use_jac else 0,
-                                 jacobian_weight=j.weight)
+                                 jacobian_weight=j.weight,
+                                 rectifier_weight=cfg.rectifier.weight)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         distributed.average_gradients(self.model)
@@ -115,6 +116,8 @@ class EpochLoop:
             tally.add(depth=sum(fwd.depths), depth_n=len(fwd.depths))
         if out.jacobian is not None:
             tally.add(jac=float(out.jacobian), jac_n=1)
+        if out.rectifier is not None:
+            tally.add(rr=float(out.rectifier), rr_n=1)
         return loss
 
     # -- epochs ---------------------------------------------------------------------------------
@@ -193,6 +196,7 @@ class EpochLoop:
             "train_mean_iterations": tally.ratio("iters", "iters_n"),
             "train_mean_depth": tally.ratio("depth", "depth_n"),
             "train_jacobian": tally.ratio("jac", "jac_n"),
+            "train_rectifier_bce": tally.ratio("rr", "rr_n"),
             "val_clean_accuracy": val["clean_accuracy"], "val_pgd_accuracy": val["pgd_accuracy"],
             "val_mean_iterations": val["mean_iterations"],
             "val_converged_fraction": val["converged_fraction"], "val_images": val["images"],

@@ -102,7 +102,13 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
         if self.steps_per_epoch == 0:
             raise DeqguardError(f"{len(self.train_set)} training images make no full batch of "
                                 f"{b} x {w} processes: lower train.batch_size or raise --limit")
-        self.optimizer = make_optimizer(self.model.parameters(), self.cfg.optim)
+        if cfg.rectifier.weight > 0 and getattr(self.model, "rectifier", None) is None:
+            raise DeqguardError("rectifier.weight > 0 needs a model with a rectifier head: "
+                                "--set model.overrides.rectifier.hidden=64 (or any field of it)")
+        if cfg.rectifier.freeze_backbone:
+            freeze_backbone(self.model)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
+                                        self.cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.optim,
                                         self.cfg.train.epochs * self.steps_per_epoch)
         self.epoch, self.step, self.global_step = 0, 0, 0
@@ -137,6 +143,13 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
                 break
         final = self._finish()
         return RunResult(self.out, self.out / LAST, self.out / BEST, final, self.dist.is_main)
+
+
+def freeze_backbone(model: Classifier) -> None:
+    """Only the rectifier head keeps learning: the classifier's weights, and so its answers and
+    their robustness, stay those the run starts from."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("rectifier."))
 
 
 def train(cfg: TrainConfig, *, out_dir: str | os.PathLike, resume: bool = False,

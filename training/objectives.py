@@ -9,6 +9,10 @@ loss sees random intermediate states of the dynamics instead of the (approximate
 
 Inner attacks run with the model in eval mode (dropout off, the same random-depth forward) and
 the model is put back in train mode for the update, as the paper's code does.
+
+A model with a rectifier head (models/rectifier.py) can add Pang et al.'s rectified-rejection
+term to the CE objectives: BCE(max p x sigmoid(A), stopgrad p_y) on the adversarial batch, with
+A read at the state of that batch's forward.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.classifier import Classifier
+from ..models.classifier import Classifier, SolveResult
 from ..models.config import GradConfig
+from ..models.rectifier import rectified_loss
 from .attacks import fgsm_rs, n_fgsm, pgd, pgd_ce
 from .config import SINGLE_STEP_KINDS, ObjectiveConfig
 
@@ -57,17 +62,43 @@ class TrainForward:
     def logits(self, x: Tensor, *, jacobian_vectors: int = 0,
                noise: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits of one forward and, if asked, the Hutchinson ||J_f||_F^2 at its state."""
+        logits, jac, _ = self.outputs(x, jacobian_vectors=jacobian_vectors, noise=noise)
+        return logits, jac
+
+    def outputs(self, x: Tensor, *, jacobian_vectors: int = 0,
+                noise: torch.Generator | None = None, rectifier: bool = False
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(logits, Jacobian term or None, the rectifier's A [B] if asked, else None).
+
+        A is read at the state the logits are decoded from (the same gradient path), with the
+        trajectory of this forward's own solve when the head reads one.
+        """
         if not self.model.is_deq:
-            return self.model(x), None
+            if rectifier:
+                raise ValueError("the rectifier head needs an equilibrium model")
+            return self.model(x), None, None
+        head = getattr(self.model, "rectifier", None) if rectifier else None
+        if rectifier and head is None:
+            raise ValueError("rectifier.weight > 0 needs a model with a rectifier head "
+                             "(model.overrides.rectifier)")
+        path = head is not None and head.config.trajectory > 0
         n = self.draw_depth()
         eq = self.model.equilibrium(x, solver=self.solver, max_iter=n, tol=self.tol,
-                                    grad=self.grad, readout=self.readout)
+                                    grad=self.grad, readout=self.readout, trajectory=path)
         if n is not None:
             self.depths.append(n)
         self.iterations.append(float(eq.output.iterations.float().mean()))
         jac = (jacobian_frobenius(eq.f, eq.z_star, jacobian_vectors, noise)
                if jacobian_vectors > 0 and torch.is_grad_enabled() else None)
-        return self.model.decode(eq.z), jac
+        logits = self.model.decode(eq.z)
+        a = None
+        if head is not None:
+            out = eq.output
+            solved = SolveResult(logits=logits, residual=out.residual,
+                                 iterations=out.iterations, converged=out.converged,
+                                 entropy=eq.entropy)
+            a = self.model.rectifier_logit(eq.z, solved)
+        return logits, jac, a
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.logits(x)[0]
@@ -111,6 +142,7 @@ class LossOutput:
     adv_logits: Tensor | None = None
     jacobian: Tensor | None = None
     x_adv: Tensor | None = None
+    rectifier: Tensor | None = None  # the rectified-rejection BCE, detached, when trained
 
 
 def _with_jacobian(loss: Tensor, terms: list[Tensor | None], weight: float
@@ -132,11 +164,19 @@ def standard_loss(fwd: TrainForward, x: Tensor, y: Tensor, *, jacobian_vectors: 
 
 def adversarial_ce_loss(fwd: TrainForward, x: Tensor, y: Tensor, x_adv: Tensor, *,
                         clean_weight: float = 0.0, noise: torch.Generator | None = None,
-                        jacobian_vectors: int = 0, jacobian_weight: float = 0.0) -> LossOutput:
+                        jacobian_vectors: int = 0, jacobian_weight: float = 0.0,
+                        rectifier_weight: float = 0.0) -> LossOutput:
     """CE on x_adv, mixed with CE on x when `clean_weight` > 0 (half-clean batches as in the
-    published PGD-AT Fashion-MNIST models: a lever for clean accuracy)."""
-    logits, jac = fwd.logits(x_adv, jacobian_vectors=jacobian_vectors, noise=noise)
+    published PGD-AT Fashion-MNIST models: a lever for clean accuracy); plus
+    `rectifier_weight` x the rectified-rejection BCE on x_adv (Pang et al. train it on the
+    adversarial batch: that is where the confidence must learn to drop)."""
+    logits, jac, a = fwd.outputs(x_adv, jacobian_vectors=jacobian_vectors, noise=noise,
+                                 rectifier=rectifier_weight > 0)
     loss = F.cross_entropy(logits, y)
+    bce = None
+    if a is not None:
+        bce = rectified_loss(logits, a, y)
+        loss = loss + rectifier_weight * bce
     jacs = [jac]
     clean_logits = None
     if clean_weight > 0:
@@ -146,22 +186,25 @@ def adversarial_ce_loss(fwd: TrainForward, x: Tensor, y: Tensor, x_adv: Tensor, 
         clean_logits = clean_logits.detach()
     loss, jac = _with_jacobian(loss, jacs, jacobian_weight)
     return LossOutput(loss=loss, clean_logits=clean_logits, adv_logits=logits.detach(),
-                      jacobian=jac, x_adv=x_adv)
+                      jacobian=jac, x_adv=x_adv,
+                      rectifier=None if bce is None else bce.detach())
 
 
 def pgd_at_loss(fwd: TrainForward, x: Tensor, y: Tensor, *, eps: float, step_size: float,
                 steps: int, noise: torch.Generator | None = None, clean_weight: float = 0.0,
-                jacobian_vectors: int = 0, jacobian_weight: float = 0.0) -> LossOutput:
+                jacobian_vectors: int = 0, jacobian_weight: float = 0.0,
+                rectifier_weight: float = 0.0) -> LossOutput:
     """Madry et al.: CE on PGD examples (uniform start)."""
     with eval_mode(fwd.model):
         x_adv = pgd_ce(fwd, x, y, eps=eps, step_size=step_size, steps=steps, generator=noise)
     return adversarial_ce_loss(fwd, x, y, x_adv, clean_weight=clean_weight, noise=noise,
-                               jacobian_vectors=jacobian_vectors, jacobian_weight=jacobian_weight)
+                               jacobian_vectors=jacobian_vectors, jacobian_weight=jacobian_weight,
+                               rectifier_weight=rectifier_weight)
 
 
 def single_step_loss(cfg: ObjectiveConfig, fwd: TrainForward, x: Tensor, y: Tensor, *,
                      noise: torch.Generator | None = None, jacobian_vectors: int = 0,
-                     jacobian_weight: float = 0.0) -> LossOutput:
+                     jacobian_weight: float = 0.0, rectifier_weight: float = 0.0) -> LossOutput:
     """FGSM-RS or N-FGSM examples, then the same CE as PGD-AT: one attack gradient per step.
 
     With the regulation on, the attack's forward draws its own random depth, like each PGD step.
@@ -173,7 +216,8 @@ def single_step_loss(cfg: ObjectiveConfig, fwd: TrainForward, x: Tensor, y: Tens
             x_adv = n_fgsm(fwd, x, y, eps=cfg.eps, step_size=cfg.step_size, noise=cfg.noise,
                            generator=noise)
     return adversarial_ce_loss(fwd, x, y, x_adv, clean_weight=cfg.clean_weight, noise=noise,
-                               jacobian_vectors=jacobian_vectors, jacobian_weight=jacobian_weight)
+                               jacobian_vectors=jacobian_vectors, jacobian_weight=jacobian_weight,
+                               rectifier_weight=rectifier_weight)
 
 
 def trades_attack(fwd: TrainForward, x: Tensor, *, eps: float, step_size: float, steps: int,
@@ -211,17 +255,20 @@ def trades_loss(fwd: TrainForward, x: Tensor, y: Tensor, *, eps: float, step_siz
 
 def objective_loss(cfg: ObjectiveConfig, fwd: TrainForward, x: Tensor, y: Tensor, *,
                    noise: torch.Generator | None = None, clean_only: bool = False,
-                   jacobian_vectors: int = 0, jacobian_weight: float = 0.0) -> LossOutput:
-    """The configured objective's loss on one batch (`clean_only` for the clean warm-up)."""
+                   jacobian_vectors: int = 0, jacobian_weight: float = 0.0,
+                   rectifier_weight: float = 0.0) -> LossOutput:
+    """The configured objective's loss on one batch (`clean_only` for the clean warm-up);
+    `rectifier_weight` applies to the CE objectives on an adversarial batch only."""
     jac = {"jacobian_vectors": jacobian_vectors, "jacobian_weight": jacobian_weight,
            "noise": noise}
     if cfg.kind == "standard" or clean_only:
         return standard_loss(fwd, x, y, **jac)
     if cfg.kind == "pgd-at":
         return pgd_at_loss(fwd, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                           clean_weight=cfg.clean_weight, **jac)
+                           clean_weight=cfg.clean_weight, rectifier_weight=rectifier_weight,
+                           **jac)
     if cfg.kind in SINGLE_STEP_KINDS:
-        return single_step_loss(cfg, fwd, x, y, **jac)
+        return single_step_loss(cfg, fwd, x, y, rectifier_weight=rectifier_weight, **jac)
     if cfg.kind == "trades":
         return trades_loss(fwd, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                            beta=cfg.beta, **jac)
