@@ -150,6 +150,9 @@ def usable_scores(model: Classifier, names: list[str], detector: Any) -> tuple[l
         if n == "detector" and (detector is None or not model.is_deq):
             skipped.append("detector: the checkpoint has no learned detector (deqguard detect "
                            "fit CKPT --write)")
+        elif n == "rectified" and getattr(model, "rectifier", None) is None:
+            skipped.append("rectified: the checkpoint has no rectifier head (deqguard train "
+                           "--set model.overrides.rectifier.hidden=64 ...)")
         elif n in DEQ_ONLY and not model.is_deq:
             skipped.append(f"{n}: a feedforward model has no solver path")
         else:

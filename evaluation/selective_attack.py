@@ -40,13 +40,14 @@ from torch import Tensor
 
 from deqguard.models.classifier import Classifier, DEQClassifier
 from deqguard.models.entropy import mean_over_own_iterates, prediction_entropy
+from deqguard.models.rectifier import rectified_doubt
 from deqguard.models.solvers.base import residual
 from deqguard.training.attacks import project_linf
 
 Loss = Literal["ce", "dlr"]
 LOSSES: tuple[str, ...] = ("ce", "dlr")
 # Scores whose surrogate needs the DEQ's solver path (not defined by a feedforward's logits).
-DEQ_ONLY: frozenset[str] = frozenset({"detector", "iterations", "mean_entropy"})
+DEQ_ONLY: frozenset[str] = frozenset({"detector", "iterations", "mean_entropy", "rectified"})
 _TINY = 1e-12
 _TIER = 1e6  # the objective of a lower tier never reaches a higher tier's
 
@@ -86,6 +87,12 @@ def surrogate_forward(model: Classifier, x: Tensor, goal: Goal) -> Forward:
 
         s, logits = surrogate_score_and_logits(model, goal.detector, x)
         return Forward(logits, s.detach(), goal.tau - s)
+    if goal.name == "rectified":
+        # The head's trajectory inputs (if it reads any) are counts and entropies read off the
+        # iterates: held constant here, the gradient reaches A through the state alone.
+        r = model.solve(x, grad="exact")
+        s = rectified_doubt(r.logits, r.rectifier)
+        return Forward(r.logits, s.detach(), _log_margin(goal.tau, s))
     trajectory = goal.name in ("mean_entropy", "iterations")
     eq = model.equilibrium(x, grad="exact", keep_states=trajectory)
     logits = model.decode(eq.z)

@@ -13,7 +13,12 @@ from conftest import make_pattern_images
 from selective_ckpt import calibrated_copy, cheap_detector
 
 from deqguard.cli import main
-from deqguard.evaluation.adaptive_selective import best_scores, row_numbers, score_stats
+from deqguard.evaluation.adaptive_selective import (
+    best_scores,
+    row_numbers,
+    score_stats,
+    usable_scores,
+)
 from deqguard.evaluation.adaptive_selective_schema import AdaptiveSelectiveRow
 from deqguard.evaluation.risk_coverage import augrc
 from deqguard.evaluation.schema import EvalReport
@@ -45,6 +50,35 @@ def _batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
                                        ("mean_entropy", 1e-6), ("iterations", 2.0),
                                        ("detector", -50.0)])
 def test_the_attack_lowers_the_targeted_score_and_stays_in_the_ball(tiny_model, name, tau):
+    _lowers_the_score(tiny_model, name, tau)
+
+
+def _headed(checkpoint) -> torch.nn.Module:
+    """The fixture network with a fresh state-only rectifier head (its A is some function of
+    z*: enough for the attack to have a score to lower)."""
+    from deqguard.models import build_model, load_checkpoint
+
+    plain, _ = load_checkpoint(checkpoint, device="cpu")
+    cfg = plain.config
+    torch.manual_seed(0)
+    model = build_model(type(cfg).model_validate(
+        {**cfg.model_dump(), "rectifier": {"hidden": 16, "trajectory": 0}}))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    return model.eval()
+
+
+def test_the_attack_lowers_the_rectified_score_of_a_headed_model(tiny_checkpoint):
+    _lowers_the_score(_headed(tiny_checkpoint), "rectified", 1e-6)
+
+
+def test_the_rectified_score_is_skipped_without_a_head(tiny_model, tiny_checkpoint):
+    keep, skipped = usable_scores(tiny_model, ["max_softmax", "rectified"], None)
+    assert keep == ["max_softmax"] and skipped[0].startswith("rectified:")
+    keep, _ = usable_scores(_headed(tiny_checkpoint), ["rectified"], None)
+    assert keep == ["rectified"]
+
+
+def _lowers_the_score(tiny_model, name: str, tau: float) -> None:
     x, y = _batch()
     detector = cheap_detector("") if name == "detector" else None
     goal = Goal(name, tau, detector)
