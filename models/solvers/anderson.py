@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Fn, IterateHook, SolverOutput, StepRecorder, StopHook
+from .base import Fn, IterateHook, RowsFn, SolverOutput, StepRecorder, StopHook
 
 
 def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mode: str = "rel",
                    anderson_m: int = 5, anderson_lam: float = 1e-4, beta: float = 1.0,
                    on_iterate: IterateHook | None = None, keep_states: bool = False,
                    stop_when: StopHook | None = None, deadline: Tensor | None = None,
-                   history: str = "auto", **_: object) -> SolverOutput:
+                   history: str = "auto", f_rows: RowsFn | None = None,
+                   **_: object) -> SolverOutput:
     """Mix the last `anderson_m` iterates with weights minimising the combined residual.
 
     Per sample: alpha = argmin ||sum_i alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum_i alpha_i = 1,
@@ -29,18 +30,19 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
     `history="list"` forces the stacked-list history (bench/solvers.py times both).
     """
     rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
-                       deadline)
+                       deadline, f_rows)
     ring = history == "ring" or (history == "auto" and not torch.is_grad_enabled())
     history = _RingHistory(z0, anderson_m) if ring else _ListHistory(anderson_m)
+    consts: dict = {}
     z = z0
     while not rec.finished:
-        fz = f(z)
+        fz = rec.evaluate(f, z)
         done = rec.check(fz, z)
         history.push(z, fz)
         if history.n == 1:
             z_next = fz
         else:
-            alpha = _mixing_weights(history.gram(), anderson_lam)
+            alpha = _mixing_weights(history.gram(), anderson_lam, consts)
             z_next = torch.nan_to_num(history.mix(alpha, beta)).view_as(z)
         z = rec.commit(z_next, z, done, fz)
     return rec.output(z)
@@ -53,21 +55,32 @@ def _work_dtype(z: Tensor) -> torch.dtype:
     return torch.promote_types(z.dtype, torch.float32)
 
 
-def _mixing_weights(gram: Tensor, lam: float) -> Tensor:
-    """alpha [B, n, 1] (work dtype) from the residual Gram matrices [B, n, n]."""
+def _mixing_weights(gram: Tensor, lam: float, consts: dict | None = None) -> Tensor:
+    """alpha [B, n, 1] (work dtype) from the residual Gram matrices [B, n, n].
+
+    `consts` caches the constant pieces of the bordered system (identity, border, right-hand
+    side) across the steps of one solve; the arithmetic is the same with or without it.
+    """
     b, n, _ = gram.shape
+    key = (b, n)
+    cached = None if consts is None else consts.get(key)
     with torch.autocast(gram.device.type, enabled=False):
+        if cached is None:
+            eye = torch.eye(n, device=gram.device, dtype=gram.dtype)
+            border = torch.zeros(n + 1, n + 1, device=gram.device, dtype=gram.dtype)
+            border[0, 1:] = 1
+            border[1:, 0] = 1
+            rhs = torch.zeros(b, n + 1, 1, device=gram.device, dtype=gram.dtype)
+            rhs[:, 0] = 1
+            cached = (eye, border, rhs)
+            if consts is not None:
+                consts[key] = cached
+        eye, border, rhs = cached
         # Scale the ridge term with the residual size so it regularises at every magnitude.
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-        eye = torch.eye(n, device=gram.device, dtype=gram.dtype)
         gram = gram + lam * scale.view(b, 1, 1) * eye
         # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0] enforces sum(alpha) = 1.
-        border = torch.zeros(n + 1, n + 1, device=gram.device, dtype=gram.dtype)
-        border[0, 1:] = 1
-        border[1:, 0] = 1
         lhs = torch.nn.functional.pad(gram, (1, 0, 1, 0)) + border
-        rhs = torch.zeros(b, n + 1, 1, device=gram.device, dtype=gram.dtype)
-        rhs[:, 0] = 1
         return torch.linalg.solve(lhs, rhs)[:, 1:]
 
 
