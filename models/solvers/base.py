@@ -130,7 +130,7 @@ class StepRecorder:
         r = torch.where(self.active, r, self.last_residual)
         self.last_residual = r
         self.residuals.append(r)
-        self.iterations = torch.where(self.active, self.iterations + 1, self.iterations)
+        self.iterations = self.iterations + self.active  # one more step for the active
         done = self.active & (r < self.tol)
         self.stopped = torch.where(done, STOP_TOL, self.stopped)
         return done
