@@ -33,7 +33,7 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
                        deadline, f_rows)
     ring = history == "ring" or (history == "auto" and not torch.is_grad_enabled())
     history = _RingHistory(z0, anderson_m, beta) if ring else _ListHistory(anderson_m)
-    consts: dict = {}
+    consts: dict | None = {} if ring else None  # reused buffers: no autograd through them
     z = z0
     while not rec.finished:
         fz = rec.evaluate(f, z)
@@ -60,12 +60,14 @@ def _mixing_weights(gram: Tensor, lam: float, consts: dict | None = None) -> Ten
 
     Solves the bordered system [[0, 1^T], [1, G + lam s I]] [nu; alpha] = [1; 0], which
     enforces sum(alpha) = 1; s, the mean of G's diagonal, scales the ridge with the residual
-    size so it regularises at every magnitude. `consts` keeps the system's buffers (border
-    already in place) and right-hand side across the steps of one solve: the same numbers as
-    building them every step, with fewer operations per step.
+    size so it regularises at every magnitude. Without autograd, `consts` keeps the system's
+    buffers (border in place) and right-hand side across the steps of one solve and the Gram
+    block is written into them: the same numbers as building the system out of place (the
+    path under autograd, where a buffer saved for backward must not change), in fewer steps.
     """
     b, n, _ = gram.shape
     with torch.autocast(gram.device.type, enabled=False):
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
         bufs = None if consts is None else consts.get((b, n))
         if bufs is None:
             lhs = torch.zeros(b, n + 1, n + 1, device=gram.device, dtype=gram.dtype)
@@ -77,10 +79,14 @@ def _mixing_weights(gram: Tensor, lam: float, consts: dict | None = None) -> Ten
             if consts is not None:
                 consts[(b, n)] = bufs
         lhs, rhs = bufs
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-        inner = lhs[:, 1:, 1:]
-        inner.copy_(gram)
-        inner.diagonal(dim1=1, dim2=2).add_((lam * scale).unsqueeze(1))
+        if consts is None:
+            eye = torch.eye(n, device=gram.device, dtype=gram.dtype)
+            lhs = lhs + torch.nn.functional.pad(gram + lam * scale.view(b, 1, 1) * eye,
+                                                (1, 0, 1, 0))
+        else:
+            inner = lhs[:, 1:, 1:]
+            inner.copy_(gram)
+            inner.diagonal(dim1=1, dim2=2).add_((lam * scale).unsqueeze(1))
         return torch.linalg.solve(lhs, rhs)[:, 1:]
 
 
