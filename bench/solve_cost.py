@@ -182,16 +182,18 @@ def profile_solves(model, x: torch.Tensor, args) -> None:
               "the profiler itself inflates Python-heavy rows)")
         table: dict[str, dict[str, float]] = {}
         totals = {}
-        for path in PATHS:
-            xb, reps = x[:b], max(1, 128 // b)
-            with torch.inference_mode():
+        xb, reps = x[:b], max(1, 128 // b)
+        profs = {path: cProfile.Profile() for path in PATHS}
+        with torch.inference_mode():
+            for path in PATHS:
                 model.solve(xb, trajectory=True, reference=path == "reference", **opts)
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(reps):
+            for _ in range(reps):  # alternating, so both paths see the same load
+                for path in PATHS:
+                    profs[path].enable()
                     model.solve(xb, trajectory=True, reference=path == "reference", **opts)
-                prof.disable()
-            raw = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+                    profs[path].disable()
+        for path in PATHS:
+            raw = pstats.Stats(profs[path]).stats  # type: ignore[attr-defined]
             totals[path] = 1000 * sum(v[2] for v in raw.values()) / reps
             for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in raw.items():
                 for (suffix, name), label in _COMPONENTS.items():
