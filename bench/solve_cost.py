@@ -86,6 +86,12 @@ def _summary(times: list[float]) -> str:
     return f"{statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f})"
 
 
+def _ratio(a: list[float], b: list[float], fmt: str = "{:.2f}x") -> str:
+    """Median (min-max) of a[i] / b[i]: rows timed in the same round share that round's load."""
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return f"{fmt.format(statistics.median(r))} ({fmt.format(min(r))}-{fmt.format(max(r))})"
+
+
 def check_answers(model, x: torch.Tensor, opts: dict, batches: list[int]) -> None:
     print("\nFast path vs reference path on the same images (served options, trajectory on):")
     print("| batch | max logit diff | max entropy diff | max residual diff | labels | iterations |")
@@ -134,25 +140,31 @@ def part1(model, x: torch.Tensor, args) -> None:
 
     for b in args.batches:
         rows: dict[str, Callable[[], float]] = {}
-        for path in PATHS:
-            rows[f"solve, {path}"] = solve_row(path, None, b)
-            if features is not None:
-                rows[f"solve+features, {path}"] = solve_row(path, features, b)
-            rows[f"engine default, {path}"] = engine_row(engine, path, b)
+        for kind in ("solve", "solve+features", "engine default"):  # each pair back to back
+            if kind == "solve+features" and features is None:
+                continue
+            for path in PATHS:
+                name = f"{kind}, {path}"
+                if kind == "engine default":
+                    rows[name] = engine_row(engine, path, b)
+                else:
+                    rows[name] = solve_row(path, features if kind != "solve" else None, b)
         if anchor is not None:
             rows["engine anchor CNN"] = engine_row(anchor, None, b)
         res = _rounds(rows, args.rounds)
         print(f"\n## batch {b}: ms per image over {len(x)} images, median (min-max) of "
-              f"{args.rounds} interleaved rounds")
-        print("| row | ms/image | vs its reference row | vs anchor CNN engine |")
+              f"{args.rounds} interleaved rounds; ratios: median (min-max) of the per-round "
+              "ratios")
+        print("| row | ms/image | fast / reference | / anchor CNN engine |")
         print("|---|---:|---:|---:|")
-        cnn = statistics.median(res["engine anchor CNN"]) if anchor is not None else None
+        cnn = res.get("engine anchor CNN")
         for name, times in res.items():
-            med = statistics.median(times)
-            ref_name = name.replace(", fast", ", reference")
-            vs_ref = (f"{med / statistics.median(res[ref_name]):.2f}x"
-                      if name.endswith(", fast") else "-")
-            vs_cnn = f"{med / cnn:.1f}x" if cnn else "-"
+            vs_ref = vs_cnn = "-"
+            if name.endswith(", fast"):
+                ref = res[name.replace(", fast", ", reference")]
+                vs_ref = _ratio(times, ref)
+            if cnn is not None and name != "engine anchor CNN":
+                vs_cnn = _ratio(times, cnn, "{:.1f}x")
             print(f"| {name} | {_summary(times)} | {vs_ref} | {vs_cnn} |")
 
 
@@ -237,12 +249,13 @@ def part2(model, args) -> None:
                     return model.solve(xb, trajectory=True, **{**opts, "solver": s})
             rows[(s, b)] = functools.partial(_time_per_image, run, xt, b)
     res = _rounds(rows, args.rounds)
-    heads = " | ".join(f"ms/image at batch {b}" for b in args.batches)
+    heads = " | ".join(f"ms/image at batch {b} | / anderson" for b in args.batches)
     print(f"| solver | accuracy | converged | mean iterations | {heads} |")
-    print("|---|---:|---:|---:|" + "---:|" * len(args.batches))
+    print("|---|---:|---:|---:|" + "---:|---:|" * len(args.batches))
     for s in SOLVERS:
         acc, conv, iters = stats[s]
-        cells = " | ".join(_summary(res[(s, b)]) for b in args.batches)
+        cells = " | ".join(f"{_summary(res[(s, b)])} | {_ratio(res[(s, b)], res[('anderson', b)])}"
+                           for b in args.batches)
         print(f"| {s} | {100 * acc:.1f}% | {100 * conv:.1f}% | {iters:.2f} | {cells} |")
 
 
