@@ -157,6 +157,11 @@ class DEQClassifier(Classifier):
     def decode(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def layer_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """`layer` as a function of (z, u) for a solver's inner loop; an architecture whose layer
+        can be bound to its current weights (bit for bit the same) returns that faster form."""
+        return self.layer
+
     # -- solving --------------------------------------------------------------------------------
     def _reset_noise(self) -> None:
         for m in self.modules():
@@ -180,13 +185,19 @@ class DEQClassifier(Classifier):
                     readout: Readout = "state", trajectory: bool = False,
                     keep_states: bool = False, z0: Tensor | None = None,
                     settle: SettleRule | None = None,
-                    deadline: Tensor | None = None) -> Equilibrium:
+                    deadline: Tensor | None = None, reference: bool = False) -> Equilibrium:
         """Solve for z* and attach the requested gradient path.
 
         `readout="state"` returns a value equal to the solver's z* (gradient straight through the
         path); `"unrolled"` returns the path's own output, as the paper's training does.
         `settle` and `deadline` ([B] absolute time.time() seconds) are the anytime stops
         (models/anytime.py, models/solvers/base.py); both are off by default.
+
+        By default the solve takes the fast path: the layer bound to its weights (`layer_fn`),
+        f evaluated only on samples still iterating (eval mode, no autograd through the solve),
+        and the trajectory decoded in one batch after the loop unless a settle rule needs it
+        step by step. `reference=True` runs the plain path instead (module calls, every sample
+        every step, a decode per step): the same answers, kept to test the fast one against.
         """
         cfg: SolverConfig = self.config.solver
         grad_cfg = self._grad_config(grad)
@@ -197,7 +208,7 @@ class DEQClassifier(Classifier):
         options["tol"] = cfg.tol if tol is None else float(tol)
         solve_fn = get_solver(name)
         self._reset_noise()
-        watcher = IterateWatcher(self.decode, settle, record=trajectory)
+        watcher = IterateWatcher(self.decode, settle, record=trajectory, deferred=not reference)
         if settle is not None:
             options["stop_when"] = watcher.stop_when
         if deadline is not None:
@@ -207,12 +218,17 @@ class DEQClassifier(Classifier):
             self._materialise_parametrizations()
             u = self.inject(x)
             z_init = self.initial_state(u) if z0 is None else z0
+            layer = self.layer if reference else self.layer_fn()
 
             def f(z: Tensor) -> Tensor:
-                return self.layer(z, u)
+                return layer(z, u)
 
             hook = watcher.on_iterate if trajectory or settle is not None else None
             exact = grad_cfg.mode == "exact" and torch.is_grad_enabled()
+            # Skipping stopped samples needs per-sample f with no batch-shaped state: not in
+            # training (a variational dropout mask spans the batch) nor under exact backprop.
+            if not (reference or exact or self.training):
+                options["f_rows"] = lambda z, rows: layer(z, u.index_select(0, rows))
             if exact:
                 out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
                 z = out.z
@@ -234,20 +250,22 @@ class DEQClassifier(Classifier):
               tol: float | None = None, trajectory: bool = True,
               grad: GradConfig | str | None = None, keep_states: bool = False,
               settle: SettleRule | None = None, deadline: Tensor | None = None,
-              features: DynamicsConfig | bool | None = None) -> SolveResult:
+              features: DynamicsConfig | bool | None = None,
+              reference: bool = False) -> SolveResult:
         """Run the solver with a per-call budget and decode the trajectory (serving, eval).
 
         `settle` / `deadline` add the anytime stops (see `equilibrium`); `stopped` says which
         criterion ended each sample. `features` (opt-in: they cost extra f evaluations, see
         `models/dynamics.py`) adds the per-sample dynamics features the learned detector reads;
         True means the defaults. A model with a rectifier head also returns its logit A
-        (`result.rectifier`), through the state's gradient path.
+        (`result.rectifier`), through the state's gradient path. `reference=True`: the plain
+        path (see `equilibrium`).
         """
         want = features is not None and features is not False
         path = self.rectifier is not None and self.rectifier.config.trajectory > 0
         eq = self.equilibrium(x, solver=solver, max_iter=max_iter, tol=tol, grad=grad,
                               trajectory=trajectory or want or path, keep_states=keep_states,
-                              settle=settle, deadline=deadline)
+                              settle=settle, deadline=deadline, reference=reference)
         out = eq.output
         result = SolveResult(logits=self.decode(eq.z), entropy=eq.entropy,
                              residual=out.residual, iterations=out.iterations,
@@ -290,3 +308,7 @@ class StemCellDEQ(DEQClassifier):
 
     def decode(self, z: Tensor) -> Tensor:
         return self.head(z)
+
+    def layer_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
+        functional = getattr(self.cell, "functional", None)
+        return functional() if callable(functional) else self.layer

@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Fn, IterateHook, SolverOutput, StepRecorder, StopHook
+from .base import Fn, IterateHook, RowsFn, SolverOutput, StepRecorder, StopHook
 
 
 def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mode: str = "rel",
                    anderson_m: int = 5, anderson_lam: float = 1e-4, beta: float = 1.0,
                    on_iterate: IterateHook | None = None, keep_states: bool = False,
                    stop_when: StopHook | None = None, deadline: Tensor | None = None,
-                   history: str = "auto", **_: object) -> SolverOutput:
+                   history: str = "auto", f_rows: RowsFn | None = None,
+                   **_: object) -> SolverOutput:
     """Mix the last `anderson_m` iterates with weights minimising the combined residual.
 
     Per sample: alpha = argmin ||sum_i alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum_i alpha_i = 1,
@@ -29,18 +30,19 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
     `history="list"` forces the stacked-list history (bench/solvers.py times both).
     """
     rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
-                       deadline)
+                       deadline, f_rows)
     ring = history == "ring" or (history == "auto" and not torch.is_grad_enabled())
-    history = _RingHistory(z0, anderson_m) if ring else _ListHistory(anderson_m)
+    history = _RingHistory(z0, anderson_m, beta) if ring else _ListHistory(anderson_m)
+    consts: dict | None = {} if ring else None  # reused buffers: no autograd through them
     z = z0
     while not rec.finished:
-        fz = f(z)
+        fz = rec.evaluate(f, z)
         done = rec.check(fz, z)
         history.push(z, fz)
         if history.n == 1:
             z_next = fz
         else:
-            alpha = _mixing_weights(history.gram(), anderson_lam)
+            alpha = _mixing_weights(history.gram(), anderson_lam, consts)
             z_next = torch.nan_to_num(history.mix(alpha, beta)).view_as(z)
         z = rec.commit(z_next, z, done, fz)
     return rec.output(z)
@@ -53,21 +55,38 @@ def _work_dtype(z: Tensor) -> torch.dtype:
     return torch.promote_types(z.dtype, torch.float32)
 
 
-def _mixing_weights(gram: Tensor, lam: float) -> Tensor:
-    """alpha [B, n, 1] (work dtype) from the residual Gram matrices [B, n, n]."""
+def _mixing_weights(gram: Tensor, lam: float, consts: dict | None = None) -> Tensor:
+    """alpha [B, n, 1] (work dtype) from the residual Gram matrices [B, n, n].
+
+    Solves the bordered system [[0, 1^T], [1, G + lam s I]] [nu; alpha] = [1; 0], which
+    enforces sum(alpha) = 1; s, the mean of G's diagonal, scales the ridge with the residual
+    size so it regularises at every magnitude. Without autograd, `consts` keeps the system's
+    buffers (border in place) and right-hand side across the steps of one solve and the Gram
+    block is written into them: the same numbers as building the system out of place (the
+    path under autograd, where a buffer saved for backward must not change), in fewer steps.
+    """
     b, n, _ = gram.shape
     with torch.autocast(gram.device.type, enabled=False):
-        # Scale the ridge term with the residual size so it regularises at every magnitude.
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-        eye = torch.eye(n, device=gram.device, dtype=gram.dtype)
-        gram = gram + lam * scale.view(b, 1, 1) * eye
-        # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0] enforces sum(alpha) = 1.
-        border = torch.zeros(n + 1, n + 1, device=gram.device, dtype=gram.dtype)
-        border[0, 1:] = 1
-        border[1:, 0] = 1
-        lhs = torch.nn.functional.pad(gram, (1, 0, 1, 0)) + border
-        rhs = torch.zeros(b, n + 1, 1, device=gram.device, dtype=gram.dtype)
-        rhs[:, 0] = 1
+        bufs = None if consts is None else consts.get((b, n))
+        if bufs is None:
+            lhs = torch.zeros(b, n + 1, n + 1, device=gram.device, dtype=gram.dtype)
+            lhs[:, 0, 1:] = 1
+            lhs[:, 1:, 0] = 1
+            rhs = torch.zeros(b, n + 1, 1, device=gram.device, dtype=gram.dtype)
+            rhs[:, 0] = 1
+            bufs = (lhs, rhs)
+            if consts is not None:
+                consts[(b, n)] = bufs
+        lhs, rhs = bufs
+        if consts is None:
+            eye = torch.eye(n, device=gram.device, dtype=gram.dtype)
+            lhs = lhs + torch.nn.functional.pad(gram + lam * scale.view(b, 1, 1) * eye,
+                                                (1, 0, 1, 0))
+        else:
+            inner = lhs[:, 1:, 1:]
+            inner.copy_(gram)
+            inner.diagonal(dim1=1, dim2=2).add_((lam * scale).unsqueeze(1))
         return torch.linalg.solve(lhs, rhs)[:, 1:]
 
 
@@ -110,11 +129,12 @@ class _RingHistory:
     does not depend on their order.
     """
 
-    def __init__(self, z0: Tensor, m: int):
+    def __init__(self, z0: Tensor, m: int, beta: float = 1.0):
         b, d = z0.shape[0], z0[0].numel()
         self.m, self.t = m, 0
         work = _work_dtype(z0)
-        self.x = z0.new_empty(b, m, d)
+        # the iterates themselves only enter a damped mix (beta < 1)
+        self.x = z0.new_empty(b, m, d) if beta != 1.0 else None
         self.f = z0.new_empty(b, m, d)
         self.g = z0.new_empty(b, m, d, dtype=work)
         self.g_gram = z0.new_zeros(b, m, m, dtype=work)
@@ -127,7 +147,8 @@ class _RingHistory:
         b, k = z.shape[0], self.t % self.m
         self.t += 1
         z_flat, f_flat = z.reshape(b, -1), fz.reshape(b, -1)
-        self.x[:, k] = z_flat
+        if self.x is not None:
+            self.x[:, k] = z_flat
         self.f[:, k] = f_flat
         g_k = self.g[:, k]
         torch.sub(f_flat, z_flat, out=g_k)

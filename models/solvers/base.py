@@ -32,6 +32,10 @@ Fn = Callable[[Tensor], Tensor]
 IterateHook = Callable[[int, Tensor, Tensor], None]
 # Called after the iterate hook with (t, z_t, active); returns [B] bool: samples to stop now.
 StopHook = Callable[[int, Tensor, Tensor], Tensor]
+# f on a subset of the batch: (z_rows, rows) -> f(z)[rows] for z_rows = z[rows]. A model whose
+# f closes over per-sample inputs (the DEQ's injection u) gives it so that the solvers can skip
+# the samples that already stopped; see StepRecorder.evaluate.
+RowsFn = Callable[[Tensor, Tensor], Tensor]
 
 # Why a sample stopped: `SolverOutput.stopped` holds indices into STOP_REASONS.
 STOP_MAX_ITER = STOP_REASONS.index("max_iter")
@@ -78,9 +82,11 @@ class StepRecorder:
 
     def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str,
                  on_iterate: IterateHook | None, keep_states: bool,
-                 stop_when: StopHook | None = None, deadline: Tensor | None = None):
+                 stop_when: StopHook | None = None, deadline: Tensor | None = None,
+                 f_rows: RowsFn | None = None):
         """`deadline`: [B] float64 absolute `time.time()` seconds per sample (inf: none); a sample
-        whose deadline has passed stops after its current step (so always after one step)."""
+        whose deadline has passed stops after its current step (so always after one step).
+        `f_rows`: f on a subset of samples (RowsFn); with it `evaluate` skips stopped samples."""
         b = z0.shape[0]
         self.tol, self.stop_mode, self.max_iter = tol, stop_mode, max_iter
         self.on_iterate = on_iterate
@@ -93,6 +99,28 @@ class StepRecorder:
         self.stop_when = stop_when
         self.deadline = None if deadline is None else deadline.to(torch.float64).cpu()
         self.stopped = torch.full((b,), STOP_MAX_ITER, dtype=torch.long, device=z0.device)
+        self.f_rows = f_rows if b > 1 else None
+        self._all_active = True
+
+    def evaluate(self, f: Fn, z: Tensor) -> Tensor:
+        """f(z) for the samples still iterating; a stopped sample gets its own state back.
+
+        A stopped sample's f value is never used (its state is frozen and its residual row
+        repeats), so once some samples stop, f runs on the others only: at batch 32 most of a
+        solve's steps wait for a few slow samples. The subset keeps at least two rows (a lone
+        row is duplicated): convolution and GroupNorm kernels give every row of a batch of two
+        or more the same bits whatever its batch mates, while a batch of one takes another
+        code path, so the active samples' answers stay exactly those of the full evaluation.
+        """
+        if self.f_rows is None or self._all_active:
+            return f(z)
+        rows = self.active.nonzero().flatten()
+        n = rows.numel()
+        if n == 0:
+            return z
+        take = rows if n > 1 else rows.repeat(2)
+        fz_rows = self.f_rows(z.index_select(0, take), take)[:n]
+        return z.to(fz_rows.dtype).index_copy(0, rows, fz_rows)
 
     def check(self, fz: Tensor, z: Tensor) -> Tensor:
         """Record the residual of z (the state this step started from); return samples now done."""
@@ -102,7 +130,7 @@ class StepRecorder:
         r = torch.where(self.active, r, self.last_residual)
         self.last_residual = r
         self.residuals.append(r)
-        self.iterations = torch.where(self.active, self.iterations + 1, self.iterations)
+        self.iterations = self.iterations + self.active  # one more step for the active
         done = self.active & (r < self.tol)
         self.stopped = torch.where(done, STOP_TOL, self.stopped)
         return done
@@ -130,7 +158,12 @@ class StepRecorder:
 
     @property
     def finished(self) -> bool:
-        return self.t >= self.max_iter or not bool(self.active.any())
+        if self.t >= self.max_iter:
+            return True
+        # one host sync per step answers both questions: anyone left, and everyone left
+        left = int(self.active.sum())
+        self._all_active = left == self.active.numel()
+        return left == 0
 
     def output(self, z: Tensor) -> SolverOutput:
         res = torch.stack(self.residuals) if self.residuals else z.new_zeros(0, z.shape[0])

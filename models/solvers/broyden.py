@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Fn, IterateHook, SolverOutput, StepRecorder, StopHook
+from .base import Fn, IterateHook, RowsFn, SolverOutput, StepRecorder, StopHook
 
 
 def _matvec(us: Tensor | None, vs: Tensor | None, x: Tensor) -> Tensor:
@@ -74,10 +74,11 @@ class _Factors:
 def broyden_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mode: str = "rel",
                   broyden_memory: int = 30, on_iterate: IterateHook | None = None,
                   keep_states: bool = False, stop_when: StopHook | None = None,
-                  deadline: Tensor | None = None, **_: object) -> SolverOutput:
+                  deadline: Tensor | None = None,
+                  f_rows: RowsFn | None = None, **_: object) -> SolverOutput:
     """Quasi-Newton root finding of f(z) - z with per-sample low-rank inverse-Jacobian updates."""
     rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
-                       deadline)
+                       deadline, f_rows)
     b = z0.shape[0]
     # A solve of max_iter steps makes at most max_iter - 1 updates: no need for more memory.
     factors = _Factors(max(1, min(broyden_memory, max_iter - 1)),
@@ -86,7 +87,7 @@ def broyden_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_m
     x_prev: Tensor | None = None
     g_prev: Tensor | None = None
     while not rec.finished:
-        fz = f(z)
+        fz = rec.evaluate(f, z)
         done = rec.check(fz, z)
         x = z.reshape(b, -1)
         g = fz.reshape(b, -1) - x
