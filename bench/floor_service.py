@@ -3,7 +3,7 @@ without any model. Not part of the product; `bench/serve.py --ladder` serves it.
 
     BENTOML_DO_NOT_TRACK=true bentoml serve floor_service:Floor --working-dir bench
 
-Whatever deqguard adds on top of this (validation, the batching hop to the model service, the
+Whatever deqguard adds on top of this (validation, the micro-batching of the model calls, the
 model itself) is the gap between a deqguard row and this row in the ladder, so the floor does the
 same decoding (`decode_image`, PIL) and sends an answer of the same shape and size:
 DEQGUARD_FLOOR_ANSWER names a JSON file holding a real deqguard answer (the ladder writes one),

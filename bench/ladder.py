@@ -283,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"images: {source}; requests per measurement {args.requests}; concurrency "
               f"{levels}; torch {torch.__version__}; {os.cpu_count()} CPUs")
         print(f"cores: servers {sorted(server_cpus) if server_cpus else 'unpinned'}, each "
-              f"`bentoml serve` with 1 worker per service (deqguard: front + model process; "
-              f"floor: 1 process), {args.threads} intra-op thread(s); client: this one process "
+              f"`bentoml serve` with 1 worker (deqguard: one process, the model on its own "
+              f"thread; floor: 1 process), {args.threads} intra-op thread(s); client: this one "
+              f"process "
               f"(asyncio httpx, and the in-process engines at {args.threads} thread(s)) on "
               f"{sorted(client_cpus) if client_cpus else 'unpinned'} CPUs"
               + ("" if server_cpus or client_cpus else "; no taskset: all share every core"))

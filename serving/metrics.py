@@ -1,12 +1,15 @@
 """Prometheus metrics of the solves themselves, next to BentoML's request metrics on /metrics.
 
 Created with prometheus_client directly, as BentoML's docs advise: under `bentoml serve` every
-worker writes to the shared PROMETHEUS_MULTIPROC_DIR, so the values recorded in the model process
-appear on the HTTP front's /metrics. Labels stay few (backend, solver, defense).
+worker writes to the shared PROMETHEUS_MULTIPROC_DIR, which /metrics reads. Labels stay few
+(backend, solver, defense). The batch-size histogram keeps the name and labels BentoML's
+adaptive batching gave it (method "infer"), so dashboards built on it read the service's own
+micro-batcher (runner.py) unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
@@ -33,6 +36,24 @@ SUSPICIOUS = Counter(
 ABSTAINED = Counter(
     "deqguard_abstained_answers", "Answers that abstained at the request's coverage (< 1)",
     _LABELS)
+
+
+@functools.cache
+def _batch_size() -> Histogram:
+    """Created on first use: a process that also runs a BentoML batchable API registers the
+    same name itself, and two registrations of one name fail."""
+    return Histogram(
+        "bentoml_service_adaptive_batch_size", "Images per model call (the service's batcher)",
+        ("runner_name", "worker_index", "method_name", "service_version", "service_name"),
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+
+def observe_batch(size: int) -> None:
+    """One model call of `size` images, labelled as BentoML labels its batches."""
+    from bentoml._internal.context import server_context
+
+    _batch_size().labels("deqguard", server_context.worker_index, "infer",
+                          server_context.bento_version, server_context.bento_name).observe(size)
 
 
 def declare(backend: str, solvers: Iterable[str], defenses: Iterable[str]) -> None:

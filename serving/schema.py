@@ -64,7 +64,7 @@ class ClassifyOptions(BaseModel):
                     "checkpoint without that calibration, and an invalid value is a 422")
 
 
-# The options a solve reads (the model process resolves them); `trajectory` only shapes the answer.
+# The options a solve reads (the engine resolves them); `trajectory` only shapes the answer.
 SOLVE_OPTION_FIELDS: tuple[str, ...] = tuple(f for f in ClassifyOptions.model_fields
                                              if f != "trajectory")
 # Fields whose invalid values are answered 422, not 400: the request is well formed but asks for

@@ -1,10 +1,21 @@
 """The deqguard HTTP service: `bentoml serve deqguard.serving.service:DEQGuard`.
 
-Two BentoML services, the documented pattern for adaptive batching with per-request options:
-`DEQGuard`, the HTTP front, validates and decodes requests (4xx for anything wrong) and sends
-per-image items to `DEQGuardModel`, whose one batchable API groups concurrent items, runs each
-distinct set of options as its own sub-batch and answers per item. Model logic lives in
-engine.py / onnx_engine.py (chosen in factory.py); settings (env or `--arg`) in settings.py.
+One BentoML service, one process: `DEQGuard` validates and decodes requests (4xx for anything
+wrong), resolves their options, and hands per-image items to the model in the same process
+(runner.py), whose micro-batcher (batcher.py) runs everything queued while the model was busy as
+one call on a dedicated compute thread, one sub-batch per distinct set of options, answers per
+item. BentoML stays the HTTP framework: routes, validation, middleware, /livez /readyz
+/metrics, `bentoml serve` and `bentoml build`.
+
+Why not BentoML's own adaptive batching (a second service with a batchable API, as before):
+measured on the anchor CNN (bench/serve.py --ladder, docs/eval/wk/default/bench/), the hop to
+that service (pickle, aiohttp, uvicorn, its dispatcher) took about 11 ms of a 24 ms request at
+c=1 around a 2 ms model call; under load its dispatcher sent batches of 1.4 images on average,
+and its pooled connections went stale (uvicorn closes them after 5 s idle, aiohttp keeps them
+15 s), so the front had to resend. In-process, a request costs the front's work plus the model.
+
+Model logic lives in engine.py / onnx_engine.py (chosen in factory.py); settings (env or
+`--arg`) in settings.py.
 """
 
 from __future__ import annotations
@@ -14,7 +25,6 @@ import functools
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -26,6 +36,8 @@ from starlette.routing import Route
 
 from .middleware import BodySizeLimit, JsonOnly, ReadableValidationErrors
 from .openapi import OpenAPIDocument
+from .options import OptionsError
+from .runner import Item, ModelRunner
 from .schema import (
     ClassifyBatchRequest,
     ClassifyRequest,
@@ -40,108 +52,7 @@ from .validation import RequestError, decode_images, options_of, tensor_array
 
 log = logging.getLogger("deqguard.serving")
 SETTINGS = load_settings()
-# Items per model call; the front's batch cap (max_batch) may be larger: BentoML splits jobs.
-MODEL_BATCH = 64
-# High on purpose: BentoML answers 503 when it predicts a batch cannot finish in time, and short
-# values shed load under 20 concurrent calls in a trial. Back-pressure comes from the timeout.
-MAX_LATENCY_MS = 60_000
-_MODEL_RETRIES = 3
 _INLINE_DECODE_CHARS = 64 * 1024
-
-
-# Internal calls only: no access log line per batch item (the front logs each request).
-@bentoml.service(name="deqguard-model", workers=1, threads=1, traffic={"timeout": 300},
-                 logging={"access": {"enabled": False}})
-class DEQGuardModel:
-    """The loaded checkpoint behind one batchable API (not exposed to clients)."""
-
-    # A model-store tag is declared as BentoML documents it, so `bentoml build` packs the model
-    # into the Bento; None (not a model) for a path or `default`. See store.py.
-    checkpoint_model = declared_model(SETTINGS.checkpoint)
-
-    def __init__(self) -> None:
-        from . import metrics
-        from .factory import load_engine
-
-        self.engine = load_engine(SETTINGS)  # fails fast on a missing or broken checkpoint
-        metrics.declare(self.engine.backend, self.engine.solvers(), self.engine.defenses())
-        self.failed: BaseException | None = None
-        threading.Thread(target=self._warm_up, name="deqguard-warm-up", daemon=True).start()
-
-    @bentoml.on_deployment
-    def preflight() -> None:
-        """Once, before any worker starts: refuse to serve an unusable checkpoint (a worker that
-        fails in __init__ is restarted forever, so the error would only scroll by in the log)."""
-        from deqguard.models import CheckpointError, load_checkpoint
-
-        s = load_settings()
-        if s.backend == "onnx" and s.onnx_path:
-            if not os.path.isfile(s.onnx_path):
-                raise CheckpointError(f"ONNX graph not found: {s.onnx_path} (DEQGUARD_ONNX)")
-            return
-        from deqguard.models.learned_detector import detector_from_metadata
-        from deqguard.models.selective import selective_from_metadata
-
-        try:
-            # The full load, tensor hash included: a tampered file refused inside a worker
-            # would only make BentoML restart that worker forever. The same holds for metadata
-            # blocks the engine reads (a detector or selective calibration for other weights).
-            _, meta = load_checkpoint(s.checkpoint, device="cpu")
-            detector_from_metadata(meta)
-            selective_from_metadata(meta)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path or name:version> or "
-                "`--arg checkpoint=...`; the shipped `default` comes with a trained "
-                "release") from None
-
-    def _warm_up(self) -> None:
-        try:
-            self.engine.warm_up()
-            log.info("deqguard model warm (%s backend)", self.engine.backend)
-        except BaseException as exc:  # keep it visible: /readyz and /livez answer 503
-            self.failed = exc
-            log.exception("warm-up failed")
-
-    def __is_ready__(self) -> bool:
-        return self.engine.ready.is_set()
-
-    def __is_alive__(self) -> bool:
-        return self.failed is None
-
-    @bentoml.api
-    def describe(self) -> dict[str, Any]:
-        return self.engine.describe()
-
-    @bentoml.api(batchable=True, max_batch_size=MODEL_BATCH, max_latency_ms=MAX_LATENCY_MS)
-    def infer(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """items: {"x": float32 [C, H, W], "options": {...}, "trajectory": bool,
-        "deadline_at", "budget_at": time.time() seconds or None (the caller's deadline, the
-        server's compute budget)} -> a ClassifyResult dict, or
-        {"error": message} for options this server refuses."""
-        from . import metrics
-        from .options import OptionsError
-
-        self.engine.ready.wait()
-        out: list[dict[str, Any]] = [{} for _ in items]
-        ok, opts = [], []
-        for i, item in enumerate(items):
-            try:
-                opts.append(self.engine.resolve(**item["options"]))
-                ok.append(i)
-            except OptionsError as exc:
-                out[i] = {"error": str(exc)}
-        deadlines = [items[i].get("deadline_at") or float("inf") for i in ok]
-        budgets = [items[i].get("budget_at") or float("inf") for i in ok]
-        traces = self.engine.classify_grouped([items[i]["x"] for i in ok], opts, deadlines,
-                                              budgets)
-        done = []
-        for i, o, t in zip(ok, opts, traces, strict=True):
-            res = self.engine.result(t, o, bool(items[i].get("trajectory", True)))
-            out[i] = res.model_dump(mode="json")
-            done.append((t, o, res))
-        metrics.observe(self.engine.backend, done)
-        return out
 
 
 class _RunningFront:
@@ -184,12 +95,55 @@ class DEQGuard:
     GET /model, /ui (the web page; / redirects there), /docs (the API page), /docs.json;
     /livez /readyz /metrics."""
 
-    model = bentoml.depends(DEQGuardModel)
+    # A model-store tag is declared as BentoML documents it, so `bentoml build` packs the model
+    # into the Bento; None (not a model) for a path or `default`. See store.py.
+    checkpoint_model = declared_model(SETTINGS.checkpoint)
 
     def __init__(self) -> None:
-        self._description: dict[str, Any] | None = None
+        from . import metrics
+        from .factory import load_engine
+
+        engine = load_engine(SETTINGS)  # fails fast on a missing or broken checkpoint
+        metrics.declare(engine.backend, engine.solvers(), engine.defenses())
+        self.engine = engine
+        self._description = engine.describe()
+        self._spec: dict[str, Any] = self._description["input"]
+        self.model = ModelRunner(engine, threads=SETTINGS.threads)  # warms up on its thread
         self._announcer: asyncio.Task[None] | None = None
         _RunningFront.service = self
+
+    @bentoml.on_deployment
+    def preflight() -> None:
+        """Once, before any worker starts: refuse to serve an unusable checkpoint (a worker that
+        fails in __init__ is restarted forever, so the error would only scroll by in the log)."""
+        from deqguard.models import CheckpointError, load_checkpoint
+
+        s = load_settings()
+        if s.backend == "onnx" and s.onnx_path:
+            if not os.path.isfile(s.onnx_path):
+                raise CheckpointError(f"ONNX graph not found: {s.onnx_path} (DEQGUARD_ONNX)")
+            return
+        from deqguard.models.learned_detector import detector_from_metadata
+        from deqguard.models.selective import selective_from_metadata
+
+        try:
+            # The full load, tensor hash included: a tampered file refused inside a worker
+            # would only make BentoML restart that worker forever. The same holds for metadata
+            # blocks the engine reads (a detector or selective calibration for other weights).
+            _, meta = load_checkpoint(s.checkpoint, device="cpu")
+            detector_from_metadata(meta)
+            selective_from_metadata(meta)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}. Choose the checkpoint with DEQGUARD_CHECKPOINT=<path or name:version> or "
+                "`--arg checkpoint=...`; the shipped `default` comes with a trained "
+                "release") from None
+
+    def __is_ready__(self) -> bool:
+        return self.model.ready
+
+    def __is_alive__(self) -> bool:  # a failed warm-up: /readyz and /livez answer 503
+        return self.model.failed is None
 
     @bentoml.on_startup
     async def announce_when_ready(self) -> None:
@@ -201,65 +155,38 @@ class DEQGuard:
             self._announcer = asyncio.get_running_loop().create_task(self._announce(url))
 
     async def _announce(self, url: str) -> None:
-        while True:
-            try:
-                if await self.model.is_ready(5):
-                    break
-            except Exception:  # the proxy is set up after start-up hooks; the model may be down
-                pass
-            await asyncio.sleep(0.5)
+        while not self.model.ready:
+            await asyncio.sleep(0.2)
         print(ready_line(url), flush=True)
 
-    async def _call_model(self, api: str, *args: Any) -> Any:
-        """Call the model service, retrying on a stale pooled connection.
-
-        BentoML 1.4's internal client (aiohttp) keeps idle connections to a dependency for 15 s,
-        its uvicorn closes them after 5 s, and a request sent on one fails with "Server
-        disconnected" (seen: 6 of 8 requests of a burst after 7 s of sequential traffic).
-        The model APIs are pure computations, so resending is safe.
-        """
-        import aiohttp
-
-        method = getattr(self.model.to_async, api)
-        for attempt in range(_MODEL_RETRIES):
-            try:
-                return await method(*args)
-            except aiohttp.ClientConnectionError as exc:
-                if attempt == _MODEL_RETRIES - 1:
-                    raise
-                log.warning("model service connection dropped (%s); resending", exc)
+    @bentoml.on_shutdown
+    def stop_model(self) -> None:
+        self.model.close()
 
     async def description(self) -> dict[str, Any]:
-        if self._description is None:
-            self._description = await self._call_model("describe")
         return self._description
 
-    async def _spec(self) -> dict[str, Any]:
-        return (await self.description())["input"]
-
     async def _run(self, x: Any, request: Any, arrived: float) -> list[dict[str, Any]]:
-        """Per-image items to the batched model; its answers are ClassifyResult dicts already
-        (built by the engine from the schema), so they are returned as they are."""
-        opts = options_of(request)
-        # The deadline counts from the request's arrival at the front (the model's queue too).
+        """Per-image items to the micro-batched model (runner.py); its answers are
+        ClassifyResult dicts already (built by the engine from the schema), returned as they
+        are. Options are resolved here, so a refused one is a 422 that never reaches a batch."""
+        try:
+            opts = self.engine.resolve(**options_of(request))
+        except OptionsError as exc:
+            raise RequestError(422, str(exc)) from None
+        # The deadline counts from the request's arrival (the model's queue too).
         deadline_at = (arrived + request.deadline_ms / 1000.0
                        if request.deadline_ms is not None else None)
         # The server's compute budget, a deadline of its own: it is no option of the request,
         # so a selective request is not refused for it (its cut answers abstain instead).
         budget = SETTINGS.request_budget_ms
         budget_at = arrived + budget / 1000.0 if budget is not None else None
-        items = [{"x": xi, "options": opts, "trajectory": request.trajectory,
-                  "deadline_at": deadline_at, "budget_at": budget_at} for xi in x]
-        answers = await self._call_model("infer", items)
-        errors = [a["error"] for a in answers if "error" in a]
-        if errors:
-            raise RequestError(422, errors[0])
-        return answers
+        return await self.model.answer(
+            [Item(xi, opts, bool(request.trajectory), deadline_at, budget_at) for xi in x])
 
     async def _images(self, images: list[str]) -> Any:
-        spec = await self._spec()
         s = SETTINGS
-        decode = functools.partial(decode_images, images, spec, max_batch=s.max_batch,
+        decode = functools.partial(decode_images, images, self._spec, max_batch=s.max_batch,
                                    max_pixels=s.max_pixels,
                                    max_request_pixels=s.max_request_pixels)
         if sum(len(t) for t in images) <= _INLINE_DECODE_CHARS:
@@ -293,8 +220,7 @@ class DEQGuard:
         arrived = time.time()
         req = ClassifyTensorRequest.model_construct(**fields)
         try:
-            spec = await self._spec()
-            x = await asyncio.to_thread(tensor_array, req.tensor, spec,
+            x = await asyncio.to_thread(tensor_array, req.tensor, self._spec,
                                         max_batch=SETTINGS.max_batch)
             return JSONResponse(await self._run(x, req, arrived))
         except RequestError as exc:

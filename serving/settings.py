@@ -1,7 +1,7 @@
 """Server settings from environment variables and BentoML template arguments, validated once.
 
-Both BentoML services (the HTTP front and the batched model) read the same settings, so the front
-can refuse a request the model would refuse without asking it. Precedence: a template argument
+The service and its model runner read the same settings, and `deqguard serve` checks them before
+BentoML starts. Precedence: a template argument
 (`bentoml serve ... --arg checkpoint=path`) over an environment variable over the default.
 
 | setting          | env                         | --arg          | default                        |

@@ -1,7 +1,7 @@
 """Request bodies -> model-ready arrays, or a RequestError carrying the 4xx to answer.
 
-Everything a client can get wrong is caught here, in the HTTP front, before anything reaches the
-batched model process: one bad request must never fail the batch it would have shared.
+Everything a client can get wrong is caught here, in the HTTP handler, before anything reaches the
+batched model: one bad request must never fail the batch it would have shared.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ class RequestError(Exception):
 
 
 def options_of(request: Any) -> dict[str, Any]:
-    """The solve options of a ClassifyOptions request, as sent to the model process (the
-    keyword arguments of its engine's `resolve`)."""
+    """The solve options of a ClassifyOptions request (the keyword arguments of the engine's
+    `resolve`)."""
     return {name: getattr(request, name) for name in SOLVE_OPTION_FIELDS}
 
 

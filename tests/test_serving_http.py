@@ -306,6 +306,29 @@ def test_a_burst_after_seconds_of_sequential_traffic_is_served(served_url, image
         assert list(pool.map(post, range(8))) == [200] * 8
 
 
+def test_a_burst_after_idle_keep_alive_is_served_without_any_internal_resend(
+        served_url, served_log, images):
+    """Two bursts of 32 concurrent requests around an idle pause longer than uvicorn's 5 s
+    keep-alive: all 200, and the server's log holds no "resending" line. The model once ran
+    behind pooled internal connections, which went stale in such pauses and had to be resent
+    (25 of 64 requests of the second burst, measured)."""
+    import time
+
+    pngs, _ = images
+    body = {"image": _b64(pngs[1]), "max_iter": 2}
+    limits = httpx.Limits(max_connections=32)
+    with (httpx.Client(base_url=served_url, timeout=120, limits=limits) as c,
+          ThreadPoolExecutor(32) as pool):
+        def post(_):
+            return c.post("/classify", json=body).status_code
+
+        assert list(pool.map(post, range(64))) == [200] * 64
+        time.sleep(6)
+        assert list(pool.map(post, range(64))) == [200] * 64
+    log = served_log.read_text(errors="replace")
+    assert "resending" not in log and "connection dropped" not in log
+
+
 @pytest.mark.parametrize("how", ["env", "arg"])
 def test_an_unusable_checkpoint_stops_the_server_with_a_clear_message(tmp_path, how):
     """Checked once before any worker starts (env DEQGUARD_CHECKPOINT or --arg checkpoint=)."""
