@@ -10,9 +10,9 @@ errors for free.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from deqguard.solve_rules import MAX_ITER_BOUND, SOLVERS
 
@@ -90,3 +90,12 @@ class DEQConfig(ModelConfig):
     solver: SolverConfig = SolverConfig()
     grad: GradConfig = GradConfig()
     rectifier: RectifierConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_head(self, handler: Any) -> Any:
+        """A network without a head writes the config it wrote before the head existed: its
+        stored config parses to itself, and older readers (extra fields forbidden) still load it."""
+        data = handler(self)
+        if self.rectifier is None and isinstance(data, dict):
+            data.pop("rectifier", None)
+        return data
