@@ -18,8 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .classifier import SolveResult
 from .entropy import mean_over_own_iterates, prediction_entropy
+
+# classifier.py imports this module (a rectifier head reads the trajectory features): no import
+# back, so the solve result is typed loosely here.
+SolveResult = Any  # a models.classifier.SolveResult
 
 SCORE_NAMES: tuple[str, ...] = ("final_entropy", "max_softmax", "mean_entropy",
                                 "early_entropy", "iterations", "final_residual")
