@@ -10,6 +10,7 @@ an entry another runner is training is left to it, so two runners can share a gr
     python bench/recipes.py --grid deq-designs --epochs 10 --root runs/search/deq --threads 1
     python bench/recipes.py --grid anchor --root runs/search/anchor --table   # table only
     python bench/recipes.py --grid lr --epochs 10 --root runs/long/lr-search --threads 1
+    python bench/recipes.py --grid long --epochs 60 --root runs/long/e60 --threads 1 --only anchor-e60
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-lr1e-3": ("fashion-wk-regulated", ["optim.lr=1.0e-3"]),
         "regulated-lr2e-3": ("fashion-wk-regulated", ["optim.lr=2.0e-3"]),
         "regulated-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
+        "regulated-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),  # 4e-3 led: the edge
+    },
+    # the equal-budget runs (`--epochs 60`), each model at its own best rate from the lr grid;
+    # the regulated DEQ has one entry per rate still in contention, and only the winner is run
+    "long": {
+        "anchor-e60": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
+        "regulated-e60-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
+        "regulated-e60-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),
     },
 }
 
