@@ -10,7 +10,8 @@ an entry another runner is training is left to it, so two runners can share a gr
     python bench/recipes.py --grid deq-designs --epochs 10 --root runs/search/deq --threads 1
     python bench/recipes.py --grid anchor --root runs/search/anchor --table   # table only
     python bench/recipes.py --grid lr --epochs 10 --root runs/long/lr-search --threads 1
-    python bench/recipes.py --grid long --epochs 60 --root runs/long/e60 --threads 1 --only anchor-e60
+    python bench/recipes.py --grid long --epochs 60 --root runs/long/e60 --threads 1 \
+        --only anchor-e60
 """
 
 from __future__ import annotations
