@@ -11,9 +11,10 @@ from its log:
 
 A run still training is read as far as it got: no final line is needed, and a last line cut by
 a write in progress is left out. A folder given by name without a log is refused; folders a
-`--root` glob matches are skipped with a note until their first epoch is logged. The label's
-preset and peak learning rate come from the run's checkpoint metadata (last, else best); the log
-itself does not record them.
+`--root` glob matches are skipped with a note until their first epoch is logged (so is a glob
+that matches no run yet, as long as some run is left to draw). The label's preset and peak
+learning rate come from the run's checkpoint metadata (last, else best); the log itself does
+not record them.
 """
 
 from __future__ import annotations
@@ -122,10 +123,12 @@ def collect(folders: list[Path], roots: list[str], *, metadata: bool = True) -> 
                 found += 1
             except CurvesError as exc:
                 print(f"curves: skipped {exc}", file=sys.stderr)
-        if not found:
-            raise CurvesError(f"--root {pattern!r} matches no run folder with a logged epoch")
+        if not found:  # a grid not started yet must not stop the figure of the others
+            print(f"curves: skipped --root {pattern!r}: it matches no run folder with a logged "
+                  "epoch", file=sys.stderr)
     if not runs:
-        raise CurvesError("no runs: name run folders or give --root GLOB")
+        raise CurvesError("no run with a logged epoch: name run folders or give --root GLOB"
+                          + (f" (none under {', '.join(map(repr, roots))})" if roots else ""))
     return runs
 
 

@@ -119,10 +119,16 @@ def test_refusals_are_one_line(curves, tmp_path, capsys, make):
     assert not (tmp_path / "c.pdf").exists()
 
 
-def test_glob_matching_no_run_is_refused(curves, tmp_path, capsys):
-    (tmp_path / "x").mkdir()
-    assert curves.main(["--root", str(tmp_path / "*")]) == 2
-    assert "matches no run folder" in capsys.readouterr().err
+def test_a_glob_with_no_run_yet_is_skipped_unless_nothing_is_left(curves, tmp_path, capsys):
+    (tmp_path / "grid" / "x").mkdir(parents=True)
+    write_run(tmp_path / "done", epoch_rows(2, 0), final=True)
+    grid = str(tmp_path / "grid" / "*")
+    assert curves.main([str(tmp_path / "done"), "--root", grid]) == 0
+    captured = capsys.readouterr()
+    assert set(table_rows(captured.out)) == {"done"} and "matches no run folder" in captured.err
+    assert curves.main(["--root", grid]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bench/curves.py: error: no run with a logged epoch")
 
 
 def test_label_has_the_preset_and_peak_lr_from_the_checkpoint(curves, tiny_checkpoint, tmp_path,
