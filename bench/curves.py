@@ -1,0 +1,223 @@
+"""Training curves: validation clean and PGD-10 accuracy against epoch, for several runs at once.
+
+Reading one run's train_log.jsonl tells how far it got; comparing runs trained to different
+lengths or learning rates needs them on one axis. This draws every run on one figure (a panel
+for clean, one for PGD-10 accuracy on the validation split; a dot marks each run's best PGD
+epoch, the checkpoint `best.safetensors` holds) and prints one Markdown row per run, straight
+from its log:
+
+    python bench/curves.py runs/long/fashion-cnn-wk runs/long/fashion-wk-regulated --out c.svg
+    python bench/curves.py --root 'runs/long/lr-search/*' --root 'runs/long/e60/*' --out c.svg
+
+A run still training is read as far as it got: no final line is needed, and a last line cut by
+a write in progress is left out. A folder given by name without a log is refused; folders a
+`--root` glob matches are skipped with a note until their first epoch is logged (so is a glob
+that matches no run yet, as long as some run is left to draw). The label's preset and peak
+learning rate come from the run's checkpoint metadata (last, else best); the log itself does
+not record them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG = "train_log.jsonl"
+
+
+class CurvesError(Exception):
+    """Input the script cannot use; main() prints it as one line and exits 2."""
+
+
+@dataclass
+class Run:
+    name: str
+    folder: Path
+    epochs: list[dict] = field(default_factory=list)  # one row per epoch, in epoch order
+    finished: bool = False
+    preset: str | None = None
+    lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        preset = self.preset if self.preset != self.name else None
+        extra = [x for x in (preset, f"lr {self.lr:g}" if self.lr is not None else None) if x]
+        return f"{self.name} ({', '.join(extra)})" if extra else self.name
+
+
+def read_log(path: Path) -> tuple[list[dict], bool]:
+    """The epoch rows (the last row kept per epoch) and whether the final line is there.
+
+    Only the last line may be cut short (a write in progress); a broken line before it means the
+    log is not what the trainer writes, so it is refused rather than silently thinned.
+    """
+    lines = path.read_text().splitlines()
+    by_epoch: dict[int, dict] = {}
+    finished = False
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                continue
+            raise CurvesError(f"{path}:{i}: not a JSON line (only the last line may be cut "
+                              "short by a run in progress)") from None
+        if not isinstance(row, dict):
+            raise CurvesError(f"{path}:{i}: not a JSON object")
+        if row.get("event") == "final":
+            finished = True
+        elif "event" not in row and "epoch" in row:
+            by_epoch[int(row["epoch"])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)], finished
+
+
+def run_metadata(folder: Path) -> tuple[str | None, float | None]:
+    """Preset and peak learning rate from the newest checkpoint's metadata, when one exists."""
+    for name in ("last.safetensors", "best.safetensors"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        from deqguard.models import read_metadata  # torch: only when there is a checkpoint
+        from deqguard.models.checkpoint import CheckpointError
+
+        try:
+            training = read_metadata(path).training
+        except CheckpointError:
+            continue
+        lr = (training.get("config") or {}).get("optim", {}).get("lr")
+        return training.get("preset"), (float(lr) if lr is not None else None)
+    return None, None
+
+
+def load_run(folder: Path, *, metadata: bool = True) -> Run:
+    log = folder / LOG
+    if not folder.is_dir():
+        raise CurvesError(f"{folder}: no such folder")
+    if not log.is_file():
+        raise CurvesError(f"{folder}: no {LOG} (not a run folder, or no epoch finished yet)")
+    epochs, finished = read_log(log)
+    if not epochs:
+        raise CurvesError(f"{log}: no epoch logged yet")
+    run = Run(folder.name, folder, epochs, finished)
+    if metadata:
+        run.preset, run.lr = run_metadata(folder)
+    return run
+
+
+def collect(folders: list[Path], roots: list[str], *, metadata: bool = True) -> list[Run]:
+    """Named folders must be runs; glob matches that are not (yet) runs are skipped, noted."""
+    runs = [load_run(f, metadata=metadata) for f in folders]
+    for pattern in roots:
+        matches = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_dir())
+        found = 0
+        for folder in matches:
+            try:
+                runs.append(load_run(folder, metadata=metadata))
+                found += 1
+            except CurvesError as exc:
+                print(f"curves: skipped {exc}", file=sys.stderr)
+        if not found:  # a grid not started yet must not stop the figure of the others
+            print(f"curves: skipped --root {pattern!r}: it matches no run folder with a logged "
+                  "epoch", file=sys.stderr)
+    if not runs:
+        raise CurvesError("no run with a logged epoch: name run folders or give --root GLOB"
+                          + (f" (none under {', '.join(map(repr, roots))})" if roots else ""))
+    return runs
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def table(runs: list[Run]) -> str:
+    """One row per run, every number read from its log (s / epoch: median of train_seconds)."""
+    lines = ["| run | preset | peak lr | state | epochs | best val PGD-10 (epoch) | "
+             "last val clean | last val PGD-10 | s / epoch | val mean iterations (last) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        last = r.epochs[-1]
+        scored = [e for e in r.epochs if e.get("val_pgd_accuracy") is not None]
+        best = max(scored, key=lambda e: e["val_pgd_accuracy"]) if scored else None
+        best_cell = f"{_pct(best['val_pgd_accuracy'])} ({best['epoch']})" if best else "n/a"
+        secs = [e["train_seconds"] for e in r.epochs if e.get("train_seconds") is not None]
+        secs_cell = f"{statistics.median(secs):.0f}" if secs else "n/a"
+        iters = last.get("val_mean_iterations")
+        lines.append(
+            f"| {r.name} | {r.preset or 'n/a'} | {'n/a' if r.lr is None else f'{r.lr:g}'} | "
+            f"{'finished' if r.finished else 'in progress'} | {last['epoch']} | {best_cell} | "
+            f"{_pct(last.get('val_clean_accuracy'))} | {_pct(last.get('val_pgd_accuracy'))} | "
+            f"{secs_cell} | {'n/a' if iters is None else f'{iters:.1f}'} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], out: Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # text stays text in the SVG (small files) and no date is stamped (same input, same file)
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "deqguard-curves"})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    panels = (("val_clean_accuracy", "validation clean accuracy"),
+              ("val_pgd_accuracy", "validation PGD-10 accuracy"))
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    for i, r in enumerate(runs):
+        colour = palette[i % len(palette)]
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            points = [(e["epoch"], e[key]) for e in r.epochs if e.get(key) is not None]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            style = "-" if r.finished else "--"
+            ax.plot(xs, [100 * y for y in ys], style, marker=".", markersize=3,
+                              linewidth=1.2, color=colour,
+                              label=r.label + ("" if r.finished else ", in progress"))
+            if key == "val_pgd_accuracy":
+                bx, by = max(points, key=lambda p: p[1])
+                ax.plot([bx], [100 * by], "o", color=colour, markersize=5)
+    for ax, (_, ylabel) in zip(axes, panels, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{ylabel} (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight",
+                metadata={"Date": None} if out.suffix == ".svg" else None)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="*", type=Path, metavar="RUN",
+                    help="a run folder (holding train_log.jsonl)")
+    ap.add_argument("--root", action="append", default=[], metavar="GLOB",
+                    help="a glob of run folders, e.g. 'runs/long/lr-search/*' (repeatable)")
+    ap.add_argument("--out", type=Path, help="the figure: .svg or .png (default: no figure)")
+    ap.add_argument("--title", help="a title above the two panels")
+    args = ap.parse_args(argv)
+    try:
+        if args.out is not None and args.out.suffix not in (".svg", ".png"):
+            raise CurvesError(f"--out {args.out}: the figure must be a .svg or .png file")
+        runs = collect(args.runs, args.root)
+    except CurvesError as exc:
+        print(f"bench/curves.py: error: {exc}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        plot(runs, args.out, args.title)
+    print(table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

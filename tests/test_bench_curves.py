@@ -1,0 +1,145 @@
+"""bench/curves.py: training curves and a table read from train_log.jsonl, for finished runs,
+runs still writing their log, and folders that are not runs (refused in one line)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def curves():
+    spec = importlib.util.spec_from_file_location("bench_curves", REPO / "bench" / "curves.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_curves"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def epoch_rows(n: int, seed: int, iterations: bool = True) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"epoch": e, "global_step": 10 * e, "train_loss": float(rng.uniform(0.3, 1.5)),
+             "val_clean_accuracy": round(float(rng.uniform(0.6, 0.9)), 3),
+             "val_pgd_accuracy": round(float(rng.uniform(0.4, 0.8)), 3),
+             "val_mean_iterations": float(rng.uniform(5, 20)) if iterations else 1.0,
+             "val_converged_fraction": 1.0, "val_images": 1000, "lr": 1e-3,
+             "train_seconds": float(rng.uniform(30, 900)), "val_seconds": 3.0,
+             "images_per_second": 100.0} for e in range(1, n + 1)]
+
+
+def write_run(folder: Path, rows: list[dict], *, final: bool, tail: str = "") -> Path:
+    folder.mkdir(parents=True)
+    lines = [json.dumps(r) for r in rows]
+    if final:
+        best = max(rows, key=lambda r: r["val_pgd_accuracy"])
+        lines.append(json.dumps({"event": "final", "best_epoch": best["epoch"],
+                                 "best_value": best["val_pgd_accuracy"]}))
+    (folder / "train_log.jsonl").write_text("".join(line + "\n" for line in lines) + tail)
+    return folder
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("run", "---"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def expected_cells(rows: list[dict]) -> list[str]:
+    """The table's numeric cells, computed here from the rows that were written."""
+    best = max(rows, key=lambda r: r["val_pgd_accuracy"])
+    last = rows[-1]
+    return [str(last["epoch"]), f"{100 * best['val_pgd_accuracy']:.1f}% ({best['epoch']})",
+            f"{100 * last['val_clean_accuracy']:.1f}%", f"{100 * last['val_pgd_accuracy']:.1f}%",
+            f"{statistics.median(r['train_seconds'] for r in rows):.0f}",
+            f"{last['val_mean_iterations']:.1f}"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_table_numbers_are_the_logs(curves, tmp_path, capsys, seed):
+    done_rows, live_rows = epoch_rows(12, seed), epoch_rows(5, seed + 100, iterations=False)
+    done = write_run(tmp_path / "done", done_rows, final=True)
+    # a run still training: no final line, and its next line only half written
+    cut = json.dumps(epoch_rows(6, seed + 100)[-1])[:40]
+    live = write_run(tmp_path / "live", live_rows, final=False, tail=cut)
+    out = tmp_path / "fig" / "curves.svg"
+    assert curves.main([str(done), str(live), "--out", str(out)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["done"][3] == "finished" and rows["done"][4:] == expected_cells(done_rows)
+    assert rows["live"][3] == "in progress" and rows["live"][4:] == expected_cells(live_rows)
+    svg = out.read_text()
+    assert "done" in svg and "live, in progress" in svg  # both runs drawn, labelled
+
+
+def test_png_of_a_glob_skips_folders_without_a_log_yet(curves, tmp_path, capsys):
+    write_run(tmp_path / "lr" / "a", epoch_rows(3, 0), final=True)
+    write_run(tmp_path / "lr" / "b", epoch_rows(2, 1), final=False)
+    (tmp_path / "lr" / "starting").mkdir()  # a run before its first epoch: no log yet
+    out = tmp_path / "c.png"
+    assert curves.main(["--root", str(tmp_path / "lr" / "*"), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert set(table_rows(captured.out)) == {"a", "b"}
+    assert "skipped" in captured.err and "starting" in captured.err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("make", ["empty", "missing", "no-epochs", "broken-middle", "bad-out"])
+def test_refusals_are_one_line(curves, tmp_path, capsys, make):
+    run = tmp_path / "run"
+    args = [str(run)]
+    if make == "empty":
+        run.mkdir()
+    elif make == "no-epochs":
+        run.mkdir()
+        (run / "train_log.jsonl").write_text("")
+    elif make == "broken-middle":
+        rows = [json.dumps(r) for r in epoch_rows(3, 0)]
+        rows[1] = rows[1][:30]
+        run.mkdir()
+        (run / "train_log.jsonl").write_text("\n".join(rows) + "\n")
+    elif make == "bad-out":
+        write_run(run, epoch_rows(2, 0), final=True)
+        args += ["--out", str(tmp_path / "c.pdf")]
+    assert curves.main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench/curves.py: error: ")
+    assert captured.out == ""
+    assert not (tmp_path / "c.pdf").exists()
+
+
+def test_a_glob_with_no_run_yet_is_skipped_unless_nothing_is_left(curves, tmp_path, capsys):
+    (tmp_path / "grid" / "x").mkdir(parents=True)
+    write_run(tmp_path / "done", epoch_rows(2, 0), final=True)
+    grid = str(tmp_path / "grid" / "*")
+    assert curves.main([str(tmp_path / "done"), "--root", grid]) == 0
+    captured = capsys.readouterr()
+    assert set(table_rows(captured.out)) == {"done"} and "matches no run folder" in captured.err
+    assert curves.main(["--root", grid]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bench/curves.py: error: no run with a logged epoch")
+
+
+def test_label_has_the_preset_and_peak_lr_from_the_checkpoint(curves, tiny_checkpoint, tmp_path,
+                                                              capsys):
+    from deqguard.models import update_metadata
+
+    run = write_run(tmp_path / "regulated-x", epoch_rows(2, 0), final=True)
+    ckpt = shutil.copy(tiny_checkpoint, run / "best.safetensors")
+    update_metadata(ckpt, training={"preset": "fashion-wk-regulated",
+                                    "config": {"optim": {"lr": 0.004}}})
+    assert curves.main([str(run), "--out", str(tmp_path / "c.svg")]) == 0
+    row = table_rows(capsys.readouterr().out)["regulated-x"]
+    assert row[1:3] == ["fashion-wk-regulated", "0.004"]
+    assert "regulated-x (fashion-wk-regulated, lr 0.004)" in (tmp_path / "c.svg").read_text()
