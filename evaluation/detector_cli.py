@@ -67,6 +67,7 @@ def _fit(args: argparse.Namespace) -> int:
     import numpy as np
 
     from deqguard.models import update_metadata
+    from deqguard.provenance import invocation
 
     from .detector_fit import auroc_fast, build_detector, save_json, score_features
     from .detector_groups import group_config
@@ -83,7 +84,9 @@ def _fit(args: argparse.Namespace) -> int:
                                    "feature_group": args.features,
                                    "fit_clean": "val images 0..249 (the attacked ones)",
                                    "calibration_clean": f"val images 250..{249 + args.n_cal}",
-                                   "fit": "L2 logistic regression, L-BFGS, balanced classes"})
+                                   "fit": "L2 logistic regression, L-BFGS, balanced classes",
+                                   # how to remake the block: the arguments main() parsed
+                                   **invocation(["deqguard", *args.argv])})
     val_auroc = auroc_fast(score_features(det, fit_clean), score_features(det, fit_adv))
     det = det.model_copy(update={"metrics": {
         "validation_auroc_fit_data": val_auroc,
