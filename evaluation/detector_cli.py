@@ -25,7 +25,7 @@ from typing import Any
 from deqguard.threads import add_threads_argument
 
 from .choices import FEATURE_GROUPS
-from .cli import GRAD_MODES, HelpFormatter
+from .cli import HelpFormatter, add_gradient_argument
 
 # numpy and torch are imported inside the handlers: `deqguard detect --help` loads neither.
 
@@ -250,9 +250,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--fpr", type=float, default=0.05,
                        help="false-positive rate of the threshold on clean images")
         add_threads_argument(q, default=1)
-        q.add_argument("--gradient", default="exact", choices=GRAD_MODES,
-                       help="gradient path the attacked sets are crafted through on a DEQ "
-                            "(exact: backprop through every solver iteration)")
+        add_gradient_argument(q, "--gradient",
+                              "gradient path the attacked sets are crafted through on a DEQ "
+                              "(exact: backprop through every solver iteration)")
         q.add_argument("--json", metavar="FILE", help="also write the result as JSON here")
         q.set_defaults(func=func)
         if name == "fit":
