@@ -5,24 +5,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from deqguard.models.config import GradMode
-from deqguard.models.selective import SCORE_NAMES
 
-Interval = list[float] | None
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from .schema_fields import BootstrapReps, DoubtScores, Interval, SetsCache
+from .schema_fields import StrictModel as _Model
 
 
 class AdaptiveSelectiveSettings(_Model):
     """The part `--attacks ...,adaptive-selective`."""
 
-    scores: list[str] = Field(default_factory=lambda: list(SCORE_NAMES),
-                              description="doubt scores attacked (detector: when the checkpoint "
-                              "has a learned detector; a feedforward only has the logit scores)")
+    scores: DoubtScores = Field(description="doubt scores attacked (detector: when the "
+                                "checkpoint has a learned detector; a feedforward only has the "
+                                "logit scores)")
     coverages: list[float] = Field(default_factory=lambda: [0.8, 0.9],
                                    description="clean coverages whose thresholds are attacked")
     iters: int = Field(100, ge=1, description="iterations of every APGD run")
@@ -32,8 +28,8 @@ class AdaptiveSelectiveSettings(_Model):
     loss: Literal["ce", "dlr"] = Field("ce", description="stage-1 loss of the untargeted runs")
     pgd_steps: int = Field(40, ge=1, description="the PGD baseline's steps on the same images")
     pgd_gradient: GradMode = "exact"
-    reps: int = Field(1000, ge=1, description="bootstrap resamples")
-    cache: str | None = Field(None, description="folder of the crafted sets (resumable)")
+    reps: BootstrapReps = 1000
+    cache: SetsCache = None
 
 
 class AdaptiveSelectiveRow(_Model):

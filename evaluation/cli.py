@@ -54,6 +54,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def add_gradient_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str,
+                          help: str) -> None:
+    """An attack's gradient-path option on a DEQ: every one offers the same paths and starts at
+    exact (backprop through the solver), the path robustness is judged by."""
+    parser.add_argument(flag, default="exact", choices=GRAD_MODES, help=help)
+
+
 _DESCRIPTION = f"""\
 Evaluate a checkpoint on the test images of the dataset it was trained on (recorded in its
 metadata; --data names another). Prints a summary; --json and --report keep every number.
@@ -152,14 +159,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="part aa: AutoAttack on the first N images (default: all --n)")
     p.add_argument("--sweep-n", type=int, default=200,
                    help="gradient-masking sweeps on the first N images (0: all --n)")
-    p.add_argument("--sweep-gradient", default="exact", choices=GRAD_MODES,
-                   help="gradient path of the gradient-masking sweeps on a DEQ")
+    add_gradient_argument(p, "--sweep-gradient",
+                          "gradient path of the gradient-masking sweeps on a DEQ")
     p.add_argument("--aa-attacks", metavar="ATTACKS",
                    help="part aa: a subset of apgd-ce,apgd-t,fab-t,square (default: all four, "
                         "standard AutoAttack)")
-    p.add_argument("--aa-gradient", default="exact", choices=GRAD_MODES,
-                   help="part aa: gradient path of AutoAttack's gradient attacks on a DEQ "
-                        "(exact: backprop through the solver; phantom overstates robustness)")
+    add_gradient_argument(p, "--aa-gradient",
+                          "part aa: gradient path of AutoAttack's gradient attacks on a DEQ "
+                          "(exact: backprop through the solver; phantom overstates robustness)")
     p.add_argument("--scores", default="final_entropy,max_softmax,mean_entropy,early_entropy,"
                    "iterations,final_residual",
                    help="part detect: trajectory scores to measure (higher = more suspicious)")
@@ -192,8 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--selective-attack-n", type=int,
                    help="PGD on the first N test images (default: all --n)")
     g.add_argument("--selective-pgd-steps", type=int, default=40, help="steps of that PGD")
-    g.add_argument("--selective-gradient", default="exact", choices=GRAD_MODES,
-                   help="gradient path of that PGD on a DEQ")
+    add_gradient_argument(g, "--selective-gradient", "gradient path of that PGD on a DEQ")
     g.add_argument("--selective-adaptive-n", type=int, default=100,
                    help="detector-aware PGD on the first N test images (0: skip)")
     g.add_argument("--selective-lambda", type=float, default=2.0,

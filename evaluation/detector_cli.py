@@ -25,7 +25,7 @@ from typing import Any
 from deqguard.threads import add_threads_argument
 
 from .choices import FEATURE_GROUPS
-from .cli import GRAD_MODES, HelpFormatter
+from .cli import HelpFormatter, add_gradient_argument
 
 # numpy and torch are imported inside the handlers: `deqguard detect --help` loads neither.
 
@@ -67,6 +67,7 @@ def _fit(args: argparse.Namespace) -> int:
     import numpy as np
 
     from deqguard.models import update_metadata
+    from deqguard.provenance import invocation
 
     from .detector_fit import auroc_fast, build_detector, save_json, score_features
     from .detector_groups import group_config
@@ -83,7 +84,9 @@ def _fit(args: argparse.Namespace) -> int:
                                    "feature_group": args.features,
                                    "fit_clean": "val images 0..249 (the attacked ones)",
                                    "calibration_clean": f"val images 250..{249 + args.n_cal}",
-                                   "fit": "L2 logistic regression, L-BFGS, balanced classes"})
+                                   "fit": "L2 logistic regression, L-BFGS, balanced classes",
+                                   # how to remake the block: the arguments main() parsed
+                                   **invocation(["deqguard", *args.argv])})
     val_auroc = auroc_fast(score_features(det, fit_clean), score_features(det, fit_adv))
     det = det.model_copy(update={"metrics": {
         "validation_auroc_fit_data": val_auroc,
@@ -247,9 +250,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--fpr", type=float, default=0.05,
                        help="false-positive rate of the threshold on clean images")
         add_threads_argument(q, default=1)
-        q.add_argument("--gradient", default="exact", choices=GRAD_MODES,
-                       help="gradient path the attacked sets are crafted through on a DEQ "
-                            "(exact: backprop through every solver iteration)")
+        add_gradient_argument(q, "--gradient",
+                              "gradient path the attacked sets are crafted through on a DEQ "
+                              "(exact: backprop through every solver iteration)")
         q.add_argument("--json", metavar="FILE", help="also write the result as JSON here")
         q.set_defaults(func=func)
         if name == "fit":

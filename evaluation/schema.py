@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from deqguard.models.config import GradMode
 from deqguard.models.defense import EntropyReductionConfig
 from deqguard.models.selective import DEFAULT_COVERAGES as SELECTIVE_COVERAGES
-from deqguard.models.selective import SCORE_NAMES as SELECTIVE_SCORES
 from deqguard.solve_rules import DEFENSES
 
 from .adaptive_selective_schema import AdaptiveSelectiveSection, AdaptiveSelectiveSettings
+from .schema_fields import BootstrapReps, DoubtScores, SetsCache
+from .schema_fields import StrictModel as _Model
 from .slowdown_schema import SlowdownSection, SlowdownSettings
 
 SCHEMA_VERSION = 1
@@ -27,16 +28,11 @@ ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detec
                               "slowdown", "adaptive-selective")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class SelectiveSettings(_Model):
     """The selective part (`--attacks ...,selective`) and the selective calibration."""
 
-    scores: list[str] = Field(default_factory=lambda: list(SELECTIVE_SCORES),
-                              description="doubt scores measured (detector: when the checkpoint "
-                              "has a learned detector)")
+    scores: DoubtScores = Field(description="doubt scores measured (detector: when the "
+                                "checkpoint has a learned detector)")
     target_coverage: float = Field(0.9, gt=0, lt=1, description="coverage whose clean-validation "
                                    "threshold the attacked inputs are judged at")
     coverages: list[float] = Field(default_factory=lambda: list(SELECTIVE_COVERAGES),
@@ -48,12 +44,11 @@ class SelectiveSettings(_Model):
                             "images (0: skip; needs a learned detector)")
     adaptive_lambda: float = 2.0
     adaptive_steps: int = Field(10, ge=1)
-    reps: int = Field(1000, ge=1, description="bootstrap resamples")
+    reps: BootstrapReps = 1000
     calibrate: bool = Field(False, description="compute the calibration of `score` (the CLI "
                             "writes it into the checkpoint's metadata['selective'])")
     score: str = "max_softmax"
-    cache: str | None = Field(None, description="folder of the crafted attacked sets "
-                              "(resumable); None: not cached")
+    cache: SetsCache = None
     provenance: dict[str, Any] = Field(default_factory=dict,
                                        description="where the validation images come from")
 

@@ -5,11 +5,9 @@ Kept apart from schema.py so the part's fields read in one place; schema.py embe
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from .schema_fields import StrictModel as _Model
 
 
 class SlowdownSettings(_Model):

@@ -142,6 +142,45 @@ def test_detection_sets_are_crafted_through_the_requested_gradient(fitted, tmp_p
     assert all(f"-{gradient}-" in s.name for plan in plans for s in plan)
 
 
+def test_detect_fit_write_records_the_command_it_was_given(tiny_checkpoint, pattern_data,
+                                                          tmp_path, monkeypatch):
+    """The block says how to remake it: the argv main() parsed (not the process's sys.argv,
+    pytest's here), shell-quoted, and the deqguard that ran it."""
+    import shlex
+
+    from deqguard import __version__
+    from deqguard.cli import main
+    from deqguard.evaluation import detector_cli
+
+    model, _ = load_checkpoint(tiny_checkpoint, "cpu")
+    clean_fit, adv_fit, cal, _ = noise_features(model, pattern_data)
+    monkeypatch.setattr(detector_cli, "_val_sets",
+                        lambda *a: (clean_fit, adv_fit, cal, ["noise"]))
+    path = tmp_path / "a checkpoint.safetensors"  # a space: the command must quote it
+    shutil.copy(tiny_checkpoint, path)
+    argv = ["detect", "fit", str(path), "--cache", str(tmp_path / "c"), "--threads", "1",
+            "--write", "--json", str(tmp_path / "fit.json")]
+    assert main(argv) == 0
+    t = detector_from_metadata(read_metadata(path)).training
+    assert t["command"] == shlex.join(["deqguard", *argv])
+    assert shlex.split(t["command"]) == t["argv"] == ["deqguard", *argv]
+    assert t["deqguard_version"] == __version__
+    assert t["feature_group"] == "all" and t["data"]  # the rest of the block is kept
+
+
+def test_a_detector_block_without_a_command_still_loads_and_serves(fitted):
+    """Blocks written before the command was recorded (or by hand) stay valid."""
+    from deqguard.serving.torch_engine import TorchEngine
+
+    path, det, _, x = fitted
+    back = detector_from_metadata(read_metadata(path))
+    assert "command" not in back.training and back == det
+    engine = TorchEngine.load(str(path), device="cpu")
+    assert engine.describe()["detector"]["features"] == det.features
+    answers = engine.classify(x.numpy(), engine.resolve())
+    assert [a.detection.detector for a in answers] == ["dynamics-logistic"] * len(x)
+
+
 def test_engine_applies_the_learned_detector_like_in_process(fitted):
     from deqguard.serving.torch_engine import TorchEngine
 

@@ -10,43 +10,62 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 
-def _gated(calls: list[list], gate: threading.Event, entered: threading.Event):
-    """A model that records each call's items and waits at `gate` on its first call."""
+class Gate:
+    """A model that records each call's items and, on its first call, waits until released: it
+    holds the model busy without sleeps. `inner` gives the answers (default: tagged items)."""
 
-    def run(items: list) -> list:
-        calls.append(list(items))
-        if len(calls) == 1:
-            entered.set()
-            gate.wait(30)
-        return [("answer", it) for it in items]
+    def __init__(self, inner: Callable[[list], list] | None = None) -> None:
+        self.calls: list[list] = []
+        self.entered, self.released = threading.Event(), threading.Event()
+        self.inner = inner or (lambda items: [("answer", it) for it in items])
 
-    return run
+    def __call__(self, items: list) -> list:
+        self.calls.append(list(items))
+        if len(self.calls) == 1:
+            self.entered.set()
+            self.released.wait(30)
+        return self.inner(items)
 
 
-def test_jobs_queued_while_busy_share_one_call_and_keep_their_order():
+async def _while_busy(gate: Gate, submit: Callable, first: list, later: list[list]) -> list:
+    """Submit `first`, queue each of `later` while the model is busy with it, then free the
+    model: every caller's answers, in submission order."""
+    head = asyncio.ensure_future(submit(first))
+    await asyncio.to_thread(gate.entered.wait, 30)  # the model is busy with the first job
+    rest = [asyncio.ensure_future(submit(items)) for items in later]
+    await asyncio.sleep(0)  # all queued before the model is free
+    gate.released.set()
+    return [await head] + [await r for r in rest]
+
+
+@pytest.fixture
+def make_batcher():
+    """MicroBatcher(run, **options), closed when the test ends."""
     from deqguard.serving.batcher import MicroBatcher
 
-    calls: list[list] = []
-    gate, entered = threading.Event(), threading.Event()
-    batches: list[int] = []
-    b = MicroBatcher(_gated(calls, gate, entered), max_batch=8, on_batch=batches.append)
+    made: list = []
 
-    async def main() -> list:
-        first = asyncio.ensure_future(b.submit(["a0"]))
-        await asyncio.to_thread(entered.wait, 30)  # the model is busy with the first job
-        jobs = [asyncio.ensure_future(b.submit([f"j{i}-{k}" for k in range(i + 1)]))
-                for i in range(3)]
-        await asyncio.sleep(0)  # all three queued before the model is free
-        gate.set()
-        return [await first] + [await j for j in jobs]
+    def make(run: Callable, **options):
+        made.append(MicroBatcher(run, **options))
+        return made[-1]
 
-    answers = asyncio.run(main())
-    b.close()
+    yield make
+    for b in made:
+        b.close()
+
+
+def test_jobs_queued_while_busy_share_one_call_and_keep_their_order(make_batcher):
+    gate, batches = Gate(), []
+    b = make_batcher(gate, max_batch=8, on_batch=batches.append)
+    calls = gate.calls
+    answers = asyncio.run(_while_busy(gate, b.submit, ["a0"],
+                                      [[f"j{i}-{k}" for k in range(i + 1)] for i in range(3)]))
     assert calls[0] == ["a0"]
     assert calls[1] == ["j0-0", "j1-0", "j1-1", "j2-0", "j2-1", "j2-2"]  # one call, in order
     assert len(calls) == 2 and batches == [1, 6]
@@ -55,39 +74,26 @@ def test_jobs_queued_while_busy_share_one_call_and_keep_their_order():
         assert got == [("answer", f"j{i}-{k}") for k in range(i + 1)]
 
 
-def test_a_job_that_does_not_fit_waits_for_the_next_call_and_a_large_one_is_sliced():
-    from deqguard.serving.batcher import MicroBatcher
-
-    calls: list[list] = []
-    gate, entered = threading.Event(), threading.Event()
-    b = MicroBatcher(_gated(calls, gate, entered), max_batch=4)
-
-    async def main() -> list:
-        first = asyncio.ensure_future(b.submit(["x"]))
-        await asyncio.to_thread(entered.wait, 30)
-        small = asyncio.ensure_future(b.submit(["s0", "s1", "s2"]))
-        big = asyncio.ensure_future(b.submit([f"b{k}" for k in range(6)]))
-        await asyncio.sleep(0)
-        gate.set()
-        return [await first, await small, await big]
-
-    _, small, big = asyncio.run(main())
-    b.close()
+def test_a_job_that_does_not_fit_waits_for_the_next_call_and_a_large_one_is_sliced(
+        make_batcher):
+    gate = Gate()
+    b = make_batcher(gate, max_batch=4)
+    calls = gate.calls
+    _, small, big = asyncio.run(_while_busy(gate, b.submit, ["x"],
+                                            [["s0", "s1", "s2"], [f"b{k}" for k in range(6)]]))
     assert calls[1] == ["s0", "s1", "s2"]  # the big job did not fit beside it
     assert calls[2:] == [["b0", "b1", "b2", "b3"], ["b4", "b5"]]  # over max_batch: sliced
     assert [a[1] for a in big] == [f"b{k}" for k in range(6)]
     assert [a[1] for a in small] == ["s0", "s1", "s2"]
 
 
-def test_a_failing_call_fails_its_callers_only_and_the_batcher_keeps_serving():
-    from deqguard.serving.batcher import MicroBatcher
-
+def test_a_failing_call_fails_its_callers_only_and_the_batcher_keeps_serving(make_batcher):
     def run(items: list) -> list:
         if "boom" in items:
             raise ValueError("model failed")
         return [it.upper() for it in items]
 
-    b = MicroBatcher(run, max_batch=8)
+    b = make_batcher(run, max_batch=8)
 
     async def main() -> tuple:
         with pytest.raises(ValueError, match="model failed"):
@@ -95,41 +101,33 @@ def test_a_failing_call_fails_its_callers_only_and_the_batcher_keeps_serving():
         return await b.submit(["ok"]), await b.submit([])
 
     assert asyncio.run(main()) == (["OK"], [])
-    b.close()
 
 
-def test_a_caller_that_went_away_does_not_stop_the_batcher():
-    from deqguard.serving.batcher import MicroBatcher
-
-    calls: list[list] = []
-    gate, entered = threading.Event(), threading.Event()
-    b = MicroBatcher(_gated(calls, gate, entered), max_batch=8)
+def test_a_caller_that_went_away_does_not_stop_the_batcher(make_batcher):
+    gate = Gate()
+    b = make_batcher(gate, max_batch=8)
 
     async def main() -> list:
         gone = asyncio.ensure_future(b.submit(["gone"]))
-        await asyncio.to_thread(entered.wait, 30)
+        await asyncio.to_thread(gate.entered.wait, 30)
         gone.cancel()  # a client that disconnected while its image was being solved
-        gate.set()
+        gate.released.set()
         return await b.submit(["next"])
 
     assert asyncio.run(main()) == [("answer", "next")]
-    b.close()
 
 
-def test_preparation_runs_on_the_compute_thread_first_and_its_failure_is_kept():
-    from deqguard.serving.batcher import MicroBatcher
-
+def test_preparation_runs_on_the_compute_thread_first_and_its_failure_is_kept(make_batcher):
     seen: list[str] = []
 
     def prepare() -> None:
         seen.append(threading.current_thread().name)
         raise RuntimeError("warm-up failed")
 
-    b = MicroBatcher(lambda items: [threading.current_thread().name for _ in items],
+    b = make_batcher(lambda items: [threading.current_thread().name for _ in items],
                      max_batch=2, prepare=prepare, name="compute-test")
     assert asyncio.run(b.submit([1])) == ["compute-test"]  # jobs are still served
     assert seen == ["compute-test"] and isinstance(b.failed, RuntimeError)
-    b.close()
 
 
 # -- the model runner: the engine behind the batcher -------------------------------------------
@@ -157,7 +155,7 @@ def runner_and_engine(tiny_checkpoint):
 
 
 def test_runner_answers_mixed_options_and_deadlines_as_each_alone(runner_and_engine,
-                                                                  pattern_data):
+                                                                  pattern_data, monkeypatch):
     """One model call holding items of several options and a passed deadline: every answer is
     the one its item gets alone, and only the item whose deadline passed stops early."""
     from deqguard.serving.runner import Item
@@ -178,11 +176,8 @@ def test_runner_answers_mixed_options_and_deadlines_as_each_alone(runner_and_eng
         calls.append(len(batch))
         return original(batch)
 
-    runner.batcher._run = counted
-    try:
-        answers = asyncio.run(runner.answer(items))
-    finally:
-        runner.batcher._run = original
+    monkeypatch.setattr(runner.batcher, "_run", counted)
+    answers = asyncio.run(runner.answer(items))
     assert calls == [len(items)]
     for it, got in zip(items[:6], answers[:6], strict=True):
         _same(got, engine.classify(it.x[None], it.opts, it.trajectory)[0].model_dump(mode="json"))
@@ -191,7 +186,7 @@ def test_runner_answers_mixed_options_and_deadlines_as_each_alone(runner_and_eng
 
 
 def test_runner_batches_concurrent_requests_and_answers_each_its_own(runner_and_engine,
-                                                                    pattern_data):
+                                                                    pattern_data, monkeypatch):
     """Requests submitted while the model is busy come back in their own order, equal to the
     answers each gets alone, whatever call they shared."""
     from deqguard.serving.runner import Item
@@ -201,31 +196,10 @@ def test_runner_batches_concurrent_requests_and_answers_each_its_own(runner_and_
     opts = [engine.resolve(max_iter=2 + i, tol=1e-9, settle_iters=0) for i in range(4)]
     reqs = [[Item(x[(3 * r + k) % len(x)], opts[r % 4]) for k in range(1 + r % 3)]
             for r in range(12)]
-    gate, entered = threading.Event(), threading.Event()
-    original = runner.batcher._run
-    sizes: list[int] = []
-
-    def held(batch: list) -> list:
-        sizes.append(len(batch))
-        if len(sizes) == 1:
-            entered.set()
-            gate.wait(30)
-        return original(batch)
-
-    runner.batcher._run = held
-
-    async def main() -> list:
-        first = asyncio.ensure_future(runner.answer(reqs[0]))
-        await asyncio.to_thread(entered.wait, 30)
-        rest = [asyncio.ensure_future(runner.answer(r)) for r in reqs[1:]]
-        await asyncio.sleep(0)
-        gate.set()
-        return [await first] + [await f for f in rest]
-
-    try:
-        got = asyncio.run(main())
-    finally:
-        runner.batcher._run = original
+    gate = Gate(runner.batcher._run)  # the runner's own model call, held busy at first
+    monkeypatch.setattr(runner.batcher, "_run", gate)
+    got = asyncio.run(_while_busy(gate, runner.answer, reqs[0], reqs[1:]))
+    sizes = [len(batch) for batch in gate.calls]
     assert sizes[0] == len(reqs[0]) and sizes[1] == sum(len(r) for r in reqs[1:])
     for req, answers in zip(reqs, got, strict=True):
         assert len(answers) == len(req)

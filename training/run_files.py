@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+from deqguard.provenance import invocation
 
 from ..models import save_checkpoint
 from ..models.classifier import Classifier
@@ -137,7 +138,7 @@ class RunFiles:
                       "width": self.info.image_size, "value_range": [0.0, 1.0]},
             "training": {
                 "preset": self.preset, "config": c.model_dump(mode="json"),
-                "command": shlex.join(self.argv), "argv": self.argv,
+                **invocation(self.argv),
                 "data": {"dataset": c.data.dataset, "fingerprint": self.fingerprint,
                          "train_images": len(self.train_set), "val_images": len(self.val_set)},
                 "data_fingerprint": self.fingerprint,
