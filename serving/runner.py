@@ -25,6 +25,9 @@ log = logging.getLogger("deqguard.serving")
 # Items per model call. A request of more images (up to max_batch) runs in slices of this size;
 # concurrent requests share a call up to it.
 MODEL_BATCH = 64
+# The longest a free model waits for the batch its recent demand promises (batcher.py); a
+# wait is also never longer than the previous call took.
+FILL_WAIT_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,13 @@ class Item:
 class ModelRunner:
     """The engine behind a micro-batcher: `await runner.answer(items)` -> ClassifyResult dicts."""
 
-    def __init__(self, engine: ModelEngine, *, threads: int = 1, max_batch: int = MODEL_BATCH):
+    def __init__(self, engine: ModelEngine, *, threads: int = 1, max_batch: int = MODEL_BATCH,
+                 max_wait_s: float = FILL_WAIT_S):
         self.engine = engine
         self.threads = int(threads)
         self.batcher: MicroBatcher[Item, dict[str, Any]] = MicroBatcher(
             self._infer, max_batch=max_batch, prepare=self._prepare,
-            on_batch=metrics.observe_batch, name="deqguard-model")
+            on_batch=metrics.observe_batch, name="deqguard-model", max_wait_s=max_wait_s)
 
     @property
     def ready(self) -> bool:
