@@ -15,8 +15,9 @@ bench/gap-profile.md), and the default DEQ costs 25% more per image at 16 than a
 the event loop and the compute thread share one GIL, so the loop's work never overlapped the
 model's much anyway. So the thread remembers the demand at the end of each call (its items
 plus those queued by then) and, when fewer are queued, waits for that many, at most as long as
-the last call took (a stale estimate costs one such wait) and at most `max_wait_s`. A lone
-caller's demand is one: it never waits.
+the last call took (a stale estimate costs one such wait) and at most `max_wait_s`, and never
+longer than the queued items' own `patience` allows (a caller with a deadline is not kept
+waiting for company). A lone caller's demand is one: it never waits.
 
 One thread does all model work, so the engine's thread pinning and its lock see one caller,
 and the event loop stays free to read, validate and decode the next requests meanwhile. A job
@@ -56,7 +57,7 @@ class MicroBatcher(Generic[T, R]):
     items of every job queued when the compute thread became free (at most `max_batch`, except
     a single larger job, which runs in slices of `max_batch`). When fewer items are queued than
     the previous call's demand, it waits for them first (see the module docstring), at most
-    `max_wait_s` (0: never).
+    `max_wait_s` (0: never), and at most `patience(items)` seconds for the items taken so far.
 
     `run` gets a list of items and returns one answer per item, in order; an exception it raises
     fails every job of that call. `prepare` runs first on the compute thread (thread settings,
@@ -66,7 +67,8 @@ class MicroBatcher(Generic[T, R]):
     def __init__(self, run: Callable[[list[T]], Sequence[R]], *, max_batch: int,
                  prepare: Callable[[], None] | None = None,
                  on_batch: Callable[[int], None] | None = None, name: str = "batcher",
-                 max_wait_s: float = 0.0):
+                 max_wait_s: float = 0.0,
+                 patience: Callable[[Sequence[T]], float] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_wait_s < 0:
@@ -76,6 +78,7 @@ class MicroBatcher(Generic[T, R]):
         self._prepare = prepare
         self._on_batch = on_batch
         self.max_wait_s = float(max_wait_s)
+        self._patience = patience
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._queued = 0  # items submitted and not yet taken into a call
         self._count_lock = threading.Lock()
@@ -119,6 +122,8 @@ class MicroBatcher(Generic[T, R]):
             jobs, size, stop = [first], len(first.items), False
             target = min(self.max_batch, demand)
             wait_until = time.monotonic() + min(self.max_wait_s, last_call)
+            if size < target:
+                wait_until = self._patient_until(first.items, wait_until)
             while size < self.max_batch:
                 try:
                     left = wait_until - time.monotonic() if size < target else 0.0
@@ -134,6 +139,8 @@ class MicroBatcher(Generic[T, R]):
                     break
                 jobs.append(nxt)
                 size += len(nxt.items)
+                if size < target:
+                    wait_until = self._patient_until(nxt.items, wait_until)
             with self._count_lock:
                 self._queued -= size
             started = time.monotonic()
@@ -143,6 +150,11 @@ class MicroBatcher(Generic[T, R]):
                 demand = size + self._queued
             if stop:
                 carry = _STOP
+
+    def _patient_until(self, items: Sequence[T], until: float) -> float:
+        if self._patience is None:
+            return until
+        return min(until, time.monotonic() + self._patience(items))
 
     def _call(self, jobs: list[_Job[T]]) -> None:
         items = [it for job in jobs for it in job.items]

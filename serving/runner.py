@@ -10,6 +10,8 @@ metrics (metrics.py) and the batch-size histogram are recorded here, per call.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,15 @@ class Item:
     budget_at: float | None = None
 
 
+def patience(items: Sequence[Item]) -> float:
+    """How long these items may wait for batch mates before their call starts: not at all
+    with a caller's deadline (waiting would spend it), else until the earliest server budget."""
+    if any(it.deadline_at is not None for it in items):
+        return 0.0
+    budgets = [it.budget_at for it in items if it.budget_at is not None]
+    return min(budgets) - time.time() if budgets else float("inf")
+
+
 class ModelRunner:
     """The engine behind a micro-batcher: `await runner.answer(items)` -> ClassifyResult dicts."""
 
@@ -52,7 +63,8 @@ class ModelRunner:
         self.threads = int(threads)
         self.batcher: MicroBatcher[Item, dict[str, Any]] = MicroBatcher(
             self._infer, max_batch=max_batch, prepare=self._prepare,
-            on_batch=metrics.observe_batch, name="deqguard-model", max_wait_s=max_wait_s)
+            on_batch=metrics.observe_batch, name="deqguard-model", max_wait_s=max_wait_s,
+            patience=patience)
 
     @property
     def ready(self) -> bool:
