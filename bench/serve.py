@@ -20,7 +20,9 @@ Part 2: the naive solver at the same iterations and batch, torch eager vs the ex
 under onnxruntime (both one intra-op thread unless --threads), as images/s and a ratio.
 
 Everything runs in one invocation on one machine, so the ratios compare like with like. The
-client shares the CPU with the server: on a small machine that costs the HTTP side.
+client shares the CPU with the server: on a small machine that costs the HTTP side, and the
+httpx client (the default, as the ladder's) costs several times the CPU per request of aiohttp's
+(`--client aiohttp`).
 """
 
 from __future__ import annotations
@@ -106,13 +108,15 @@ def in_process(engine, pngs: list[bytes], batch: int, opts) -> tuple[float, list
     return len(pngs) / (time.perf_counter() - t0), lat
 
 
-async def over_http(url: str, pngs: list[bytes], concurrency: int, body: dict
-                    ) -> tuple[float, list[float]]:
-    import httpx
-
+async def over_http(url: str, pngs: list[bytes], concurrency: int, body: dict,
+                    client_name: str = "httpx") -> tuple[float, list[float]]:
     texts = [base64.b64encode(p).decode() for p in pngs]
     lat: list[float] = []
     queue = list(range(len(texts)))
+    if client_name == "aiohttp":
+        return await _over_aiohttp(url, texts, concurrency, body, queue, lat)
+    import httpx
+
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         async def worker() -> None:
@@ -121,6 +125,30 @@ async def over_http(url: str, pngs: list[bytes], concurrency: int, body: dict
                 t = time.perf_counter()
                 r = await client.post("/classify", json={"image": texts[i], **body})
                 r.raise_for_status()
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(texts) / (time.perf_counter() - t0), lat
+
+
+async def _over_aiohttp(url: str, texts: list[str], concurrency: int, body: dict,
+                        queue: list[int], lat: list[float]) -> tuple[float, list[float]]:
+    """The same load from aiohttp's client: on a small machine the client shares the cores with
+    the server, and httpx spends several times more CPU per request (measured in
+    docs/eval/wk/default/bench/gap-profile.md)."""
+    import aiohttp
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(url, connector=conn, timeout=timeout) as session:
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                t = time.perf_counter()
+                async with session.post("/classify", json={"image": texts[i], **body}) as r:
+                    r.raise_for_status()
+                    await r.read()
                 lat.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
@@ -176,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defaults", action="store_true",
                    help="default request options and Fashion-MNIST images (see above)")
     p.add_argument("--skip-onnx", action="store_true", help="skip part 2")
+    p.add_argument("--client", choices=("httpx", "aiohttp"), default="httpx",
+                   help="HTTP client of the load (aiohttp: less of the shared CPU for itself)")
     args = p.parse_args(argv)
 
     import torch
@@ -208,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         in_process(engine, pngs[:8], 8, opts)  # warm-up
         log = args.server_log or tmp / "server.log"
         with serve_subprocess(ckpt, log, threads=args.threads) as url:
-            asyncio.run(over_http(url, pngs[:16], 4, body))  # warm-up, batching dispatcher
+            asyncio.run(over_http(url, pngs[:16], 4, body, args.client))  # warm-up
             for c in levels:
                 ip_rate, ip_lat = in_process(engine, pngs, c, opts)
-                http_rate, http_lat = asyncio.run(over_http(url, pngs, c, body))
+                http_rate, http_lat = asyncio.run(over_http(url, pngs, c, body, args.client))
                 rows.append((c, ip_rate, _pct(ip_lat, 50), _pct(ip_lat, 99), http_rate,
                              _pct(http_lat, 50), _pct(http_lat, 99)))
         print("\nPart 1: in-process (batches of c) vs HTTP (c single-image requests in flight)")

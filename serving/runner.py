@@ -10,6 +10,8 @@ metrics (metrics.py) and the batch-size histogram are recorded here, per call.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,9 @@ log = logging.getLogger("deqguard.serving")
 # Items per model call. A request of more images (up to max_batch) runs in slices of this size;
 # concurrent requests share a call up to it.
 MODEL_BATCH = 64
+# The longest a free model waits for the batch its recent demand promises (batcher.py); a
+# wait is also never longer than the previous call took.
+FILL_WAIT_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -40,15 +45,26 @@ class Item:
     budget_at: float | None = None
 
 
+def patience(items: Sequence[Item]) -> float:
+    """How long these items may wait for batch mates before their call starts: not at all
+    with a caller's deadline (waiting would spend it), else until the earliest server budget."""
+    if any(it.deadline_at is not None for it in items):
+        return 0.0
+    budgets = [it.budget_at for it in items if it.budget_at is not None]
+    return min(budgets) - time.time() if budgets else float("inf")
+
+
 class ModelRunner:
     """The engine behind a micro-batcher: `await runner.answer(items)` -> ClassifyResult dicts."""
 
-    def __init__(self, engine: ModelEngine, *, threads: int = 1, max_batch: int = MODEL_BATCH):
+    def __init__(self, engine: ModelEngine, *, threads: int = 1, max_batch: int = MODEL_BATCH,
+                 max_wait_s: float = FILL_WAIT_S):
         self.engine = engine
         self.threads = int(threads)
         self.batcher: MicroBatcher[Item, dict[str, Any]] = MicroBatcher(
             self._infer, max_batch=max_batch, prepare=self._prepare,
-            on_batch=metrics.observe_batch, name="deqguard-model")
+            on_batch=metrics.observe_batch, name="deqguard-model", max_wait_s=max_wait_s,
+            patience=patience)
 
     @property
     def ready(self) -> bool:

@@ -1,0 +1,114 @@
+"""The micro-batcher's wait to fill a call (batcher.py): closed-loop clients fall into cohorts,
+and a free model waits for the demand its last call saw, never for a lone caller, never for
+a caller with a deadline.
+
+The model is held busy with an event; the tests of the wait hold the first call for a second,
+since a wait is never longer than the previous call took. Nothing is asserted about time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+
+def _gated(calls: list[list], gate: threading.Event, entered: threading.Event):
+    """A model that records each call's items and waits at `gate` on its first call."""
+
+    def run(items: list) -> list:
+        calls.append(list(items))
+        if len(calls) == 1:
+            entered.set()
+            gate.wait(30)
+        return [("answer", it) for it in items]
+
+    return run
+
+
+def test_a_free_model_waits_for_the_demand_its_last_call_saw_so_cohorts_merge():
+    """Closed-loop clients split into cohorts: while the model answers one, the other queues,
+    and without waiting every call would hold half the traffic. The first call saw 1 + 3 items
+    in flight, so the next one waits for the 4th (its caller's next request) instead of
+    running the 3 queued alone. (The first call is held for a second: a wait is never longer
+    than the previous call took.)"""
+    from deqguard.serving.batcher import MicroBatcher
+
+    calls: list[list] = []
+    gate, entered = threading.Event(), threading.Event()
+    b = MicroBatcher(_gated(calls, gate, entered), max_batch=8, max_wait_s=30.0)
+
+    async def main() -> list:
+        first = asyncio.ensure_future(b.submit(["a0"]))
+        await asyncio.to_thread(entered.wait, 30)
+        others = [asyncio.ensure_future(b.submit([f"b{i}"])) for i in range(3)]
+        await asyncio.sleep(1.0)
+        gate.set()
+        await first
+        again = await b.submit(["a1"])  # the first caller's next request
+        return [again] + [await o for o in others]
+
+    answers = asyncio.run(main())
+    b.close()
+    assert calls[1] == ["b0", "b1", "b2", "a1"] and len(calls) == 2
+    assert answers == [[("answer", "a1")]] + [[("answer", f"b{i}")] for i in range(3)]
+
+
+def test_a_caller_without_patience_is_not_kept_waiting_for_company():
+    """The same cohorts as above, but one queued item may not wait (a caller's deadline): the
+    next call runs the queued three at once instead of waiting for the 4th."""
+    from deqguard.serving.batcher import MicroBatcher
+
+    calls: list[list] = []
+    gate, entered = threading.Event(), threading.Event()
+    b = MicroBatcher(_gated(calls, gate, entered), max_batch=8, max_wait_s=30.0,
+                     patience=lambda items: 0.0 if "b1" in items else float("inf"))
+
+    async def main() -> None:
+        first = asyncio.ensure_future(b.submit(["a0"]))
+        await asyncio.to_thread(entered.wait, 30)
+        others = [asyncio.ensure_future(b.submit([f"b{i}"])) for i in range(3)]
+        await asyncio.sleep(1.0)
+        gate.set()
+        await first
+        await b.submit(["a1"])
+        await asyncio.gather(*others)
+
+    asyncio.run(main())
+    b.close()
+    assert calls[1:] == [["b0", "b1", "b2"], ["a1"]]
+
+
+def test_runner_patience_none_with_a_deadline_and_until_the_earliest_budget():
+    from deqguard.serving.options import SolveOptions
+    from deqguard.serving.runner import Item, patience
+
+    x = np.zeros((1, 4, 4), np.float32)
+    opts = SolveOptions(max_iter=5, tol=1e-3, solver="naive")
+    now = time.time()
+    assert patience([Item(x, opts)]) == float("inf")
+    assert patience([Item(x, opts), Item(x, opts, deadline_at=now + 60)]) == 0.0
+    left = patience([Item(x, opts, budget_at=now + 60), Item(x, opts, budget_at=now + 30)])
+    assert 0 < left <= 30
+
+
+def test_a_lone_caller_never_waits_for_company_and_negative_waits_are_refused():
+    """Demand 1 (one caller at a time) means a full batch: the 30 s cap is never waited, so
+    this finishes at once."""
+    from deqguard.serving.batcher import MicroBatcher
+
+    calls: list[list] = []
+    b = MicroBatcher(lambda items: calls.append(list(items)) or list(items), max_batch=8,
+                     max_wait_s=30.0)
+
+    async def main() -> list:
+        return [await b.submit([i]) for i in range(5)]
+
+    assert asyncio.run(main()) == [[i] for i in range(5)]
+    assert calls == [[i] for i in range(5)]
+    b.close()
+    with pytest.raises(ValueError, match="max_wait_s"):
+        MicroBatcher(lambda items: items, max_batch=2, max_wait_s=-1)
