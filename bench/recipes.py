@@ -72,6 +72,7 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-lr2e-3": ("fashion-wk-regulated", ["optim.lr=2.0e-3"]),
         "regulated-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
         "regulated-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),  # 4e-3 led: the edge
+        "regulated-lr1.6e-2": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),  # 8e-3 led again
     },
     # the equal-budget runs (`--epochs 60`), each model at its own best rate from the lr grid;
     # the regulated DEQ has one entry per rate still in contention, and only the winner is run
@@ -79,6 +80,7 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "anchor-e60": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
         "regulated-e60-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
         "regulated-e60-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),
+        "regulated-e60-lr1.6e-2": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),
     },
 }
 
