@@ -75,34 +75,69 @@ class Sample:
 
 
 async def _http(row: Row, fmt: str, pngs: list[bytes], texts: list[str], n: int, c: int,
-                limit_s: float) -> Sample:
+                limit_s: float, client_name: str = "httpx") -> Sample:
     """n single-image POSTs with c in flight; stops starting new ones after limit_s."""
-    import httpx
-
     lat: list[float] = []
     route = row.routes[fmt]
     next_i = 0
-    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
-    async with httpx.AsyncClient(base_url=row.url, timeout=300, limits=limits) as client:
-        deadline = time.perf_counter() + limit_s
-
+    deadline = time.perf_counter() + limit_s
+    post = _aiohttp_post if client_name == "aiohttp" else _httpx_post
+    async with post(row.url, c) as send:
         async def worker() -> None:
             nonlocal next_i
             while next_i < n and time.perf_counter() < deadline:
                 i = next_i % len(pngs)
                 next_i += 1
                 t = time.perf_counter()
-                if fmt == "json":
-                    r = await client.post(route, json={"image": texts[i]})
-                else:
-                    r = await client.post(route, files={"image": ("x.png", pngs[i], "image/png")})
-                r.raise_for_status()
-                row.answer_bytes.setdefault(fmt, len(r.content))
+                body = await send(route, fmt, pngs[i], texts[i])
+                row.answer_bytes.setdefault(fmt, len(body))
                 lat.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(c)))
         return Sample(len(lat) / (time.perf_counter() - t0), lat, len(lat))
+
+
+@contextlib.asynccontextmanager
+async def _httpx_post(url: str, c: int):
+    """A sender on httpx's client (the one deqguard's Python client is built on)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        async def send(route: str, fmt: str, png: bytes, text: str) -> bytes:
+            if fmt == "json":
+                r = await client.post(route, json={"image": text})
+            else:
+                r = await client.post(route, files={"image": ("x.png", png, "image/png")})
+            r.raise_for_status()
+            return r.content
+
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _aiohttp_post(url: str, c: int):
+    """A sender on aiohttp's client: it spends several times less CPU per request than httpx,
+    which matters when the client shares the cores with the server it measures
+    (docs/eval/wk/default/bench/gap-profile.md)."""
+    import aiohttp
+
+    conn = aiohttp.TCPConnector(limit=c)
+    async with aiohttp.ClientSession(url, connector=conn,
+                                     timeout=aiohttp.ClientTimeout(total=300)) as session:
+        async def send(route: str, fmt: str, png: bytes, text: str) -> bytes:
+            if fmt == "json":
+                kwargs = {"json": {"image": text}}
+            else:
+                form = aiohttp.FormData()
+                form.add_field("image", png, filename="x.png", content_type="image/png")
+                kwargs = {"data": form}
+            async with session.post(route, **kwargs) as r:
+                r.raise_for_status()
+                return await r.read()
+
+        yield send
 
 
 def _in_process(row: Row, pngs: list[bytes], n: int, c: int, limit_s: float) -> Sample:
@@ -128,9 +163,9 @@ def _in_process(row: Row, pngs: list[bytes], n: int, c: int, limit_s: float) -> 
 
 
 def measure(row: Row, fmt: str, pngs: list[bytes], texts: list[str], n: int, c: int,
-            limit_s: float) -> Sample:
+            limit_s: float, client_name: str = "httpx") -> Sample:
     if row.url:
-        return asyncio.run(_http(row, fmt, pngs, texts, n, c, limit_s))
+        return asyncio.run(_http(row, fmt, pngs, texts, n, c, limit_s, client_name))
     return _in_process(row, pngs, n, c, limit_s)
 
 
@@ -237,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", action="store_true", help="generated PNGs, not Fashion-MNIST")
     p.add_argument("--server-cpus", default=None, help="pin the servers to these CPUs (0 or 0-1)")
     p.add_argument("--client-cpus", default=None, help="pin this client process to these CPUs")
+    p.add_argument("--client", choices=("httpx", "aiohttp"), default="httpx",
+                   help="HTTP client of the load (aiohttp: less of the shared CPU for itself)")
     p.add_argument("--row-timeout", type=float, default=120.0,
                    help="seconds one measurement may take before it stops sending")
     p.add_argument("--time-limit", type=float, default=3600.0,
@@ -286,14 +323,15 @@ def main(argv: list[str] | None = None) -> int:
               f"`bentoml serve` with 1 worker (deqguard: one process, the model on its own "
               f"thread; floor: 1 process), {args.threads} intra-op thread(s); client: this one "
               f"process "
-              f"(asyncio httpx, and the in-process engines at {args.threads} thread(s)) on "
+              f"(asyncio {args.client}, and the in-process engines at {args.threads} thread(s)) on "
               f"{sorted(client_cpus) if client_cpus else 'unpinned'} CPUs"
               + ("" if server_cpus or client_cpus else "; no taskset: all share every core"))
         print("load average at start: " + " ".join(f"{x:.2f}" for x in load0))
 
         units = [(row, fmt, c) for c in levels for row in rows for fmt in row.formats]
         for row, fmt, _ in units:  # warm-up: connections, batching dispatcher, allocators
-            measure(row, fmt, pngs, texts, min(8, args.requests), 4, args.row_timeout)
+            measure(row, fmt, pngs, texts, min(8, args.requests), 4, args.row_timeout,
+                    args.client)
         results: dict[tuple[str, str, int], list[Sample]] = {}
         rounds_done = 0
         for r in range(args.rounds):
@@ -301,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"time limit: stopped after {rounds_done} rounds")
                 break
             for row, fmt, c in (units if r % 2 == 0 else units[::-1]):
-                s = measure(row, fmt, pngs, texts, args.requests, c, args.row_timeout)
+                s = measure(row, fmt, pngs, texts, args.requests, c, args.row_timeout,
+                            args.client)
                 if s.done < args.requests:
                     print(f"note: {row.name} {fmt} c={c} round {r + 1}: {s.done} of "
                           f"{args.requests} images within --row-timeout")

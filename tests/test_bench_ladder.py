@@ -94,3 +94,46 @@ def test_ladder_runs_every_row_end_to_end(tiny_checkpoint, tmp_path):
     assert abs(int(floor) - int(dq)) <= 0.1 * int(dq), (floor, dq)
     for log in ("floor.log", "deqguard-cnn.log", "deqguard-default.log"):
         assert (tmp_path / "logs" / log).stat().st_size > 0
+
+@pytest.mark.parametrize("client", ["httpx", "aiohttp"])
+def test_both_load_clients_send_the_same_requests(client, monkeypatch):
+    """The ladder may load the servers from either client; both must send the body a deqguard
+    route reads (JSON base64, or a multipart `image` file) and return the answer's bytes."""
+    import asyncio
+
+    from aiohttp import web
+
+    spec = importlib.util.spec_from_file_location("ladder", REPO / "bench" / "ladder.py")
+    ladder = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ladder", ladder)  # its dataclasses look themselves up
+    spec.loader.exec_module(ladder)
+    seen: list[tuple[str, bytes]] = []
+
+    async def json_route(request: web.Request) -> web.Response:
+        seen.append(("json", base64.b64decode((await request.json())["image"])))
+        return web.json_response({"ok": 1})
+
+    async def upload_route(request: web.Request) -> web.Response:
+        form = await request.post()
+        seen.append(("multipart", form["image"].file.read()))
+        return web.json_response({"ok": 2})
+
+    async def run() -> list[bytes]:
+        app = web.Application()
+        app.add_routes([web.post("/classify", json_route), web.post("/up", upload_route)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        post = ladder._aiohttp_post if client == "aiohttp" else ladder._httpx_post
+        try:
+            async with post(f"http://127.0.0.1:{port}", 2) as send:
+                return [await send("/classify", "json", b"P1", base64.b64encode(b"P1").decode()),
+                        await send("/up", "multipart", b"P2", "unused")]
+        finally:
+            await runner.cleanup()
+
+    bodies = asyncio.run(run())
+    assert seen == [("json", b"P1"), ("multipart", b"P2")]
+    assert [json.loads(b) for b in bodies] == [{"ok": 1}, {"ok": 2}]
