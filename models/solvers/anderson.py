@@ -11,6 +11,8 @@ iterates up to floating-point rounding.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -200,7 +202,10 @@ class _RingHistory:
                  inner.diagonal(dim1=1, dim2=2))
             self._views[key] = v
         gram, gram_diag, lhs, rhs, inner, inner_diag = v  # type: ignore[misc]
-        with torch.autocast(gram.device.type, enabled=False):
+        # autocast off (see _work_dtype); entering the context costs more than the test
+        ctx = (torch.autocast(gram.device.type, enabled=False)
+               if torch.is_autocast_enabled(gram.device.type) else contextlib.nullcontext())
+        with ctx:
             scale = gram_diag.mean(dim=1).clamp_min(1e-12)
             inner.copy_(gram)
             inner_diag.add_((lam * scale).unsqueeze(1))
