@@ -42,28 +42,33 @@ def _problem(batch: int, dim: int = 12, seed: int = 0):
     return f, f_rows
 
 
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
 @pytest.mark.parametrize("rows", [False, True], ids=["all-rows", "f-rows"])
 @pytest.mark.parametrize("name", SOLVERS)
-def test_every_stop_reason_gives_the_answer_the_sample_gets_alone(name, rows):
+def test_every_stop_reason_gives_the_answer_the_sample_gets_alone(name, rows, hooks):
     """A batch where samples stop at different steps for every reason (tol, settled, deadline,
-    max_iter) takes the masked forms, a lone sample (or a batch that runs to the end together)
-    the all-true shortcuts: each sample's iterate, residual row, count and reason agree."""
+    max_iter) takes the masked forms, a lone sample the all-true shortcuts: each sample's
+    iterate, residual row, count and reason agree, and a sample stopped on tol ends on f of
+    the state its last step started from."""
     b = 6
     f, f_rows = _problem(b)
-    settle_at = {1: 2}  # sample 1 is settled after step 2
-    past = time.time() - 1
+    settle_at = {1: 2} if hooks else {}  # sample 1 is settled after step 2
+    deadline = torch.full((b,), float("inf"), dtype=torch.float64)
+    if hooks:
+        deadline[3] = time.time() - 1  # sample 3 stops after its first step
 
     def stop_when(t, z_t, active):
         return torch.tensor([settle_at.get(i) == t for i in range(z_t.shape[0])])
 
-    deadline = torch.full((b,), float("inf"), dtype=torch.float64)
-    deadline[3] = past
     opts = {"max_iter": 8, "tol": 1e-4}
-    out = get_solver(name)(f, torch.zeros(b, 12, dtype=torch.float64), stop_when=stop_when,
-                           deadline=deadline, f_rows=f_rows if rows else None, **opts)
+    hook_opts = {"stop_when": stop_when, "deadline": deadline} if hooks else {}
+    z0 = torch.zeros(b, 12, dtype=torch.float64)
+    out = get_solver(name)(f, z0, f_rows=f_rows if rows else None, keep_states=True,
+                           **hook_opts, **opts)
     reasons = {STOP_REASONS[int(s)] for s in out.stopped}
-    assert reasons == {"tol", "settled", "deadline", "max_iter"}
-    assert len(set(out.iterations.tolist())) > 2
+    assert reasons == ({"tol", "settled", "deadline", "max_iter"} if hooks
+                       else {"tol", "max_iter"})
+    assert len(set(out.iterations.tolist())) > (2 if hooks else 1)  # stopped at different steps
     for i in range(b):
         _, rows_fn = _problem(b)
         row = torch.tensor([i])
@@ -74,8 +79,8 @@ def test_every_stop_reason_gives_the_answer_the_sample_gets_alone(name, rows):
         def hook(t, z_t, active, i=i):
             return torch.tensor([settle_at.get(i) == t])
 
-        alone = get_solver(name)(f_alone, torch.zeros(1, 12, dtype=torch.float64),
-                                 stop_when=hook, deadline=deadline[i:i + 1], **opts)
+        alone_opts = {"stop_when": hook, "deadline": deadline[i:i + 1]} if hooks else {}
+        alone = get_solver(name)(f_alone, z0[:1], **alone_opts, **opts)
         steps = int(alone.iterations)
         assert int(out.iterations[i]) == steps
         assert int(out.stopped[i]) == int(alone.stopped[0])
@@ -84,6 +89,9 @@ def test_every_stop_reason_gives_the_answer_the_sample_gets_alone(name, rows):
         assert torch.equal(out.residual[:steps, i], alone.residual[:, 0])
         # a stopped sample's residual row repeats its last value
         assert bool((out.residual[steps:, i] == alone.residual[-1, 0]).all())
+        if STOP_REASONS[int(out.stopped[i])] == "tol":
+            start = out.states[steps - 2] if steps > 1 else z0
+            assert torch.equal(out.z[i], f(start)[i])
 
 
 def test_tol_is_the_reason_exactly_when_a_sample_ends_converged():
