@@ -102,10 +102,13 @@ class StepRecorder:
         self.stopped = torch.full((b,), STOP_MAX_ITER, dtype=torch.long, device=z0.device)
         self.f_rows = f_rows if b > 1 else None
         self._all_active = True
-        # Host-side bookkeeping (see `finished`): samples left, and steps every sample took that
-        # are not yet added to `iterations`.
-        self._left = b
+        # Host-side bookkeeping (see `finished`): samples left (None: count at the next
+        # `finished`), and steps every sample took that are not yet added to `iterations`.
+        # Without stop hooks the step's one host sync counts the samples stopping on `tol` in
+        # `check`; with them it stays in `finished`, after the hooks acted.
+        self._left: int | None = b
         self._uniform_steps = 0
+        self._count_in_check = stop_when is None and self.deadline is None
         self._done_count: int | None = None
 
     def evaluate(self, f: Fn, z: Tensor) -> Tensor:
@@ -148,8 +151,9 @@ class StepRecorder:
             done = self.active & (r < self.tol)
         self.last_residual = r
         self.residuals.append(r)
-        # the step's one host sync: how many stop now (`finished` and `commit` use it)
-        self._done_count = int(done.sum())
+        if self._count_in_check:
+            # the step's one host sync: how many stop now (`commit` and `finished` use it)
+            self._done_count = int(done.sum())
         return done
 
     def commit(self, z_next: Tensor, z: Tensor, done_now: Tensor, fz: Tensor) -> Tensor:
@@ -157,22 +161,22 @@ class StepRecorder:
 
         A mask that selects everything (no sample stops now, every sample still iterates) is
         skipped: it would return its input unchanged. `done_now` must be what `check` returned
-        this step (its count is known from there).
+        this step (when `check` counted them).
         """
-        n_done = self._done_count
-        if n_done is None:  # `check` was not called this step: count here
-            n_done = int(done_now.sum())
-        self._done_count = None
+        n_done, self._done_count = self._done_count, None
         stepped = z_next if n_done == 0 else batch_where(done_now, fz, z_next)
         z_new = stepped if self._all_active else batch_where(self.active, stepped, z)
         if self.on_iterate is not None:
             self.on_iterate(self.t, z_new, self.active)
         if self.states is not None:
             self.states.append(z_new)
-        if n_done:
+        if n_done != 0:
             # rebuilt, never changed in place: on_iterate hooks may keep the old mask
             self.active = self.active & ~done_now
-            self._left -= n_done
+            if n_done is None or self._left is None:
+                self._left = None
+            else:
+                self._left -= n_done
         if self.stop_when is not None:
             self._stop(self.stop_when(self.t, z_new, self.active), STOP_SETTLED)
         if self.deadline is not None:
@@ -184,14 +188,15 @@ class StepRecorder:
         mask = self.active & mask
         self.stopped = torch.where(mask, reason, self.stopped)
         self.active = self.active & ~mask
-        self._left = int(self.active.sum())
+        self._left = None
 
     @property
     def finished(self) -> bool:
         if self.t >= self.max_iter:
             return True
-        # counted on the host from the step's one sync (`check`, and `_stop` when a stop hook
-        # acts): anyone left, and everyone left
+        if self._left is None:  # the step's one host sync, when `check` did not count
+            self._left = int(self.active.sum())
+        # anyone left, and everyone left
         self._all_active = self._left == self.active.numel()
         return self._left == 0
 
