@@ -14,6 +14,12 @@ logit and entropy difference, labels, iteration counts).
 
 `--profile`: cProfile of `model.solve` per batch and path, time per component of a solve.
 
+`--op-profile`: torch.profiler (record_shapes) of the served default answer at batch 1 (the
+engine, detection on, fast path): CPU time per component of the answer (the components are
+wrapped in `record_function` for the run only) and the top aten ops by self time with their
+shapes, per answer. Process CPU time (`time.process_time`) is printed beside wall time: on a
+shared machine wall time also counts the time other processes held the core.
+
 Part 2 (`--accuracy N`): every solver at the served budget and tolerance on the first N test
 images: accuracy, converged share, mean iterations; and ms per image at batch 1 and 32 (fast
 path, interleaved rounds).
@@ -63,12 +69,18 @@ def _served(model) -> dict:
     return {"solver": cfg.solver, "max_iter": cfg.max_iter, "tol": cfg.tol}
 
 
+# wall time by default; `--clock cpu`: this process's CPU time, which on a shared machine leaves
+# out the time other processes held the core
+_CLOCK = {"fn": time.perf_counter}
+
+
 def _time_per_image(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch: int) -> float:
     """ms per image over all of x in batches of `batch`."""
-    t0 = time.perf_counter()
+    clock = _CLOCK["fn"]
+    t0 = clock()
     for i in range(0, len(x), batch):
         fn(x[i:i + batch])
-    return 1000.0 * (time.perf_counter() - t0) / len(x)
+    return 1000.0 * (clock() - t0) / len(x)
 
 
 def _rounds(rows: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -173,6 +185,7 @@ _COMPONENTS = {
     ("models/layers.py", "forward"): "f: the cell (module calls)",
     ("models/layers.py", "step"): "f: the cell (bound)",
     ("solvers/anderson.py", "_mixing_weights"): "Anderson: mixing weights",
+    ("solvers/anderson.py", "mixing_weights"): "Anderson: mixing weights",
     ("solvers/anderson.py", "push"): "Anderson: history and Gram row",
     ("solvers/anderson.py", "mix"): "Anderson: mix",
     ("solvers/base.py", "check"): "recorder: residual and stop checks",
@@ -225,6 +238,138 @@ def profile_solves(model, x: torch.Tensor, args) -> None:
         print("| whole solve | " + " | ".join(f"{totals[p]:.2f}" for p in PATHS) + " |")
 
 
+# (module, owner, attribute) wrapped in a record_function label for --op-profile
+_OP_COMPONENTS = (
+    ("deqguard.models.solvers.base", "StepRecorder", "evaluate", "solve: f (the cell)"),
+    ("deqguard.models.solvers.base", "StepRecorder", "check", "solve: residual and stop check"),
+    ("deqguard.models.solvers.base", "StepRecorder", "commit", "solve: masked update"),
+    ("deqguard.models.solvers.base", "StepRecorder", "output", "solve: output"),
+    ("deqguard.models.solvers.anderson", "_RingHistory", "push", "Anderson: history push"),
+    ("deqguard.models.solvers.anderson", "_RingHistory", "mixing_weights",
+     "Anderson: mixing weights"),
+    ("deqguard.models.solvers.anderson", None, "_mixing_weights", "Anderson: mixing weights"),
+    ("deqguard.models.solvers.anderson", "_RingHistory", "mix", "Anderson: mix"),
+    ("deqguard.models.anytime", "IterateWatcher", "_decode_all", "trajectory: decode after loop"),
+    ("deqguard.models.classifier", "DEQClassifier", "equilibrium", "solve (whole equilibrium)"),
+    ("deqguard.models.dynamics", None, "_entropy_step_drop", "detector: entropy-step feature"),
+    ("deqguard.models.dynamics", None, "dynamics_features", "detector: all features"),
+    ("deqguard.serving.engine", "ModelEngine", "trace", "engine: trace (solve + features)"),
+    ("deqguard.serving.engine", "ModelEngine", "classify", "engine: whole answer"),
+)
+
+
+@contextlib.contextmanager
+def _labelled(clock: dict[str, list[float]] | None = None) -> Iterator[None]:
+    """Every _OP_COMPONENTS function runs inside a record_function of its label; with `clock`,
+    instead, its thread CPU time and calls add up in clock[label] ([seconds, calls])."""
+    import importlib
+
+    undo = []
+    for mod_name, owner_name, attr, label in _OP_COMPONENTS:
+        mod = importlib.import_module(mod_name)
+        owner = mod if owner_name is None else getattr(mod, owner_name)
+        orig = getattr(owner, attr, None)
+        if orig is None:  # not in this version of the code
+            continue
+
+        if clock is None:
+            def wrapped(*a, _orig=orig, _label=label, **k):
+                with torch.profiler.record_function(_label):
+                    return _orig(*a, **k)
+        else:
+            acc = clock.setdefault(label, [0.0, 0])
+
+            def wrapped(*a, _orig=orig, _acc=acc, **k):
+                t0 = time.thread_time()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    _acc[0] += time.thread_time() - t0
+                    _acc[1] += 1
+
+        setattr(owner, attr, wrapped)
+        undo.append((owner, attr, orig))  # module functions are looked up at call time
+    try:
+        yield
+    finally:
+        for owner, attr, orig in reversed(undo):
+            setattr(owner, attr, orig)
+
+
+def op_profile(args) -> None:
+    """Where one served default answer at batch 1 spends its time (engine, detection on)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deqguard.serving.torch_engine import TorchEngine
+
+    engine = TorchEngine.load(args.checkpoint, device="cpu", threads=args.threads)
+    opts = engine.resolve()
+    x, _ = split_images("test", 0, args.images)
+    xn = x.numpy()
+    n = len(xn)
+    for i in range(min(4, n)):
+        engine.classify(xn[i:i + 1], opts)
+    with torch.inference_mode():
+        its = engine.model.solve(x, trajectory=True, **_served(engine.model)).iterations
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(n):
+        engine.classify(xn[i:i + 1], opts)
+    wall, cpu = (time.perf_counter() - t0) / n * 1e3, (time.process_time() - c0) / n * 1e3
+    print(f"\n## op profile: the served default answer at batch 1 ({n} images, one at a time; "
+          f"mean solver iterations {its.float().mean():.2f})")
+    print(f"unprofiled: {wall:.2f} ms wall, {cpu:.2f} ms process CPU per answer")
+    clock: dict[str, list[float]] = {}
+    with _labelled(clock):
+        for i in range(n):
+            engine.classify(xn[i:i + 1], opts)
+    whole_cpu = clock["engine: whole answer"][0] / n * 1e3
+    print("\nComponents by thread CPU time (not profiled, a timer around each; ms per answer; "
+          "nested rows are included in their parents):")
+    print("| component | CPU ms/answer | calls/answer | share of the answer |")
+    print("|---|---:|---:|---:|")
+    for label in dict.fromkeys(c[3] for c in _OP_COMPONENTS):
+        if label in clock:
+            ms, calls = clock[label][0] / n * 1e3, clock[label][1] / n
+            print(f"| {label} | {ms:.2f} | {calls:.1f} | {100 * ms / whole_cpu:.0f}% |")
+    with _labelled(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for i in range(n):
+            engine.classify(xn[i:i + 1], opts)
+    events = prof.key_averages()
+    labels = list(dict.fromkeys(c[3] for c in _OP_COMPONENTS))
+    per = {e.key: e for e in events}
+    whole = per["engine: whole answer"].cpu_time_total / n / 1e3
+    print("\nUnder torch.profiler (wall time of each region incl. children, inflated by the "
+          "profiler and by other processes; ms per answer):")
+    print("| component | ms/answer | calls/answer | share of the answer |")
+    print("|---|---:|---:|---:|")
+    for label in labels:
+        e = per.get(label)
+        if e is None:
+            continue
+        ms = e.cpu_time_total / n / 1e3
+        print(f"| {label} | {ms:.2f} | {e.count / n:.1f} | {100 * ms / whole:.0f}% |")
+    print("\nTop aten ops by self CPU time (ms per answer), by input shape:")
+    print("| op | input shapes | self ms/answer | calls/answer | us/call |")
+    print("|---|---|---:|---:|---:|")
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key.startswith("aten::")]
+    rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    for e in rows[:args.op_rows]:
+        shapes = str(e.input_shapes)[:70].replace("|", "/")
+        print(f"| {e.key} | {shapes} | {e.self_cpu_time_total / n / 1e3:.3f} | "
+              f"{e.count / n:.1f} | {e.self_cpu_time_total / e.count:.1f} |")
+    kinds: dict[str, list[float]] = {}
+    for e in events:
+        if e.key.startswith("aten::"):
+            k = kinds.setdefault(e.key, [0.0, 0.0])
+            k[0] += e.self_cpu_time_total
+            k[1] += e.count
+    aten = sum(v[0] for v in kinds.values()) / n / 1e3
+    calls = sum(v[1] for v in kinds.values()) / n
+    print(f"\naten self time {aten:.2f} ms/answer over {calls:.0f} aten calls/answer; the rest "
+          f"of the {whole:.2f} ms is Python and dispatch between them")
+
+
 def part2(model, args) -> None:
     n = args.accuracy
     x, y = split_images("test", 0, n)
@@ -272,13 +417,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true",
                    help="also profile model.solve (cProfile): time per component, both paths")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the timed rows measure: wall time, or this process's CPU time")
+    p.add_argument("--op-profile", action="store_true",
+                   help="only profile the served default answer at batch 1 (torch.profiler)")
+    p.add_argument("--op-rows", type=int, default=25, help="--op-profile: aten rows shown")
     args = p.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     torch.set_num_threads(args.threads)
+    _CLOCK["fn"] = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.op_profile:
+        op_profile(args)
+        return
     model, meta = load_checkpoint(args.checkpoint, device="cpu")
     model.eval()
     print(f"# bench/solve_cost.py: torch {torch.__version__}, {args.threads} thread(s), CPU; "
-          f"checkpoint {meta.name or args.checkpoint}")
+          f"checkpoint {meta.name or args.checkpoint}; clock: {args.clock}")
     x, _ = split_images("test", 0, args.images)
     part1(model, x, args)
     if args.profile:

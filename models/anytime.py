@@ -90,7 +90,9 @@ class IterateWatcher:
         if self._decoded is None:
             masks = torch.stack([a for _, a in self._iterates])  # [T, B]
             with torch.no_grad():
-                rows = torch.cat([z[a] for z, a in self._iterates])
+                # one mask over the stacked iterates: the same rows in the same (t, b) order
+                # as a mask per step, in two ops instead of one per step
+                rows = torch.stack([z for z, _ in self._iterates])[masks]
                 logits = self.decode(rows)
                 ent, top1 = prediction_entropy(logits), logits.argmax(dim=-1)
                 # row of the concatenation holding (t, b) where b was active, else -1; the

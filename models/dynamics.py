@@ -163,16 +163,26 @@ def _entropy_step_drop(model: DEQClassifier, x: Tensor, z_star: Tensor, step: fl
     """
     # the direction holds z* fixed (paper.md 3.1), also for the attacker's surrogate
     xd = x.detach().requires_grad_(True)
+    layer = model.layer
+    if not create_graph:
+        # Only x's gradient is asked for: the layer bound to its weights once, without a
+        # graph to them (the same numbers as the module calls, with one weight-norm
+        # computation instead of one per call and no graph to the weights).
+        with torch.no_grad():
+            layer = model.layer_fn()
     with torch.enable_grad():
-        hd = prediction_entropy(model.decode(model.layer(z_star.detach(), model.inject(xd))))
+        hd = prediction_entropy(model.decode(layer(z_star.detach(), model.inject(xd))))
         (g,) = torch.autograd.grad(hd.sum(), xd)
     if create_graph:
         h0 = prediction_entropy(model.decode(model.layer(z_star, model.inject(x))))
-    else:
-        h0 = hd.detach()
-    z = z_star if create_graph else z_star.detach()
-    x1 = ((x if create_graph else x.detach()) - step * g.sign()).clamp(0.0, 1.0)
-    h1 = prediction_entropy(model.decode(model.layer(z, model.inject(x1))))
+        z = z_star
+        x1 = (x - step * g.sign()).clamp(0.0, 1.0)
+        h1 = prediction_entropy(model.decode(model.layer(z, model.inject(x1))))
+        return h0 - h1
+    h0 = hd.detach()
+    with torch.no_grad():
+        x1 = (x.detach() - step * g.sign()).clamp(0.0, 1.0)
+        h1 = prediction_entropy(model.decode(layer(z_star.detach(), model.inject(x1))))
     return h0 - h1
 
 

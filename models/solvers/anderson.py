@@ -11,6 +11,8 @@ iterates up to floating-point rounding.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -42,7 +44,10 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
         if history.n == 1:
             z_next = fz
         else:
-            alpha = _mixing_weights(history.gram(), anderson_lam, consts)
+            if ring:
+                alpha = history.mixing_weights(anderson_lam)
+            else:
+                alpha = _mixing_weights(history.gram(), anderson_lam, consts)
             z_next = torch.nan_to_num(history.mix(alpha, beta)).view_as(z)
         z = rec.commit(z_next, z, done, fz)
     return rec.output(z)
@@ -126,7 +131,10 @@ class _RingHistory:
     """In-place history for solves without autograd: ring buffers and an incremental Gram.
 
     Slot k = t mod m holds step t; the valid slots are always the first n, and the mixing problem
-    does not depend on their order.
+    does not depend on their order. At small batches a step's cost is the number of tensor ops,
+    not their arithmetic, so every view a step writes or reads (a slot, the first n slots, a Gram
+    row and column, the mixing system's blocks) is made once per solve and reused: the same
+    kernels on the same numbers as indexing afresh, in fewer dispatches.
     """
 
     def __init__(self, z0: Tensor, m: int, beta: float = 1.0):
@@ -138,35 +146,83 @@ class _RingHistory:
         self.f = z0.new_empty(b, m, d)
         self.g = z0.new_empty(b, m, d, dtype=work)
         self.g_gram = z0.new_zeros(b, m, m, dtype=work)
+        self._views: dict[tuple, object] = {}
 
     @property
     def n(self) -> int:
         return min(self.t, self.m)
 
+    def _slot(self, k: int, n: int) -> tuple:
+        """(x slot, f slot, g slot, the same [B, 1, D], first n g slots, Gram row k, Gram
+        column k)."""
+        key = ("slot", k, n)
+        v = self._views.get(key)
+        if v is None:
+            x_k = None if self.x is None else self.x[:, k]
+            v = (x_k, self.f[:, k], self.g[:, k], self.g[:, k].unsqueeze(1), self.g[:, :n],
+                 self.g_gram[:, k, :n], self.g_gram[:, :n, k])
+            self._views[key] = v
+        return v
+
     def push(self, z: Tensor, fz: Tensor) -> None:
         b, k = z.shape[0], self.t % self.m
         self.t += 1
+        x_k, f_k, g_k, g_k1, g_n, row_k, col_k = self._slot(k, self.n)
         z_flat, f_flat = z.reshape(b, -1), fz.reshape(b, -1)
-        if self.x is not None:
-            self.x[:, k] = z_flat
-        self.f[:, k] = f_flat
-        g_k = self.g[:, k]
+        if x_k is not None:
+            x_k.copy_(z_flat)
+        f_k.copy_(f_flat)
         torch.sub(f_flat, z_flat, out=g_k)
-        n = self.n
         # Products and sums rather than bmm: BLAS picks kernels by batch size, and a sample's
         # answer must not depend on its batch mates.
-        row = (self.g[:, :n] * g_k.unsqueeze(1)).sum(dim=2)  # [B, n]
-        self.g_gram[:, k, :n] = row
-        self.g_gram[:, :n, k] = row
+        row = (g_n * g_k1).sum(dim=2)  # [B, n]
+        row_k.copy_(row)
+        col_k.copy_(row)
 
     def gram(self) -> Tensor:
         n = self.n
         return self.g_gram[:, :n, :n]
 
+    def mixing_weights(self, lam: float) -> Tensor:
+        """`_mixing_weights(self.gram(), lam, consts)`, the same kernels on the same numbers,
+        with the bordered system's buffers and views kept across the solve's steps."""
+        n = self.n
+        key = ("system", n)
+        v = self._views.get(key)
+        if v is None:
+            gram = self.g_gram[:, :n, :n]
+            b = gram.shape[0]
+            lhs = gram.new_zeros(b, n + 1, n + 1)
+            lhs[:, 0, 1:] = 1
+            lhs[:, 1:, 0] = 1
+            rhs = gram.new_zeros(b, n + 1, 1)
+            rhs[:, 0] = 1
+            inner = lhs[:, 1:, 1:]
+            v = (gram, gram.diagonal(dim1=1, dim2=2), lhs, rhs, inner,
+                 inner.diagonal(dim1=1, dim2=2))
+            self._views[key] = v
+        gram, gram_diag, lhs, rhs, inner, inner_diag = v  # type: ignore[misc]
+        # autocast off (see _work_dtype); entering the context costs more than the test
+        ctx = (torch.autocast(gram.device.type, enabled=False)
+               if torch.is_autocast_enabled(gram.device.type) else contextlib.nullcontext())
+        with ctx:
+            scale = gram_diag.mean(dim=1).clamp_min(1e-12)
+            inner.copy_(gram)
+            inner_diag.add_((lam * scale).unsqueeze(1))
+            # solve_ex: solve without its error check (a singular system is not an error here:
+            # the ridge keeps it regular, and NaNs are cleared by the caller's nan_to_num)
+            return torch.linalg.solve_ex(lhs, rhs)[0][:, 1:]
+
     def mix(self, alpha: Tensor, beta: float) -> Tensor:
         n = self.n
-        a = alpha.to(self.f.dtype)  # [B, n, 1]
-        mixed = (a * self.f[:, :n]).sum(dim=1)
+        key = ("mix", n)
+        v = self._views.get(key)
+        if v is None:
+            v = (self.f[:, :n], None if self.x is None else self.x[:, :n])
+            self._views[key] = v
+        f_n, x_n = v  # type: ignore[misc]
+        a = alpha if alpha.dtype == self.f.dtype else alpha.to(self.f.dtype)  # [B, n, 1]
+        mixed = (a * f_n).sum(dim=1)
         if beta != 1.0:
-            mixed = beta * mixed + (1 - beta) * (a * self.x[:, :n]).sum(dim=1)
+            mixed = beta * mixed + (1 - beta) * (a * x_n).sum(dim=1)
         return mixed

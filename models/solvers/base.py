@@ -66,9 +66,10 @@ class SolverOutput:
 
 def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
     """Per-sample fixed-point residual ||f(z) - z||, relative to ||f(z)|| when stop_mode='rel'."""
-    diff = (fz - z).flatten(1).norm(dim=1)
+    # torch.linalg.vector_norm is what Tensor.norm(dim=1) calls, without its Python dispatch
+    diff = torch.linalg.vector_norm((fz - z).flatten(1), 2, 1)
     if stop_mode == "rel":
-        return diff / (fz.flatten(1).norm(dim=1) + _EPS)
+        return diff / (torch.linalg.vector_norm(fz.flatten(1), 2, 1) + _EPS)
     return diff
 
 
@@ -101,6 +102,14 @@ class StepRecorder:
         self.stopped = torch.full((b,), STOP_MAX_ITER, dtype=torch.long, device=z0.device)
         self.f_rows = f_rows if b > 1 else None
         self._all_active = True
+        # Host-side bookkeeping (see `finished`): samples left (None: count at the next
+        # `finished`), and steps every sample took that are not yet added to `iterations`.
+        # Without stop hooks the step's one host sync counts the samples stopping on `tol` in
+        # `check`; with them it stays in `finished`, after the hooks acted.
+        self._left: int | None = b
+        self._uniform_steps = 0
+        self._count_in_check = stop_when is None and self.deadline is None
+        self._done_count: int | None = None
 
     def evaluate(self, f: Fn, z: Tensor) -> Tensor:
         """f(z) for the samples still iterating; a stopped sample gets its own state back.
@@ -125,25 +134,49 @@ class StepRecorder:
     def check(self, fz: Tensor, z: Tensor) -> Tensor:
         """Record the residual of z (the state this step started from); return samples now done."""
         self.t += 1
-        with torch.no_grad():
-            r = residual(fz.detach(), z.detach(), self.stop_mode)
-        r = torch.where(self.active, r, self.last_residual)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                r = residual(fz.detach(), z.detach(), self.stop_mode)
+        else:
+            r = residual(fz, z, self.stop_mode)
+        # While every sample iterates the masks are all true: the masked forms would return
+        # the same numbers, so they are skipped (fewer ops per step at small batches).
+        if self._all_active:
+            self._uniform_steps += 1  # one more step for everyone, added in `_flush_steps`
+            done = r < self.tol
+        else:
+            r = torch.where(self.active, r, self.last_residual)
+            self._flush_steps()
+            self.iterations = self.iterations + self.active  # one more step for the active
+            done = self.active & (r < self.tol)
         self.last_residual = r
         self.residuals.append(r)
-        self.iterations = self.iterations + self.active  # one more step for the active
-        done = self.active & (r < self.tol)
-        self.stopped = torch.where(done, STOP_TOL, self.stopped)
+        if self._count_in_check:
+            # the step's one host sync: how many stop now (`commit` and `finished` use it)
+            self._done_count = int(done.sum())
         return done
 
     def commit(self, z_next: Tensor, z: Tensor, done_now: Tensor, fz: Tensor) -> Tensor:
-        """Apply the step to active samples only; finished samples end on f(z)."""
-        stepped = batch_where(done_now, fz, z_next)
-        z_new = batch_where(self.active, stepped, z)
+        """Apply the step to active samples only; finished samples end on f(z).
+
+        A mask that selects everything (no sample stops now, every sample still iterates) is
+        skipped: it would return its input unchanged. `done_now` must be what `check` returned
+        this step (when `check` counted them).
+        """
+        n_done, self._done_count = self._done_count, None
+        stepped = z_next if n_done == 0 else batch_where(done_now, fz, z_next)
+        z_new = stepped if self._all_active else batch_where(self.active, stepped, z)
         if self.on_iterate is not None:
             self.on_iterate(self.t, z_new, self.active)
         if self.states is not None:
             self.states.append(z_new)
-        self.active = self.active & ~done_now
+        if n_done != 0:
+            # rebuilt, never changed in place: on_iterate hooks may keep the old mask
+            self.active = self.active & ~done_now
+            if n_done is None or self._left is None:
+                self._left = None
+            else:
+                self._left -= n_done
         if self.stop_when is not None:
             self._stop(self.stop_when(self.t, z_new, self.active), STOP_SETTLED)
         if self.deadline is not None:
@@ -155,18 +188,30 @@ class StepRecorder:
         mask = self.active & mask
         self.stopped = torch.where(mask, reason, self.stopped)
         self.active = self.active & ~mask
+        self._left = None
 
     @property
     def finished(self) -> bool:
         if self.t >= self.max_iter:
             return True
-        # one host sync per step answers both questions: anyone left, and everyone left
-        left = int(self.active.sum())
-        self._all_active = left == self.active.numel()
-        return left == 0
+        if self._left is None:  # the step's one host sync, when `check` did not count
+            self._left = int(self.active.sum())
+        # anyone left, and everyone left
+        self._all_active = self._left == self.active.numel()
+        return self._left == 0
+
+    def _flush_steps(self) -> None:
+        if self._uniform_steps:
+            self.iterations = self.iterations + self._uniform_steps
+            self._uniform_steps = 0
 
     def output(self, z: Tensor) -> SolverOutput:
         res = torch.stack(self.residuals) if self.residuals else z.new_zeros(0, z.shape[0])
+        self._flush_steps()
+        converged = self.last_residual < self.tol
+        # A sample stops on `tol` exactly when it ends converged: its residual is frozen at the
+        # value that passed, while one stopped otherwise (or never) last had a residual at or
+        # over `tol`. So the reason is set once here rather than at every step.
+        stopped = torch.where(converged, STOP_TOL, self.stopped)
         return SolverOutput(z=z, residual=res, iterations=self.iterations,
-                            converged=self.last_residual < self.tol, states=self.states,
-                            stopped=self.stopped)
+                            converged=converged, states=self.states, stopped=stopped)
