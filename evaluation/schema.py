@@ -18,13 +18,14 @@ from deqguard.models.selective import SCORE_NAMES as SELECTIVE_SCORES
 from deqguard.solve_rules import DEFENSES
 
 from .adaptive_selective_schema import AdaptiveSelectiveSection, AdaptiveSelectiveSettings
+from .rectifier_eval_schema import RectifierEvalSection, RectifierEvalSettings
 from .slowdown_schema import SlowdownSection, SlowdownSettings
 
 SCHEMA_VERSION = 1
 EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "selective",
-                   "slowdown", "adaptive-selective"]
+                   "slowdown", "adaptive-selective", "rectifier-aware"]
 ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective",
-                              "slowdown", "adaptive-selective")
+                              "slowdown", "adaptive-selective", "rectifier-aware")
 
 
 class _Model(BaseModel):
@@ -112,6 +113,7 @@ class EvalSettings(_Model):
     selective: SelectiveSettings | None = None
     slowdown: SlowdownSettings | None = None
     adaptive_selective: AdaptiveSelectiveSettings | None = None
+    rectifier: RectifierEvalSettings | None = None
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     device: str = "cpu"
@@ -311,4 +313,5 @@ class EvalReport(_Model):
     selective: SelectiveSection | None = None
     slowdown: SlowdownSection | None = None
     adaptive_selective: AdaptiveSelectiveSection | None = None
+    rectifier: RectifierEvalSection | None = None
     warnings: list[str] = Field(default_factory=list)
