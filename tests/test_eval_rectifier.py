@@ -168,3 +168,13 @@ def test_bad_requests_are_one_line_errors(tiny_checkpoint, pattern_idx_dir, tmp_
     err = capsys.readouterr().err
     assert rc == 2 and words in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_parsers_attack_names_are_the_schemas():
+    from deqguard.evaluation.choices import PARTS
+    from deqguard.evaluation.rectifier_cli import ATTACKS
+    from deqguard.evaluation.rectifier_eval_schema import RECTIFIER_ATTACKS
+    from deqguard.evaluation.schema import ALL_PARTS
+
+    assert ATTACKS == RECTIFIER_ATTACKS
+    assert "rectifier-aware" in PARTS and set(PARTS) == set(ALL_PARTS)
