@@ -85,7 +85,7 @@ one CPU thread (from its measured reports in docs/eval/wk/):
              a checkpoint with a rectifier head: attacks aimed at the head (CE +
              lam BCE, targeted log p_t + log sigmoid(A)) and the abstentions a
              doubt-raising nudge causes, rectified against max_softmax; not in
-             the default
+             the default: about 10 min at --n 100 (measured under load)
 The default, {DEFAULT_PARTS}, takes about 7 minutes at --n 1000 and
 about 3 at --n 200. A model with more solver iterations or a larger network costs more.
 """
