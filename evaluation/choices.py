@@ -6,7 +6,7 @@ copy agrees with its source).
 """
 
 PARTS = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective", "slowdown",
-         "adaptive-selective")
+         "adaptive-selective", "rectifier-aware")
 DEFAULT_PARTS = "clean,budget,pgd,adaptive,detect"
 # deqguard.training.data.DATASETS
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")

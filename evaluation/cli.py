@@ -35,6 +35,7 @@ from .choices import (
     SELECTIVE_SCORES,
 )
 from .eval_command import run
+from .rectifier_cli import add_rectifier_arguments
 from .slowdown_cli import add_slowdown_arguments
 
 
@@ -87,6 +88,11 @@ one CPU thread (from its measured reports in docs/eval/wk/):
              at a wrong answer the score lets through, against PGD-40 on the same
              images; not in the default: about 1 hour per score at --n 500 with
              the default --iters/--targets (the detector about 2), estimated
+  rectifier-aware
+             a checkpoint with a rectifier head: attacks aimed at the head (CE +
+             lam BCE, targeted log p_t + log sigmoid(A)) and the abstentions a
+             doubt-raising nudge causes, rectified against max_softmax; not in
+             the default: about 10 min at --n 100 (measured under load)
 The default, {DEFAULT_PARTS}, takes about 7 minutes at --n 1000 and
 about 3 at --n 200. A model with more solver iterations or a larger network costs more.
 """
@@ -235,6 +241,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="targeted DLR runs towards the K top wrong classes of the clean answer")
     g.add_argument("--adaptive-loss", default="ce", choices=["ce", "dlr"],
                    help="stage-1 loss of the untargeted runs")
+    add_rectifier_arguments(p)
     p.add_argument("--val-n", type=int, default=500,
                    help="validation images for calibration (parts detect, selective)")
     p.add_argument("--val-size", type=int,

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     x, y, size = _test_images(args, model, meta, data, data_dir)
     selective = selective_settings(args, parts)
     x_val = y_val = None
-    if "detect" in parts or selective is not None or "adaptive-selective" in parts:
+    if ("detect" in parts or selective is not None or "adaptive-selective" in parts
+            or "rectifier-aware" in parts):
         x_val, y_val = _validation_images(args, meta, data, data_dir, size, selective)
     eps = args.eps if args.eps is not None else default_eps(meta.input.channels,
                                                              meta.input.height)

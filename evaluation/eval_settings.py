@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import PARTS, SELECTIVE_SCORES
+from .rectifier_cli import rectifier_settings
 from .slowdown_cli import slowdown_settings
 
 
@@ -172,4 +173,5 @@ def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: 
         calibrate=args.calibrate, calibration_score=args.calibration_score,
         val_n=args.val_n, selective=selective, slowdown=slowdown_settings(args, parts),
         adaptive_selective=adaptive_selective_settings(args, parts),
+        rectifier=rectifier_settings(args, parts),
         batch_size=args.batch_size, seed=args.seed, device=device)

@@ -62,6 +62,15 @@ def summary(report) -> dict:
                 "successful_answered": r.successful_answered,
                 "wrong_answered": r.wrong_answered}
             for r in report.adaptive_selective.rows}
+    if report.rectifier:
+        out["rectifier"] = {
+            f"{r.score}/{r.attack}@{r.coverage:g}": {
+                "attack_error_rate": r.attack_error_rate,
+                "accuracy_answered": r.attacked_accuracy_answered,
+                "successful_answered": r.successful_answered}
+            for r in report.rectifier.rows}
+        out["over_rejection"] = {f"{r.score}@{r.coverage:g}": r.pushed_out
+                                 for r in report.rectifier.over_rejection}
     out["warnings"] = report.warnings
     out["seconds"] = round(report.seconds_total, 1)
     return out

@@ -265,6 +265,10 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
         from .adaptive_selective_report import markdown as adaptive_selective_markdown
 
         lines += adaptive_selective_markdown(report.adaptive_selective)
+    if report.rectifier:
+        from .rectifier_eval_report import markdown as rectifier_markdown
+
+        lines += rectifier_markdown(report.rectifier)
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)

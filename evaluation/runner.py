@@ -24,7 +24,7 @@ from torch import Tensor
 
 from deqguard.models.classifier import Classifier
 
-from . import adaptive_selective, detection_part, robustness, slowdown_part
+from . import adaptive_selective, detection_part, rectifier_eval, robustness, slowdown_part
 from .schema import CheckpointInfo, EvalReport, EvalSettings
 from .state import EvalState
 
@@ -55,6 +55,8 @@ class Evaluation(EvalState):
             tasks.append(("slowdown", self._part(slowdown_part.slowdown)))
         if "adaptive-selective" in parts:
             tasks.append(("adaptive-selective", self._part(adaptive_selective.part)))
+        if "rectifier-aware" in parts:
+            tasks.append(("rectifier-aware", self._part(rectifier_eval.part)))
         return tasks
 
     def _part(self, part: Callable[[EvalState], None]) -> Callable[[], None]:

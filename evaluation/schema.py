@@ -17,15 +17,16 @@ from deqguard.models.selective import DEFAULT_COVERAGES as SELECTIVE_COVERAGES
 from deqguard.solve_rules import DEFENSES
 
 from .adaptive_selective_schema import AdaptiveSelectiveSection, AdaptiveSelectiveSettings
+from .rectifier_eval_schema import RectifierEvalSection, RectifierEvalSettings
 from .schema_fields import BootstrapReps, DoubtScores, SetsCache
 from .schema_fields import StrictModel as _Model
 from .slowdown_schema import SlowdownSection, SlowdownSettings
 
 SCHEMA_VERSION = 1
 EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "selective",
-                   "slowdown", "adaptive-selective"]
+                   "slowdown", "adaptive-selective", "rectifier-aware"]
 ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective",
-                              "slowdown", "adaptive-selective")
+                              "slowdown", "adaptive-selective", "rectifier-aware")
 
 
 class SelectiveSettings(_Model):
@@ -107,6 +108,7 @@ class EvalSettings(_Model):
     selective: SelectiveSettings | None = None
     slowdown: SlowdownSettings | None = None
     adaptive_selective: AdaptiveSelectiveSettings | None = None
+    rectifier: RectifierEvalSettings | None = None
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     device: str = "cpu"
@@ -306,4 +308,5 @@ class EvalReport(_Model):
     selective: SelectiveSection | None = None
     slowdown: SlowdownSection | None = None
     adaptive_selective: AdaptiveSelectiveSection | None = None
+    rectifier: RectifierEvalSection | None = None
     warnings: list[str] = Field(default_factory=list)
