@@ -3,6 +3,7 @@ evaluates them with the same eval line, and packs what it promises into one arch
 
 from __future__ import annotations
 
+import argparse
 import json
 import tarfile
 
@@ -49,3 +50,70 @@ def test_window_stops_at_its_deadline_and_says_so(pattern_idx_dir, tmp_path, cap
     assert rc == 1  # no checkpoint came out of the window
     s = json.loads((out / "summary.json").read_text())["presets"]["fashion-wk-regulated"]
     assert s["train"]["stopped_at_deadline"] and s["checkpoint"] is None
+
+
+def test_equal_budget_plan_builds_each_runs_own_command_longest_first(tmp_path, capsys):
+    out = tmp_path / "window"
+    rc = main(["window", "--out", str(out), "--plan", "equal-budget", "--serve-bench",
+               "--device", "cpu", "--data-dir", "d", "--set", "train.batch_size=512",
+               "--dry-run"])
+    assert rc == 0
+    cmds = json.loads(capsys.readouterr().out)
+    assert not out.exists() or not any(out.iterdir())  # a dry run runs nothing
+    train = cmds["train"]
+    assert list(train) == ["fashion-wk-regulated-x2", "fashion-wk-regulated",
+                           "fashion-wk-plain", "fashion-cnn-wk"]
+    expect = {"fashion-wk-regulated-x2": ("fashion-wk-regulated", "optim.lr=8.0e-3"),
+              "fashion-wk-regulated": ("fashion-wk-regulated", "optim.lr=8.0e-3"),
+              "fashion-wk-plain": ("fashion-wk-plain", "optim.lr=8.0e-3"),
+              "fashion-cnn-wk": ("fashion-cnn-wk", "optim.lr=1.0e-2")}
+    for name, (preset, lr) in expect.items():
+        cmd = train[name]
+        assert cmd.startswith(f"deqguard train --preset {preset} --out {out}/runs/{name} ")
+        assert "--resume" in cmd and "--epochs 100 " in cmd and f"--set {lr}" in cmd
+        assert cmd.endswith("--set train.batch_size=512")  # the window's --set comes last
+        assert ("--set model.overrides.expansion=2" in cmd) == name.endswith("-x2")
+        assert cmds["eval"][name].startswith(f"deqguard eval {out}/runs/{name}/best.safetensors")
+    serve = cmds["serve"]["serve"]
+    assert "bench/cuda_serve.py --checkpoint default --device cpu" in serve
+    assert f"--json {out}/serve/serve.json --data-dir d" in serve
+
+
+def test_window_refuses_a_plan_with_presets(tmp_path, capsys):
+    rc = main(["window", "--out", str(tmp_path), "--plan", "equal-budget",
+               "--presets", "fashion-cnn-wk", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("deqguard window: error: --plan equal-budget")
+    assert "Traceback" not in err
+
+
+def test_window_keeps_the_serve_bench_its_seconds():
+    from deqguard.training.device_window import deadlines
+
+    args = argparse.Namespace(deadline_s=600.0, eval_share=0.25, serve_bench=True,
+                              serve_bench_s=100.0)
+    assert deadlines(1000.0, args) == (1375.0, 1500.0, 1600.0)
+    args.serve_bench = False
+    assert deadlines(1000.0, args) == (1450.0, 1600.0, 1600.0)
+
+
+def test_window_ends_with_the_serving_bench_and_packs_resume_state(pattern_idx_dir,
+                                                                   tiny_checkpoint, tmp_path,
+                                                                   capsys):
+    out, archive = tmp_path / "window", tmp_path / "back" / "window.tar.gz"
+    rc = main(["window", "--out", str(out), "--data-dir", str(pattern_idx_dir), *TINY,
+               "--presets", "fashion-cnn-wk", "--serve-bench",
+               "--serve-checkpoint", str(tiny_checkpoint),
+               "--serve-args", "--runs 2 --repeats 1 --batches 4 --iterations 5",
+               "--pack", str(archive), "--pack-resume"])
+    assert rc == 0, capsys.readouterr().err
+    serve = json.loads((out / "summary.json").read_text())["serve"]
+    assert serve["returncode"] == 0 and "bench/cuda_serve.py" in serve["command"]
+    result = serve["result"]
+    assert result["device"] == "cpu" and result["checks"]["ok"]
+    assert result["latency_batch1"]["fixed_graph"] == "n/a (no CUDA)"
+    assert set(result["images_per_second"]) == {"4"}
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"window/serve/serve.json", "window/logs/serve/serve.log",
+            "window/runs/fashion-cnn-wk/resume.pt"} <= names

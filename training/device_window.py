@@ -10,6 +10,10 @@ Without a GPU the same command runs on the CPU with fewer epochs (tests do, on t
     deqguard window --out runs/window --epochs 30 --batch-size 512 --jobs 3 --deadline-s 540 \
         --data-dir .devdata/fashion-mnist --pack $OUT/window.tar.gz
 
+`--plan equal-budget` trains the equal-budget study instead (each model at its own learning
+rate, 100 epochs, the longest runs first); `--serve-bench` ends the window with the serving
+benchmark (bench/cuda_serve.py) on the device. docs/gpu-window.md has the device command.
+
 Every command it ran is in summary.json, next to what it measured.
 """
 
@@ -26,27 +30,81 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deqguard.errors import DeqguardError
+
 # the regulated DEQ (the default's preset), the same DEQ without the regulation, the anchor CNN
 WINDOW_PRESETS = ("fashion-wk-regulated", "fashion-wk-plain", "fashion-cnn-wk")
 EVAL_PARTS = "clean,budget,pgd,aa"
+
+# run name -> (preset, overrides), in start order: the longest runs first, so that with fewer
+# jobs than runs the short ones fill in behind and none starts late and long. Each model trains
+# at its own peak rate from the lr search (docs/eval/wk/lr-search.md); the plain DEQ was not
+# searched and takes the regulated DEQ's (same architecture, so only the regulation differs).
+PLANS: dict[str, dict[str, Any]] = {
+    "equal-budget": {
+        "epochs": 100,
+        "runs": {
+            "fashion-wk-regulated-x2": ("fashion-wk-regulated",
+                                        ["optim.lr=8.0e-3", "model.overrides.expansion=2"]),
+            "fashion-wk-regulated": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),
+            "fashion-wk-plain": ("fashion-wk-plain", ["optim.lr=8.0e-3"]),
+            "fashion-cnn-wk": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
+        },
+    },
+}
+DEFAULT_EPOCHS = 30
+SERVE_BENCH = "bench/cuda_serve.py"
 
 
 def _deqguard() -> list[str]:
     return [sys.executable, "-m", "deqguard.cli"]
 
 
-def train_command(preset: str, out: Path, args: argparse.Namespace) -> list[str]:
+def train_command(preset: str, out: Path, args: argparse.Namespace,
+                  sets: list[str] | None = None) -> list[str]:
+    """`sets`: the run's own overrides, before the window's --set (which may still change them)."""
     cmd = ["deqguard", "train", "--preset", preset, "--out", str(out), "--resume",
-           "--no-progress", "--epochs", str(args.epochs), "--device", args.device]
+           "--no-progress", "--epochs", str(_epochs(args)), "--device", args.device]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
-    for s in args.set or []:
+    for s in [*(sets or []), *(args.set or [])]:
         cmd += ["--set", s]
     return cmd
+
+
+def _epochs(args: argparse.Namespace) -> int:
+    if args.epochs is not None:
+        return args.epochs
+    return PLANS[args.plan]["epochs"] if args.plan else DEFAULT_EPOCHS
+
+
+def planned_runs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
+    """Run name -> (preset, overrides): the plan's runs, else one run per --presets entry."""
+    if args.plan:
+        return dict(PLANS[args.plan]["runs"])
+    presets = args.presets if args.presets is not None else ",".join(WINDOW_PRESETS)
+    return {p: (p, []) for p in presets.split(",") if p}
+
+
+def _serve_script() -> Path:
+    """bench/ is not installed: the checkout's, found beside this package (an editable install,
+    as on the device) or under the working folder."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / SERVE_BENCH).exists():
+            return root / SERVE_BENCH
+    raise DeqguardError(f"--serve-bench needs {SERVE_BENCH} of a checkout (run from its root)")
+
+
+def serve_command(out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = ["python", str(_serve_script()), "--checkpoint", args.serve_checkpoint,
+           "--device", args.device, "--json", str(out / "serve.json")]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    return cmd + shlex.split(args.serve_args or "")
 
 
 def eval_command(checkpoint: Path, out: Path, args: argparse.Namespace) -> list[str]:
@@ -80,8 +138,9 @@ def run_all(commands: dict[str, list[str]], *, jobs: int, deadline: float, threa
             name, cmd = pending.pop(0)
             fh = (logs / f"{name}.log").open("w")
             print(f"[window] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-            proc = subprocess.Popen([*_deqguard(), *cmd[1:]], stdout=fh, stderr=subprocess.STDOUT,
-                                    env=_env(threads))
+            argv = [*_deqguard(), *cmd[1:]] if cmd[0] == "deqguard" else [sys.executable,
+                                                                           *cmd[1:]]
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=_env(threads))
             running[name] = (proc, time.time(), fh)
         if not running:  # the deadline passed before these could start
             for name, cmd in pending:
@@ -160,34 +219,63 @@ def _environment() -> dict[str, Any]:
     return env
 
 
+def deadlines(start: float, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(train, eval, end): the serving benchmark keeps its --serve-bench-s at the end, and
+    training stops --eval-share of the rest before evaluation's deadline."""
+    if not args.deadline_s:
+        return float("inf"), float("inf"), float("inf")
+    end = start + args.deadline_s
+    evals = end - (args.serve_bench_s if args.serve_bench else 0.0)
+    return start + (evals - start) * (1 - args.eval_share), evals, end
+
+
+def commands(args: argparse.Namespace) -> dict[str, Any]:
+    """Every command the window would run, by stage (evaluations for every run; the window
+    itself evaluates only those that left a checkpoint)."""
+    out = Path(args.out)
+    plan = planned_runs(args)
+    cmds: dict[str, Any] = {
+        "train": {n: train_command(p, out / "runs" / n, args, sets) for n, (p, sets) in
+                  plan.items()},
+        "eval": {n: eval_command(_checkpoint(out / "runs" / n), out / "eval" / n, args)
+                 for n in plan}}
+    if args.serve_bench:
+        cmds["serve"] = {"serve": serve_command(out / "serve", args)}
+    return cmds
+
+
 def window(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    presets = [p for p in args.presets.split(",") if p]
-    eval_share = args.eval_share if args.deadline_s else 0.0
-    deadline = start + args.deadline_s if args.deadline_s else float("inf")
-    train_deadline = start + args.deadline_s * (1 - eval_share) if args.deadline_s else deadline
-    runs = {p: out / "runs" / p for p in presets}
-    trained = run_all({p: train_command(p, runs[p], args) for p in presets}, jobs=args.jobs,
-                      deadline=train_deadline, threads=args.threads, logs=out / "logs" / "train")
-    evals = {p: eval_command(_checkpoint(runs[p]), out / "eval" / p, args)
-             for p in presets if _checkpoint(runs[p]).exists()}
-    evaluated = run_all(evals, jobs=args.jobs, deadline=deadline, threads=args.threads,
+    cmds = commands(args)
+    names = list(cmds["train"])
+    train_deadline, eval_deadline, deadline = deadlines(start, args)
+    runs = {n: out / "runs" / n for n in names}
+    trained = run_all(cmds["train"], jobs=args.jobs, deadline=train_deadline,
+                      threads=args.threads, logs=out / "logs" / "train")
+    evals = {n: c for n, c in cmds["eval"].items() if _checkpoint(runs[n]).exists()}
+    evaluated = run_all(evals, jobs=args.jobs, deadline=eval_deadline, threads=args.threads,
                         logs=out / "logs" / "eval")
     summary: dict[str, Any] = {"environment": _environment(), "presets": {},
                                "seconds_total": None,
                                "arguments": {k: v for k, v in vars(args).items() if k != "func"}}
-    for p in presets:
-        summary["presets"][p] = {
-            "train": {**trained.get(p, {}), **_train_summary(runs[p])},
-            "checkpoint": str(_checkpoint(runs[p])) if _checkpoint(runs[p]).exists() else None,
-            "eval": {**evaluated.get(p, {}), **_eval_summary(out / "eval" / p / "eval.json")},
+    for n in names:
+        summary["presets"][n] = {
+            "train": {**trained.get(n, {}), **_train_summary(runs[n])},
+            "checkpoint": str(_checkpoint(runs[n])) if _checkpoint(runs[n]).exists() else None,
+            "eval": {**evaluated.get(n, {}), **_eval_summary(out / "eval" / n / "eval.json")},
         }
+    if args.serve_bench:  # alone on the device: after every other job has ended
+        served = run_all(cmds["serve"], jobs=1, deadline=deadline, threads=args.threads,
+                         logs=out / "logs" / "serve")["serve"]
+        result = out / "serve" / "serve.json"
+        summary["serve"] = {**served, "result": (json.loads(result.read_text())
+                                                 if result.exists() else None)}
     summary["seconds_total"] = round(time.time() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.pack:
-        pack(out, Path(args.pack))
+        pack(out, Path(args.pack), resume=args.pack_resume)
     return summary
 
 
@@ -196,20 +284,28 @@ def _checkpoint(run_dir: Path) -> Path:
     return run_dir / "best.safetensors"
 
 
-def pack(folder: Path, archive: Path) -> None:
+def pack(folder: Path, archive: Path, *, resume: bool = False) -> None:
     """One archive of the window's folder: a device returns a handful of files, not a tree.
 
-    resume.pt files stay out (optimizer state, several times the weights); the checkpoints,
-    logs and reports go in.
+    resume.pt files stay out (optimizer state, several times the weights) unless `resume`: runs
+    longer than one window need them to continue in the next; the checkpoints, logs and reports
+    go in.
     """
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.name != "resume.pt" and path.resolve() != archive.resolve():
+            if (path.is_file() and (resume or path.name != "resume.pt")
+                    and path.resolve() != archive.resolve()):
                 tar.add(path, arcname=str(path.relative_to(folder.parent)))
 
 
 def _window(args: argparse.Namespace) -> int:
+    if args.plan and args.presets is not None:
+        raise DeqguardError(f"--plan {args.plan} names its own runs: leave out --presets")
+    if args.dry_run:
+        print(json.dumps({stage: {n: shlex.join(c) for n, c in cs.items()}
+                          for stage, cs in commands(args).items()}, indent=2))
+        return 0
     summary = window(args)
     short = {p: {"epochs": s["train"].get("epochs_completed"),
                  "s/epoch": s["train"].get("train_seconds_per_epoch"),
@@ -219,8 +315,11 @@ def _window(args: argparse.Namespace) -> int:
              for p, s in summary["presets"].items()}
     print(json.dumps({"out": args.out, "seconds_total": summary["seconds_total"],
                       "presets": short}, indent=2))
+    if "serve" in summary:
+        print(json.dumps({"serve": {k: summary["serve"].get(k)
+                                    for k in ("returncode", "seconds", "stopped_at_deadline")}}))
     failed = [p for p, s in summary["presets"].items() if s["checkpoint"] is None]
-    return 1 if failed else 0
+    return 1 if failed or summary.get("serve", {}).get("returncode", 0) != 0 else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -230,10 +329,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "that left a checkpoint with the same deqguard eval line, write summary.json "
                     "and optionally pack everything into one archive.")
     p.add_argument("--out", required=True, help="folder for runs/, eval/, logs/, summary.json")
-    p.add_argument("--presets", default=",".join(WINDOW_PRESETS),
-                   help="comma-separated presets to train (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=30,
-                   help="train.epochs of every run (default: %(default)s)")
+    p.add_argument("--presets", help="comma-separated presets to train (default: "
+                                      f"{','.join(WINDOW_PRESETS)})")
+    p.add_argument("--plan", choices=sorted(PLANS),
+                   help="train a named set of runs instead of --presets, each with its own "
+                        "overrides; equal-budget: the regulated DEQ at expansion 2, the regulated "
+                        "and plain DEQs at lr 8e-3, the anchor CNN at 1e-2, 100 epochs each, "
+                        "longest first")
+    p.add_argument("--epochs", type=int,
+                   help=f"train.epochs of every run (default: the plan's, else {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=int, help="train.batch_size (default: each preset's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where runs train and evaluate (default: auto, the GPU if there is one)")
@@ -251,5 +355,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-batch-size", type=int, default=500,
                    help="deqguard eval --batch-size of every run (default: %(default)s)")
     p.add_argument("--eval-args", help="more deqguard eval options for every run, one string")
+    p.add_argument("--serve-bench", action="store_true",
+                   help="end with the serving benchmark (bench/cuda_serve.py) on the device, "
+                        "alone; its JSON goes into summary.json and the archive")
+    p.add_argument("--serve-checkpoint", default="default",
+                   help="checkpoint the serving benchmark serves (default: %(default)s)")
+    p.add_argument("--serve-bench-s", type=float, default=90.0,
+                   help="seconds at the end of --deadline-s kept for it (default: %(default)s)")
+    p.add_argument("--serve-args", help="more bench/cuda_serve.py options, one string")
     p.add_argument("--pack", help="write a .tar.gz of --out here")
+    p.add_argument("--pack-resume", action="store_true",
+                   help="put the runs' resume.pt in the archive too, to resume in a later window")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every command the window would run, as JSON, and run none")
     p.set_defaults(func=_window)
