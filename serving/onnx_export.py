@@ -86,6 +86,11 @@ def _unrolled_module(model: Any, iterations: int) -> Any:
     plain = copy.deepcopy(model).cpu().eval()
     for mod in plain.modules():
         if parametrize.is_parametrized(mod):
+            # A deep copy shares its parametrized class with the original, and removing a
+            # parametrization deletes the weight's property from that class: give the copy a
+            # class of its own first, so the caller's model keeps its weights.
+            cls = type(mod)
+            mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for name in list(mod.parametrizations):
                 parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
     return UnrolledNaive(plain, iterations).eval()

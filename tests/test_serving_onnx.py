@@ -194,3 +194,21 @@ def test_onnx_backend_served(tiny_checkpoint, tmp_path, exported):
         assert r.status_code == 200 and len(r.json()) == 3
         assert "deqguard_solver_iterations" in c.get("/metrics").text
         assert json.loads(c.get("/model").text)["sha256"] == got["model"]["sha256"]
+
+
+def test_unrolling_for_export_leaves_the_callers_model_intact():
+    """The exporter folds weight norm on a copy; the model it was given must still solve, with
+    the same logits (a shared parametrized class once lost its weights)."""
+    import torch
+
+    from deqguard.models import build_model
+    from deqguard.serving.onnx_export import _unrolled_module
+
+    torch.manual_seed(0)
+    model = build_model("deq-wk", num_classes=10, in_channels=1, image_size=28).eval()
+    assert any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
+    x = torch.rand(2, 1, 28, 28)
+    before = model.solve(x).logits
+    unrolled = _unrolled_module(model, 3)
+    assert torch.equal(model.solve(x).logits, before)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in unrolled.modules())
