@@ -79,7 +79,14 @@ class LogisticDetector(BaseModel):
         return self
 
     def score(self, features: dict[str, Tensor]) -> Tensor:
-        """[B] log-odds from {name: [B]} features (extra features are ignored)."""
+        """[B] log-odds from {name: [B]} features (extra features are ignored).
+
+        The terms are summed as a cumulative sum, not a matrix product: BLAS orders a dot
+        product's additions by the matrix's shape, so `@` gives a row another last bit in a
+        batch of 32 than alone, whereas torch's CPU cumsum adds each row's terms one after the
+        other, left to right. A sample's score is then the same float however it was batched
+        (served alone, in a micro-batch, or in an evaluation's batch).
+        """
         absent = [f for f in self.features if f not in features]
         if absent:
             raise ValueError(f"features {absent} were not computed")
@@ -87,7 +94,8 @@ class LogisticDetector(BaseModel):
         mean = x.new_tensor(self.mean)
         std = x.new_tensor(self.std)
         coef = x.new_tensor(self.coef)
-        return ((x - mean) / std) @ coef + self.intercept
+        terms = (x - mean) / std * coef
+        return terms.cumsum(dim=-1)[..., -1] + self.intercept
 
     def decide(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(score [B], suspicious [B] bool)."""

@@ -7,6 +7,7 @@ scoring's row workers) build them exactly as the server does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from deqguard.models.selective import selective_from_metadata
 
 from .attack_detection import Detector
 from .options import SolveOptions
-from .schema import ClassifyResult, ModelRef
+from .schema import ClassifyResult, Detection, ModelRef, Selective
 from .selective import Selector
 from .traces import SampleTrace
 
@@ -40,10 +41,39 @@ class AnswerBuilder:
         label = int(trace.logits.argmax())
         probs = torch.softmax(trace.logits.double(), dim=-1)
         abstained, selective = self.selector(trace, opts)
+        return self._result(trace, label, probs.tolist(), trajectory,
+                            self.detector(trace, opts.defense, opts.detect), abstained,
+                            selective)
+
+    def answers(self, traces: Sequence[SampleTrace], opts: Sequence[SolveOptions],
+                trajectory: Sequence[bool]) -> list[ClassifyResult]:
+        """`answer` for each (trace, options, trajectory flag), the same answers, with the
+        label, probabilities, detector and doubt scores computed once per distinct options
+        over all their traces: one sample at a time that Python cost about a tenth of the
+        engine's time on the compute thread. Each score is row by row arithmetic, so a sample's
+        answer does not depend on its batch mates (tests/test_serving_answers_batch.py)."""
+        groups: dict[SolveOptions, list[int]] = {}
+        for i, o in enumerate(opts):
+            groups.setdefault(o, []).append(i)
+        out: list[ClassifyResult | None] = [None] * len(traces)
+        for o, idx in groups.items():
+            ts = [traces[i] for i in idx]
+            logits = torch.stack([t.logits for t in ts])
+            labels = logits.argmax(dim=-1).tolist()
+            probs = torch.softmax(logits.double(), dim=-1).tolist()
+            detections = self.detector.batch(ts, o.defense, o.detect)
+            selections = self.selector.batch(ts, o)
+            for j, i in enumerate(idx):
+                abstained, selective = selections[j]
+                out[i] = self._result(ts[j], labels[j], probs[j], trajectory[i], detections[j],
+                                      abstained, selective)
+        return out  # type: ignore[return-value]
+
+    def _result(self, trace: SampleTrace, label: int, probs: list[float], trajectory: bool,
+                detection: Detection, abstained: bool, selective: Selective) -> ClassifyResult:
         return ClassifyResult(
-            label=label, class_name=self.classes[label], probabilities=probs.tolist(),
+            label=label, class_name=self.classes[label], probabilities=probs,
             entropy=trace.entropy.tolist() if trajectory else [],
             residual=trace.residual.tolist() if trajectory else [],
             iterations=trace.iterations, converged=trace.converged, stopped=trace.stopped,
-            detection=self.detector(trace, opts.defense, opts.detect), abstained=abstained,
-            selective=selective, model=self.model_ref)
+            detection=detection, abstained=abstained, selective=selective, model=self.model_ref)

@@ -173,10 +173,17 @@ class ModelEngine(ABC):
         """The JSON answer to one traced sample (answers.py)."""
         return self.answers.answer(trace, opts, trajectory)
 
+    def results(self, traces: Sequence[SampleTrace], opts: Sequence[SolveOptions],
+                trajectory: Sequence[bool]) -> list[ClassifyResult]:
+        """`result` for each traced sample, its scores computed for the batch at once: the
+        same answers (answers.py `AnswerBuilder.answers`)."""
+        return self.answers.answers(traces, opts, trajectory)
+
     def classify(self, x: np.ndarray, opts: SolveOptions, trajectory: bool = True,
                  deadlines: np.ndarray | None = None) -> list[ClassifyResult]:
         """The in-process twin of POST /classify_tensor with one set of options."""
-        return [self.result(t, opts, trajectory) for t in self.trace(x, opts, deadlines)]
+        traces = self.trace(x, opts, deadlines)
+        return self.results(traces, [opts] * len(traces), [trajectory] * len(traces))
 
     def classify_grouped(self, xs: Sequence[np.ndarray], opts: Sequence[SolveOptions],
                          deadlines: Sequence[float] | None = None,

@@ -99,10 +99,8 @@ class ModelRunner:
             [it.x for it in items], [it.opts for it in items],
             [inf if it.deadline_at is None else it.deadline_at for it in items],
             [inf if it.budget_at is None else it.budget_at for it in items])
-        out, done = [], []
-        for it, t in zip(items, traces, strict=True):
-            res = self.engine.result(t, it.opts, it.trajectory)
-            out.append(res.model_dump(mode="json"))
-            done.append((t, it.opts, res))
-        metrics.observe(self.engine.backend, done)
-        return out
+        results = self.engine.results(traces, [it.opts for it in items],
+                                      [it.trajectory for it in items])
+        metrics.observe(self.engine.backend, [(t, it.opts, res) for it, t, res
+                                              in zip(items, traces, results, strict=True)])
+        return [res.model_dump(mode="json") for res in results]

@@ -20,6 +20,7 @@ What is refused below full coverage, and why:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from deqguard.models.selective import SOLVE_DEPENDENT, doubt_score
@@ -27,9 +28,13 @@ from deqguard.solve_rules import BUDGET_STOP, FULL_COVERAGE
 
 from .options import SolveOptions
 from .schema import Selective
-from .traces import SampleTrace
+from .traces import SampleTrace, stack_traces
 
 _FULL = f"{FULL_COVERAGE:g}"
+# Doubt scores `Selector.batch` computes for a whole batch at once: each reads a sample's own
+# answer only (elementwise sums, a row-wise softmax), so its float does not depend on the batch.
+# The others (trajectory means, entropy sums, the rectifier) stay per sample.
+_BATCHED = frozenset({"detector", "max_softmax"})
 
 
 class Selector:
@@ -110,6 +115,28 @@ class Selector:
         abstained = abstained or (trace.stopped == BUDGET_STOP and self.reads_dynamics(opts))
         return abstained, Selective(coverage=float(opts.coverage), score_name=cal.score,
                                     score=score, threshold=threshold)
+
+    def batch(self, traces: Sequence[SampleTrace], opts: SolveOptions
+              ) -> list[tuple[bool, Selective]]:
+        """`self(t, opts)` for each trace, with the doubt score of all of them in one call where
+        the score allows it (`_BATCHED`); equal to the one-sample calls, answer for answer."""
+        cal = self.calibration
+        if cal is None or cal.score not in _BATCHED or not traces:
+            return [self(t, opts) for t in traces]
+        batch = stack_traces(traces)
+        if cal.score == "detector" and (batch.features is None or self.detector is None):
+            return [self(t, opts) for t in traces]
+        scores = doubt_score(batch, cal.score, self.detector).tolist()
+        threshold = cal.threshold(opts.coverage)
+        cut = self.reads_dynamics(opts)
+        coverage = float(opts.coverage)
+        out = []
+        for t, score in zip(traces, scores, strict=True):
+            abstained = threshold is not None and score > threshold
+            abstained = abstained or (t.stopped == BUDGET_STOP and cut)
+            out.append((abstained, Selective(coverage=coverage, score_name=cal.score,
+                                             score=score, threshold=threshold)))
+        return out
 
     def describe(self) -> dict[str, Any] | None:
         """What GET /model says under serving.selective (the full block is in the metadata)."""

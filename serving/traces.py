@@ -9,6 +9,7 @@ numbers are read off it once, when the JSON answer is built (answers.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,24 @@ class SampleTrace:
             residual=self.residual[:, None], iterations=torch.tensor([self.iterations]),
             converged=torch.tensor([self.converged]), features=self.features,
             rectifier=self.rectifier)
+
+
+def stack_traces(traces: Sequence[SampleTrace]) -> SolveResult:
+    """Traces (at least one) as one batch of their final answers, for the scores that read a
+    sample's answer only (logits, dynamics features, rectifier logit, iteration count): its
+    trajectories are empty, since the traces' lengths differ. `features` (or `rectifier`) is
+    None unless every trace has it."""
+    feats = None
+    if all(t.features is not None for t in traces):
+        feats = {k: torch.cat([t.features[k] for t in traces])  # type: ignore[index]
+                 for k in traces[0].features}  # type: ignore[union-attr]
+    heads = [t.rectifier for t in traces]
+    n = len(traces)
+    return SolveResult(
+        logits=torch.stack([t.logits for t in traces]), entropy=torch.empty(0, n),
+        residual=torch.empty(0, n), iterations=torch.tensor([t.iterations for t in traces]),
+        converged=torch.tensor([t.converged for t in traces]), features=feats,
+        rectifier=None if any(h is None for h in heads) else torch.cat(heads))  # type: ignore
 
 
 def _plain(t: Tensor) -> tuple[list, torch.dtype]:
