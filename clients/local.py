@@ -100,8 +100,10 @@ class RowBuilder:
         self.opts, self.sha = opts, meta.sha256
 
     def rows(self, items: list[Item], entries: list[Entry]) -> list[Row]:
-        return [error_row(it, e, self.sha) if isinstance(e, str)
-                else result_row(it, self.answers.answer(e, self.opts, trajectory=True))
+        solved = [e for e in entries if not isinstance(e, str)]
+        answers = iter(self.answers.answers(solved, [self.opts] * len(solved),
+                                            [True] * len(solved)))
+        return [error_row(it, e, self.sha) if isinstance(e, str) else result_row(it, next(answers))
                 for it, e in zip(items, entries, strict=True)]
 
 
