@@ -4,9 +4,9 @@ Pang et al.'s own adaptive attack (CVPR 2022, their eval code): PGD maximises
 CE(logits, y) + lam x BCE(R, stopgrad p_y), R = max p x sigmoid(A). The CE term makes the answer
 wrong; once it is, p_y is small and the BCE term grows as R rises, so the head is pushed to trust
 the wrong answer. The gradient is exact: backprop through every solver iteration and through
-the head at the state. The trajectory features a head may read are constants to the attacker
-(they are recorded without a graph), which makes this attack weaker on that variant; success is
-judged on the served score either way.
+the head at the state and, for a head that reads the solver's path, through its entropy and
+residual features too (`DEQClassifier.graph_trajectory_features`: the recorded values, computed
+again from the kept iterates with their graph). Success is judged on the served score.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deqguard.models.classifier import DEQClassifier, SolveResult
+from deqguard.models.classifier import DEQClassifier
 from deqguard.models.rectifier import rectified_bce
 from deqguard.training.attacks import pgd, project_linf
 
@@ -23,16 +23,15 @@ from .attacks import default_step_size
 
 
 def rectifier_logits(model: DEQClassifier, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(logits [B, K], the head's A [B]) with a graph back to x through every solver step."""
+    """(logits [B, K], the head's A [B]) with a graph back to x through every solver step and
+    every feature the head reads."""
     if model.rectifier is None:
         raise ValueError("the rectifier-aware attack needs a model with a rectifier head")
-    path = model.rectifier.config.trajectory > 0
-    eq = model.equilibrium(x, grad="exact", trajectory=path)
+    length = model.rectifier.config.trajectory
+    eq = model.equilibrium(x, grad="exact", keep_states=length > 0)
     logits = model.decode(eq.z)
-    out = eq.output
-    solved = SolveResult(logits=logits, residual=out.residual, iterations=out.iterations,
-                         converged=out.converged, entropy=eq.entropy)
-    return logits, model.rectifier_logit(eq.z, solved)
+    feats = model.graph_trajectory_features(eq, length) if length else None
+    return logits, model.rectifier(eq.z, feats)
 
 
 def rectifier_objective(model: DEQClassifier, x: Tensor, y: Tensor, lam: float) -> Tensor:

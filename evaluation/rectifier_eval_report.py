@@ -41,8 +41,8 @@ def markdown(section: RectifierEvalSection) -> list[str]:
     """The report.md lines of the section."""
     a = section.attack
     head = ("the state only" if section.head_trajectory == 0 else
-            f"the state and {section.head_trajectory} iterates of the solver path (held "
-            "constant by the attacks)")
+            f"the state and {section.head_trajectory} iterates of the solver path (the "
+            "attacks' gradient flows through those path features too)")
     lines = [
         "## The rectifier head under attacks aimed at it", "",
         f"The head reads {head}. Attacks within eps {section.eps:g} on the first {section.n} "

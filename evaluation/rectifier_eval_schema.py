@@ -91,8 +91,8 @@ class RectifierEvalSection(_Model):
     n_val: int | None = None
     served_score: str | None = None
     head_trajectory: int = Field(description="iterates of the solver path the head reads (0: "
-                                 "the state only); the attacks hold those features constant "
-                                 "and reach A through the state, judged on the served score")
+                                 "the state only); the attacks' gradient reaches A through the "
+                                 "state and those features, judged on the served score")
     pgd: dict[str, Any]
     attack: dict[str, Any] = Field(default_factory=dict, description="the attacks' spec")
     rows: list[RectifierAttackRow] = Field(default_factory=list)

@@ -23,7 +23,7 @@ from .errors import InputError
 from .grad import attach_gradient
 from .layers import VariationalDropout2d
 from .rectifier import Rectifier
-from .solvers import SolverOutput, get_solver
+from .solvers import SolverOutput, get_solver, residual
 
 if TYPE_CHECKING:
     from .dynamics import DynamicsConfig
@@ -71,6 +71,7 @@ class Equilibrium:
     output: SolverOutput
     entropy: Tensor | None
     predictions: Tensor | None = None
+    z_init: Tensor | None = None  # the state the solver started from (z_0)
 
 
 class Classifier(nn.Module):
@@ -143,6 +144,37 @@ class DEQClassifier(Classifier):
 
             feats = trajectory_features(result, length)
         return self.rectifier(z, feats)
+
+    def graph_trajectory_features(self, eq: Equilibrium, length: int) -> Tensor:
+        """The rectifier's path features [B, 2*length] computed from the kept iterates, with
+        the autograd graph back to x (for the attacks aimed at the head; nothing served).
+
+        The recorded features are read off the solve without a graph, so an attacker's gradient
+        would reach the head only through the state. Here the entropies are the head's decode
+        of each kept iterate and the residuals ||f(z_t) - z_t|| / ||f(z_t)|| are evaluated again
+        at the kept z_t (one f per feature row), so their values are the recorded ones while the
+        gradient flows through them. `eq` must come from `equilibrium(..., keep_states=True)`
+        without a settle rule or deadline (rows past a sample's own steps repeat its last one,
+        as the solver records them).
+        """
+        from .detection_scores import path_features
+
+        states = eq.output.states
+        if states is None or eq.z_init is None:
+            raise ValueError("graph trajectory features need equilibrium(keep_states=True)")
+        n = min(length, len(states))
+        if n == 0:
+            raise ValueError("graph trajectory features need at least one solver step")
+        b = eq.z_init.shape[0]
+        stop_mode = self.config.solver.stop_mode
+        ent = prediction_entropy(self.decode(torch.cat(states[:n])).float()).view(n, b)
+        starts = [eq.z_init, *states[:n - 1]]  # step t+1 started from z_t
+        res = torch.stack([residual(eq.f(z), z, stop_mode).float() for z in starts])
+        # a sample that stopped after its own `iterations` steps repeats its last row
+        rows = torch.arange(n, device=res.device)[:, None]
+        last = (eq.output.iterations.to(res.device) - 1).clamp_min(0)[None, :]
+        own = torch.minimum(rows, last)
+        return path_features(ent.gather(0, own), res.gather(0, own), length)
 
     # -- the four pieces a DEQ architecture supplies -------------------------------------------
     def inject(self, x: Tensor) -> Tensor:
@@ -237,7 +269,7 @@ class DEQClassifier(Classifier):
                     out = solve_fn(f, z_init, on_iterate=hook, keep_states=keep_states, **options)
                 z = attach_gradient(f, out.z, grad_cfg, straight_through=readout == "state")
         return Equilibrium(z=z, z_star=out.z.detach(), f=f, output=out, entropy=watcher.entropy,
-                           predictions=watcher.prediction)
+                           predictions=watcher.prediction, z_init=z_init)
 
     def _grad_config(self, grad: GradConfig | str | None) -> GradConfig:
         if grad is None:

@@ -44,14 +44,23 @@ def trajectory_features(result: SolveResult, length: int) -> Tensor:
     res = result.residual.detach().float()
     if res.numel() == 0:
         res = torch.zeros_like(ent)
+    return path_features(ent, res, length)
+
+
+def path_features(entropy: Tensor, residual: Tensor, length: int) -> Tensor:
+    """[B, 2*length] from [T, B] entropy and relative-residual rows, padded with the last row.
+
+    The one layout both the recorded features and the attack's differentiable ones
+    (`DEQClassifier.graph_trajectory_features`) go through, so the two cannot drift apart.
+    """
 
     def fit(rows: Tensor) -> Tensor:
         if rows.shape[0] >= length:
             return rows[:length]
         return torch.cat([rows, rows[-1:].expand(length - rows.shape[0], -1)])
 
-    res = torch.log10(res.clamp_min(1e-8))
-    return torch.cat([fit(ent), fit(res)]).T.contiguous()
+    res = torch.log10(residual.clamp_min(1e-8))
+    return torch.cat([fit(entropy), fit(res)]).T.contiguous()
 
 
 def detection_score(result: SolveResult, name: str, *, early_index: int = 1,

@@ -223,3 +223,56 @@ def test_the_attack_aimed_at_the_head_raises_its_objective_inside_the_ball(
     # lam = 0 is plain CE-PGD: the head term is what moves the attack elsewhere
     plain = rectifier_aware_pgd(model, x, y, eps=eps, lam=0.0, steps=5, seed=0)
     assert not torch.equal(plain, x_adv)
+
+
+def _mixed_stopping_tol(model, x) -> float:
+    """A tolerance half the batch passes at its first step's residual and half does not, so
+    the solve has samples that stop while others iterate (their feature rows must repeat)."""
+    with torch.no_grad():
+        first = model.solve(x, max_iter=3).residual[1].sort().values
+    half = len(first) // 2
+    return float(first[half - 1] + first[half]) / 2
+
+
+@pytest.mark.parametrize("solver", ["anderson", "naive"])
+@pytest.mark.parametrize("length", [3, 40])
+def test_the_graph_trajectory_features_are_the_served_ones_and_carry_a_gradient(
+        tiny_checkpoint, pattern_data, solver, length):
+    from deqguard.models.detection_scores import trajectory_features
+
+    model = _headed_copy(tiny_checkpoint, {"hidden": 16, "trajectory": length})
+    x = torch.from_numpy(pattern_data[0][:8])
+    tol = _mixed_stopping_tol(model, x)
+    with torch.no_grad():
+        served = model.solve(x, solver=solver, tol=tol)
+    iters = served.iterations
+    assert int(iters.min()) < int(iters.max())  # some rows past a sample's own steps
+    xr = x.clone().requires_grad_(True)
+    eq = model.equilibrium(xr, solver=solver, tol=tol, grad="exact", keep_states=True)
+    feats = model.graph_trajectory_features(eq, length)
+    assert torch.equal(eq.output.iterations, iters)
+    assert torch.allclose(feats.detach(), trajectory_features(served, length), atol=1e-5,
+                          rtol=0)
+    assert torch.allclose(model.rectifier(eq.z, feats).detach(), served.rectifier, atol=1e-5,
+                          rtol=0)
+    # both halves (entropies, log residuals) reach x; the recorded ones have no graph at all
+    assert not trajectory_features(served, length).requires_grad
+    for part in (feats[:, 1:length], feats[:, length + 1:]):
+        (g,) = torch.autograd.grad(part.sum(), xr, retain_graph=True)
+        assert float(g.abs().sum()) > 0
+
+
+def test_the_attack_differentiates_the_trajectory_the_head_reads(tiny_checkpoint,
+                                                                 pattern_data):
+    from deqguard.evaluation.rectifier_attack import rectifier_logits
+
+    model = _headed_copy(tiny_checkpoint, {"hidden": 16, "trajectory": 3})
+    x = torch.from_numpy(pattern_data[0][:8]).requires_grad_(True)
+    _, a = rectifier_logits(model, x)
+    (full,) = torch.autograd.grad(a.sum(), x)
+    eq = model.equilibrium(x, grad="exact", keep_states=True)
+    held = model.rectifier(eq.z, model.graph_trajectory_features(eq, 3).detach())
+    (state_only,) = torch.autograd.grad(held.sum(), x)
+    assert torch.allclose(a.detach(), held.detach())
+    # with the path features held constant the gradient is another one
+    assert not torch.allclose(full, state_only, atol=1e-6)
