@@ -88,11 +88,13 @@ def surrogate_forward(model: Classifier, x: Tensor, goal: Goal) -> Forward:
         s, logits = surrogate_score_and_logits(model, goal.detector, x)
         return Forward(logits, s.detach(), goal.tau - s)
     if goal.name == "rectified":
-        # The head's trajectory inputs (if it reads any) are counts and entropies read off the
-        # iterates: held constant here, the gradient reaches A through the state alone.
-        r = model.solve(x, grad="exact")
-        s = rectified_doubt(r.logits, r.rectifier)
-        return Forward(r.logits, s.detach(), _log_margin(goal.tau, s))
+        # The gradient reaches A through the state and through the trajectory inputs a head
+        # may read (recomputed from the kept iterates with their graph).
+        from .rectifier_attack import rectifier_logits
+
+        logits, a = rectifier_logits(model, x)
+        s = rectified_doubt(logits, a)
+        return Forward(logits, s.detach(), _log_margin(goal.tau, s))
     trajectory = goal.name in ("mean_entropy", "iterations")
     eq = model.equilibrium(x, grad="exact", keep_states=trajectory)
     logits = model.decode(eq.z)

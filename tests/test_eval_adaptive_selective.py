@@ -53,22 +53,39 @@ def test_the_attack_lowers_the_targeted_score_and_stays_in_the_ball(tiny_model, 
     _lowers_the_score(tiny_model, name, tau)
 
 
-def _headed(checkpoint) -> torch.nn.Module:
-    """The fixture network with a fresh state-only rectifier head (its A is some function of
-    z*: enough for the attack to have a score to lower)."""
+def _headed(checkpoint, trajectory: int = 0) -> torch.nn.Module:
+    """The fixture network with a fresh rectifier head (its A is some function of z* and, with
+    `trajectory`, of the path: enough for the attack to have a score to lower)."""
     from deqguard.models import build_model, load_checkpoint
 
     plain, _ = load_checkpoint(checkpoint, device="cpu")
     cfg = plain.config
     torch.manual_seed(0)
     model = build_model(type(cfg).model_validate(
-        {**cfg.model_dump(), "rectifier": {"hidden": 16, "trajectory": 0}}))
+        {**cfg.model_dump(), "rectifier": {"hidden": 16, "trajectory": trajectory}}))
     model.load_state_dict(plain.state_dict(), strict=False)
     return model.eval()
 
 
 def test_the_attack_lowers_the_rectified_score_of_a_headed_model(tiny_checkpoint):
     _lowers_the_score(_headed(tiny_checkpoint), "rectified", 1e-6)
+
+
+def test_the_rectified_goal_differentiates_the_trajectory_the_head_reads(tiny_checkpoint):
+    """The attack aimed at the served rectified score reaches A through the head's path inputs
+    too, not through the state alone (those inputs are recorded without a graph when served)."""
+    from deqguard.models.rectifier import rectified_doubt
+
+    model = _headed(tiny_checkpoint, trajectory=3)
+    x = _batch()[0].requires_grad_(True)
+    fwd = surrogate_forward(model, x, Goal("rectified", 0.5))
+    (full,) = torch.autograd.grad(fwd.accept_margin.sum(), x)
+    eq = model.equilibrium(x, grad="exact", keep_states=True)
+    held = model.rectifier(eq.z, model.graph_trajectory_features(eq, 3).detach())
+    s = rectified_doubt(model.decode(eq.z), held)
+    (state_only,) = torch.autograd.grad(-torch.log(s.clamp_min(1e-12)).sum(), x)
+    assert torch.allclose(fwd.score, s.detach(), atol=1e-5)
+    assert not torch.allclose(full, state_only, atol=1e-6)
 
 
 def test_the_rectified_score_is_skipped_without_a_head(tiny_model, tiny_checkpoint):
