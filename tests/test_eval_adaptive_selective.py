@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_pattern_images
+from headed import headed_model
 from selective_ckpt import calibrated_copy, cheap_detector
 
 from deqguard.cli import main
@@ -56,15 +57,7 @@ def test_the_attack_lowers_the_targeted_score_and_stays_in_the_ball(tiny_model, 
 def _headed(checkpoint, trajectory: int = 0) -> torch.nn.Module:
     """The fixture network with a fresh rectifier head (its A is some function of z* and, with
     `trajectory`, of the path: enough for the attack to have a score to lower)."""
-    from deqguard.models import build_model, load_checkpoint
-
-    plain, _ = load_checkpoint(checkpoint, device="cpu")
-    cfg = plain.config
-    torch.manual_seed(0)
-    model = build_model(type(cfg).model_validate(
-        {**cfg.model_dump(), "rectifier": {"hidden": 16, "trajectory": trajectory}}))
-    model.load_state_dict(plain.state_dict(), strict=False)
-    return model.eval()
+    return headed_model(checkpoint, {"hidden": 16, "trajectory": trajectory})
 
 
 def test_the_attack_lowers_the_rectified_score_of_a_headed_model(tiny_checkpoint):

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from headed import headed_model
 
 from deqguard.cli import main
 from deqguard.evaluation.rectifier_attack import (
@@ -20,7 +21,7 @@ from deqguard.evaluation.rectifier_attack import (
 from deqguard.evaluation.rectifier_eval import over_rejection, worst_case
 from deqguard.evaluation.schema import EvalReport
 from deqguard.evaluation.selective_attack import top_wrong_classes
-from deqguard.models import build_model, load_checkpoint, save_checkpoint
+from deqguard.models import save_checkpoint
 from deqguard.models.selective import doubt_score
 
 EPS = 0.1
@@ -29,13 +30,7 @@ EPS = 0.1
 def _headed(checkpoint, trajectory: int = 0) -> torch.nn.Module:
     """The fixture network with a fresh rectifier head (its A is some function of z* and the
     path: enough for the attacks to have something to move)."""
-    plain, _ = load_checkpoint(checkpoint, device="cpu")
-    cfg = plain.config
-    torch.manual_seed(0)
-    model = build_model(type(cfg).model_validate(
-        {**cfg.model_dump(), "rectifier": {"hidden": 16, "trajectory": trajectory}}))
-    model.load_state_dict(plain.state_dict(), strict=False)
-    return model.eval()
+    return headed_model(checkpoint, {"hidden": 16, "trajectory": trajectory})
 
 
 def _in_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> None:

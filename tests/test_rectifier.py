@@ -10,10 +10,11 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from headed import headed_model
 from test_training_run import tiny_args
 
 from deqguard.cli import main
-from deqguard.models import build_model, load_checkpoint, read_metadata, save_checkpoint
+from deqguard.models import load_checkpoint, read_metadata, save_checkpoint
 from deqguard.models.classifier import SolveResult
 from deqguard.models.rectifier import rectified_doubt, rectified_loss
 from deqguard.models.selective import SOLVE_DEPENDENT, calibrate, doubt_score
@@ -24,12 +25,7 @@ HEAD = {"hidden": 16, "trajectory": 3}
 
 def _headed_copy(checkpoint, head=HEAD):
     """The fixture checkpoint's network with a fresh rectifier head (its own copy: trainable)."""
-    plain, _ = load_checkpoint(checkpoint, device="cpu")
-    cfg = plain.config
-    model = build_model(type(cfg).model_validate({**cfg.model_dump(), "rectifier": head}))
-    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("rectifier.") for k in missing)
-    return model.eval()
+    return headed_model(checkpoint, head, seed=None)
 
 
 def test_the_doubt_is_one_minus_maxprob_times_sigmoid_a_and_monotone_in_it():
