@@ -29,17 +29,14 @@ def _gated(calls: list[list], gate: threading.Event, entered: threading.Event):
     return run
 
 
-def test_a_free_model_waits_for_the_demand_its_last_call_saw_so_cohorts_merge():
-    """Closed-loop clients split into cohorts: while the model answers one, the other queues,
-    and without waiting every call would hold half the traffic. The first call saw 1 + 3 items
-    in flight, so the next one waits for the 4th (its caller's next request) instead of
-    running the 3 queued alone. (The first call is held for a second: a wait is never longer
-    than the previous call took.)"""
+def _two_cohorts(**kwargs) -> tuple[list[list], list]:
+    """Cohort A's request `a0` holds the model busy (a second) while cohort B's three queue;
+    then A sends its next request `a1`. Returns the model's calls and the answers to a1, b0..b2."""
     from deqguard.serving.batcher import MicroBatcher
 
     calls: list[list] = []
     gate, entered = threading.Event(), threading.Event()
-    b = MicroBatcher(_gated(calls, gate, entered), max_batch=8, max_wait_s=30.0)
+    b = MicroBatcher(_gated(calls, gate, entered), max_batch=8, max_wait_s=30.0, **kwargs)
 
     async def main() -> list:
         first = asyncio.ensure_future(b.submit(["a0"]))
@@ -51,8 +48,19 @@ def test_a_free_model_waits_for_the_demand_its_last_call_saw_so_cohorts_merge():
         again = await b.submit(["a1"])  # the first caller's next request
         return [again] + [await o for o in others]
 
-    answers = asyncio.run(main())
-    b.close()
+    try:
+        return calls, asyncio.run(main())
+    finally:
+        b.close()
+
+
+def test_a_free_model_waits_for_the_demand_its_last_call_saw_so_cohorts_merge():
+    """Closed-loop clients split into cohorts: while the model answers one, the other queues,
+    and without waiting every call would hold half the traffic. The first call saw 1 + 3 items
+    in flight, so the next one waits for the 4th (its caller's next request) instead of
+    running the 3 queued alone. (The first call is held for a second: a wait is never longer
+    than the previous call took.)"""
+    calls, answers = _two_cohorts()
     assert calls[1] == ["b0", "b1", "b2", "a1"] and len(calls) == 2
     assert answers == [[("answer", "a1")]] + [[("answer", f"b{i}")] for i in range(3)]
 
@@ -60,25 +68,7 @@ def test_a_free_model_waits_for_the_demand_its_last_call_saw_so_cohorts_merge():
 def test_a_caller_without_patience_is_not_kept_waiting_for_company():
     """The same cohorts as above, but one queued item may not wait (a caller's deadline): the
     next call runs the queued three at once instead of waiting for the 4th."""
-    from deqguard.serving.batcher import MicroBatcher
-
-    calls: list[list] = []
-    gate, entered = threading.Event(), threading.Event()
-    b = MicroBatcher(_gated(calls, gate, entered), max_batch=8, max_wait_s=30.0,
-                     patience=lambda items: 0.0 if "b1" in items else float("inf"))
-
-    async def main() -> None:
-        first = asyncio.ensure_future(b.submit(["a0"]))
-        await asyncio.to_thread(entered.wait, 30)
-        others = [asyncio.ensure_future(b.submit([f"b{i}"])) for i in range(3)]
-        await asyncio.sleep(1.0)
-        gate.set()
-        await first
-        await b.submit(["a1"])
-        await asyncio.gather(*others)
-
-    asyncio.run(main())
-    b.close()
+    calls, _ = _two_cohorts(patience=lambda items: 0.0 if "b1" in items else float("inf"))
     assert calls[1:] == [["b0", "b1", "b2"], ["a1"]]
 
 
