@@ -49,18 +49,18 @@ class Detector:
         feats = stack_traces(traces).features if det is not None and detect and traces else None
         if det is None or feats is None:
             return [self(t, defense, detect) for t in traces]
-        threshold, fpr = float(det.threshold), float(det.fpr)
-        return [Detection(score_name=det.name, score=score, threshold=threshold,
-                          suspicious=bool(score > det.threshold), detector=det.name, fpr=fpr)
-                for score in det.score(feats).tolist()]
+        return [self._learned_detection(score) for score in det.score(feats).tolist()]
+
+    def _learned_detection(self, score: float) -> Detection:
+        """The block the learned detector's score answers, one- or many-sample."""
+        det = self.learned
+        return Detection(score_name=det.name, score=score, threshold=float(det.threshold),
+                         suspicious=bool(score > det.threshold), detector=det.name,
+                         fpr=float(det.fpr))
 
     def __call__(self, trace: SampleTrace, defense: str, detect: bool = True) -> Detection:
         if self.learned is not None and detect and trace.features is not None:
-            det = self.learned
-            score = float(det.score(trace.features)[0])
-            return Detection(score_name=det.name, score=score, threshold=float(det.threshold),
-                             suspicious=bool(score > det.threshold), detector=det.name,
-                             fpr=float(det.fpr))
+            return self._learned_detection(float(self.learned.score(trace.features)[0]))
         cal = self.calibration
         name = cal.score if cal else "final_entropy"
         kwargs = {"early_index": cal.early_index, "params": cal.params} if cal else {}

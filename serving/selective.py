@@ -108,13 +108,7 @@ class Selector:
         score: float | None = None
         if cal.score != "detector" or (trace.features is not None and self.detector is not None):
             score = float(doubt_score(trace.as_result(), cal.score, self.detector)[0])
-        threshold = cal.threshold(opts.coverage)
-        abstained = threshold is not None and score is not None and score > threshold
-        # A solve the server's budget cut is not the full solve the threshold was set on: below
-        # full coverage it is not answered, whatever its score.
-        abstained = abstained or (trace.stopped == BUDGET_STOP and self.reads_dynamics(opts))
-        return abstained, Selective(coverage=float(opts.coverage), score_name=cal.score,
-                                    score=score, threshold=threshold)
+        return self._decide(trace, score, cal.threshold(opts.coverage), opts)
 
     def batch(self, traces: Sequence[SampleTrace], opts: SolveOptions
               ) -> list[tuple[bool, Selective]]:
@@ -128,15 +122,20 @@ class Selector:
             return [self(t, opts) for t in traces]
         scores = doubt_score(batch, cal.score, self.detector).tolist()
         threshold = cal.threshold(opts.coverage)
-        cut = self.reads_dynamics(opts)
-        coverage = float(opts.coverage)
-        out = []
-        for t, score in zip(traces, scores, strict=True):
-            abstained = threshold is not None and score > threshold
-            abstained = abstained or (t.stopped == BUDGET_STOP and cut)
-            out.append((abstained, Selective(coverage=coverage, score_name=cal.score,
-                                             score=score, threshold=threshold)))
-        return out
+        return [self._decide(t, score, threshold, opts)
+                for t, score in zip(traces, scores, strict=True)]
+
+    def _decide(self, trace: SampleTrace, score: float | None, threshold: float | None,
+                opts: SolveOptions) -> tuple[bool, Selective]:
+        """(abstained, the Selective block) from a sample's doubt score: one rule for the
+        one-sample and the batched path."""
+        abstained = threshold is not None and score is not None and score > threshold
+        # A solve the server's budget cut is not the full solve the threshold was set on: below
+        # full coverage it is not answered, whatever its score.
+        abstained = abstained or (trace.stopped == BUDGET_STOP and self.reads_dynamics(opts))
+        return abstained, Selective(coverage=float(opts.coverage),
+                                    score_name=self.calibration.score, score=score,
+                                    threshold=threshold)
 
     def describe(self) -> dict[str, Any] | None:
         """What GET /model says under serving.selective (the full block is in the metadata)."""
