@@ -250,52 +250,52 @@ def dynamics_features(model: DEQClassifier, x: Tensor, result: SolveResult,
     if not getattr(model, "is_deq", False):
         raise ValueError("dynamics features need a DEQ model (a fixed point to probe)")
     names = cfg.names()
+    if result.z is None:
+        raise ValueError("dynamics features need the solve's state z (model.solve sets it)")
     if differentiable:
-        return _features(model, x, result, cfg, solver, tol, create_graph=True)
+        return _graph_features(model, x, result, cfg, solver, tol)
+    # The free features only read the solve's tensors: computed in the caller's mode, no copy.
+    feats = trajectory_features(result, cfg)
     with torch.inference_mode(False), torch.enable_grad():
-        # solves served under inference_mode hand over inference tensors: clone them out
+        # solves served under inference_mode hand over inference tensors; the probes build a
+        # graph from x and z*, so those two are cloned out (the logits are only read)
         xc = x.detach().clone()
-        rc = _detached_copy(result)
-        feats = _features(model, xc, rc, cfg, solver, tol, create_graph=False)
+        zc = result.z.detach().clone()
+        feats.update(_probes(model, xc, zc, result.logits.detach(), cfg, solver, tol,
+                             create_graph=False))
     return {n: feats[n].detach() for n in names}
 
 
-def _detached_copy(result: SolveResult) -> SolveResult:
-    from dataclasses import replace
-
-    def c(t):
-        return None if t is None else t.detach().clone()
-
-    return replace(result, logits=c(result.logits), residual=c(result.residual),
-                   iterations=c(result.iterations), converged=c(result.converged),
-                   entropy=c(result.entropy), z=c(result.z), predictions=c(result.predictions),
-                   states=None, features=None)
-
-
-def _features(model: DEQClassifier, x: Tensor, result: SolveResult, cfg: DynamicsConfig,
-              solver: str | None, tol: float | None, *, create_graph: bool
-              ) -> dict[str, Tensor]:
-    if result.z is None:
-        raise ValueError("dynamics features need the solve's state z (model.solve sets it)")
-    entropy = predictions = None
-    if create_graph:
-        if not result.states:
-            raise ValueError("differentiable features need the solve's states (keep_states)")
-        decoded = [model.decode(s) for s in result.states]
-        entropy = torch.stack([prediction_entropy(d) for d in decoded])
-        predictions = torch.stack([d.argmax(-1) for d in decoded])
+def _graph_features(model: DEQClassifier, x: Tensor, result: SolveResult, cfg: DynamicsConfig,
+                    solver: str | None, tol: float | None) -> dict[str, Tensor]:
+    """Every feature with a graph back to x: the trajectory re-decoded from the kept states."""
+    if not result.states:
+        raise ValueError("differentiable features need the solve's states (keep_states)")
+    decoded = [model.decode(s) for s in result.states]
+    entropy = torch.stack([prediction_entropy(d) for d in decoded])
+    predictions = torch.stack([d.argmax(-1) for d in decoded])
     feats = trajectory_features(result, cfg, entropy=entropy, predictions=predictions)
+    feats.update(_probes(model, x, result.z, result.logits, cfg, solver, tol,
+                         create_graph=True))
+    return feats
+
+
+def _probes(model: DEQClassifier, x: Tensor, z_star: Tensor, logits: Tensor,
+            cfg: DynamicsConfig, solver: str | None, tol: float | None, *,
+            create_graph: bool) -> dict[str, Tensor]:
+    """The features that cost f evaluations: the Jacobian at z*, the restart, the entropy step."""
+    feats: dict[str, Tensor] = {}
     if cfg.probes_z_star():
         u = model.inject(x)
 
         def f(z: Tensor) -> Tensor:
             return model.layer(z, u)
 
-        feats.update(jacobian_features(f, result.z, cfg, create_graph=create_graph))
+        feats.update(jacobian_features(f, z_star, cfg, create_graph=create_graph))
     if cfg.restart_iters:
-        feats.update(_restart(model, x, result.z, result.logits, cfg, solver, tol,
+        feats.update(_restart(model, x, z_star, logits, cfg, solver, tol,
                               create_graph=create_graph))
     if cfg.entropy_step:
-        feats["entropy_step_drop"] = _entropy_step_drop(model, x, result.z, cfg.entropy_step,
+        feats["entropy_step_drop"] = _entropy_step_drop(model, x, z_star, cfg.entropy_step,
                                                         create_graph=create_graph)
     return feats
