@@ -34,13 +34,15 @@ Variant = DynamicsConfig | None  # None: the plain solve
 
 
 def time_variants(model: Any, x: Tensor, variants: dict[str, Variant], *, batch_size: int,
-                  rounds: int, clock: Callable[[], float] = time.perf_counter
-                  ) -> dict[str, dict[str, float]]:
+                  rounds: int, clock: Callable[[], float] = time.perf_counter,
+                  as_pairs: bool = False) -> dict[str, dict[str, float]]:
     """Per variant: median ms per answer over `rounds`, and its per-round ratio to "plain".
 
     Every round solves all of `x` (in batches of `batch_size`) once per variant, the order
     rotated by one each round, so load that drifts over the run hits every variant alike; the
     ratio is taken within a round. `variants` must hold "plain" (None: no features).
+    `as_pairs`: each image solved as the pair [x, x], as the server answers a lone request
+    (serving/engine.py `trace`, batch invariance); one answer per pair.
     """
     if variants.get("plain", 0) is not None:
         raise ValueError("variants need a 'plain' entry (None)")
@@ -48,10 +50,13 @@ def time_variants(model: Any, x: Tensor, variants: dict[str, Variant], *, batch_
     def run(cfg: Variant) -> None:
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
+                xb = x[i:i + batch_size]
+                if as_pairs:
+                    xb = torch.cat([xb, xb])
                 if cfg is None:
-                    model.solve(x[i:i + batch_size])
+                    model.solve(xb)
                 else:
-                    model.solve(x[i:i + batch_size], features=cfg)
+                    model.solve(xb, features=cfg)
 
     names = list(variants)
     for name in names:  # warm-up: allocators, lazy init
@@ -91,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="entropy weight of the low-entropy attack (as eval's detector attack)")
     p.add_argument("--fpr", type=float, default=0.05)
     p.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--batch-sizes", default="1,pair,32",
+                   help="comma list of batch sizes; `pair`: each image solved as the pair "
+                        "[x, x], the way the server answers a lone request")
     p.add_argument("--time-images", type=int, default=64,
                    help="images solved per variant and round")
     p.add_argument("--rounds", type=int, default=9)
@@ -134,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     x, _ = split_images("test", 0, args.time_images)
     variants: dict[str, Variant] = {"plain": None, **configs}
     report["timing"] = {}
-    for b in (int(s) for s in args.batch_sizes.split(",")):
-        t = time_variants(model, x, variants, batch_size=b, rounds=args.rounds)
+    for b in args.batch_sizes.split(","):
+        t = time_variants(model, x, variants, batch_size=1 if b == "pair" else int(b),
+                          rounds=args.rounds, as_pairs=b == "pair")
         report["timing"][str(b)] = t
         print(f"batch {b}: " + ", ".join(f"{k} {v['ms_per_answer']:.2f} ms "
                                          f"({v['ratio']:.2f}x)" for k, v in t.items()),

@@ -151,11 +151,13 @@ def test_groups_are_told_apart_by_what_their_features_catch():
     assert lowent["all_minus_all"]["diff"] < -0.3
     assert out["entropy-step"]["extra_f_evals"] == 4
     assert "entropy_step_drop" not in out["trajectory"]["features"]
-    table = markdown_table(out, {g: {"1": {"ms_per_answer": 2.0, "ratio": 1.5, "ratio_min": 1.2,
-                                           "ratio_max": 1.7}} for g in GROUPS})
-    rows = [r for r in table.splitlines() if r.startswith("| ")][1:]
+    timed = {"ms_per_answer": 2.0, "ratio": 1.5, "ratio_min": 1.2, "ratio_max": 1.7}
+    paired = {"ms_per_answer": 3.0, "ratio": 1.25, "ratio_min": 1.1, "ratio_max": 1.4}
+    table = markdown_table(out, {g: {"1": timed, "pair": paired} for g in GROUPS})
+    head, *rows = [r for r in table.splitlines() if r.startswith("| ")]
+    assert head.endswith("| ms b1 | x plain b1 | ms pair | x plain pair |")
     assert [r.split(" | ")[0][2:] for r in rows] == list(GROUPS)
-    assert all("1.50 (1.20-1.70)" in r for r in rows)
+    assert all(r.endswith("| 2.00 | 1.50 (1.20-1.70) | 3.00 | 1.25 (1.10-1.40) |") for r in rows)
     assert f"{blind['minus_all']['diff']:+.3f}" in rows[0]
 
 
@@ -184,10 +186,12 @@ class _FakeModel:
     def __init__(self, clock):
         self.clock = clock
         self.order: list[str] = []
+        self.batches: list[torch.Tensor] = []
 
     def solve(self, x, features=None):
         self.clock.now += len(x) * (1.5 if features is not None else 1.0)
         self.order.append("plain" if features is None else "feat")
+        self.batches.append(x)
 
 
 class _Clock:
@@ -213,6 +217,19 @@ def test_time_variants_interleaves_and_takes_ratios_within_a_round():
     with pytest.raises(ValueError, match="plain"):
         bench.time_variants(model, x, {"f": DynamicsConfig()}, batch_size=2, rounds=1,
                             clock=clock)
+
+
+def test_time_variants_as_pairs_solves_each_image_twice_and_counts_one_answer():
+    """A lone request is served as the pair [x, x]: its cost per answer is a pair's."""
+    bench = _bench()
+    clock = _Clock()
+    model = _FakeModel(clock)
+    x = torch.arange(3.0).view(3, 1, 1, 1)
+    out = bench.time_variants(model, x, {"plain": None}, batch_size=1, rounds=1, clock=clock,
+                              as_pairs=True)
+    assert out["plain"]["ms_per_answer"] == pytest.approx(2000.0)
+    assert [b.flatten().tolist() for b in model.batches[:3]] == [[0.0, 0.0], [1.0, 1.0],
+                                                                  [2.0, 2.0]]
 
 
 def test_a_group_fitted_detector_is_served_with_exactly_its_features(tiny_checkpoint,
