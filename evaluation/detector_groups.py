@@ -211,7 +211,7 @@ def markdown_table(detection: dict[str, dict[str, Any]], timing: dict[str, Any] 
     flagged at the group's served threshold; then f evaluations and ms per answer."""
     attacks = list(next(iter(detection.values()))["attacks"])
     # batch sizes as timed, in order: "1", "pair" (a lone request as served), "32", ...
-    sizes = [str(b) for b in next(iter(timing.values()))] if timing else []
+    sizes = list(next(iter(timing.values()))) if timing else []
     head = ["group", "features beyond the trajectory"]
     for a in attacks:
         head += [f"AUROC {a} succ. [95% CI]", f"vs {reference} [95% CI]", f"AUROC {a} all",
@@ -231,14 +231,9 @@ def markdown_table(detection: dict[str, dict[str, Any]], timing: dict[str, Any] 
                       f"{e['successful_flagged']:.2f}" if s else "n/a"]
         cells.append(f"{row['extra_f_evals']:g}")
         for b in sizes:
-            t = _timing_at(timing or {}, name, b)
+            t = (timing or {}).get(name, {}).get(b)
             cells += [f"{t['ms_per_answer']:.2f}", f"{t['ratio']:.2f} ({t['ratio_min']:.2f}-"
                       f"{t['ratio_max']:.2f})"] if t else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def _timing_at(timing: dict[str, Any], name: str, size: str) -> dict[str, float] | None:
-    """A group's timing at one batch size, whether the sizes were keyed as str or int."""
-    by_size = timing.get(name, {})
-    return by_size.get(size) or (by_size.get(int(size)) if size.isdigit() else None)
