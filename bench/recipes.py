@@ -73,6 +73,7 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
         "regulated-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),  # 4e-3 led: the edge
         "regulated-lr1.6e-2": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),  # 8e-3 led again
+        "regulated-lr3.2e-2": ("fashion-wk-regulated", ["optim.lr=3.2e-2"]),  # 1.6e-2 led again
     },
     # the equal-budget runs (`--epochs 60`), each model at its own best rate from the lr grid;
     # the regulated DEQ has one entry per rate still in contention, and only the winner is run
@@ -81,6 +82,7 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-e60-lr4e-3": ("fashion-wk-regulated", ["optim.lr=4.0e-3"]),
         "regulated-e60-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),
         "regulated-e60-lr1.6e-2": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),
+        "regulated-e60-lr3.2e-2": ("fashion-wk-regulated", ["optim.lr=3.2e-2"]),
     },
 }
 
