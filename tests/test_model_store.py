@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -230,31 +229,18 @@ def test_bento_serves_its_model_without_the_original(bento, pushed, home, tmp_pa
     """The Bento, exported and imported into an empty home, serves the pushed model: neither
     the checkpoint's path nor the original store is used (a different DEQGUARD_CHECKPOINT in
     the environment loses to the Bento's own argument)."""
-    from deqguard.serving.launch import _stop, free_port
+    from deqguard.serving.launch import _stop, start_on_free_port
 
     archive = tmp_path / "deqguard.bento"
     _bentoml("export", bento, str(archive), home=home)
     fresh = tmp_path / "fresh-home"
     _bentoml("import", str(archive), home=fresh)
-    port = free_port()
-    log = tmp_path / "bento.log"
     env = _env(fresh, DEQGUARD_CHECKPOINT="default", DEQGUARD_THREADS="1")
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([PY, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, cwd=tmp_path, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_on_free_port(
+        lambda port: [PY, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1",
+                      "--port", str(port)],
+        env=env, cwd=tmp_path, log_path=tmp_path / "bento.log", timeout=240)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            try:
-                if httpx.get(url + "/readyz", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
-            time.sleep(0.5)
         model = httpx.get(url + "/model", timeout=60).json()
         answers = _answers(url, pattern_data[0][:2])
     finally:

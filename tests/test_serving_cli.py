@@ -4,7 +4,6 @@ refuses a checkpoint or a port the server could not start with in one line, befo
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -31,26 +30,15 @@ def test_the_environment_is_the_flags_default(monkeypatch):
 
 
 def test_deqguard_serve_with_deqguard_backend_onnx_serves_onnx(tiny_checkpoint, tmp_path):
-    from deqguard.serving.launch import free_port, stop_process_group
+    from deqguard.serving.launch import start_on_free_port, stop_process_group
 
-    port = free_port()
     env = {**os.environ, "DEQGUARD_BACKEND": "onnx", "BENTOML_HOME": str(tmp_path / "home"),
            "OMP_NUM_THREADS": "1", "BENTOML_DO_NOT_TRACK": "true"}
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deqguard.cli", "serve",
-                                 str(tiny_checkpoint), "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_on_free_port(
+        lambda port: [sys.executable, "-m", "deqguard.cli", "serve", str(tiny_checkpoint),
+                      "--port", str(port)],
+        env=env, log_path=tmp_path / "serve.log", timeout=240)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=10).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
         served = httpx.get(url + "/model", timeout=30).json()["serving"]
         assert served["backend"] == "onnx" and served["solvers"] == ["naive"]
         family = psutil.Process(proc.pid).children(recursive=True)
