@@ -133,6 +133,8 @@ def evaluate(spec: str, n_clean: int, n_attack: int, extra: list[str]) -> None:
         raise HeadlineError(f"{spec!r}: no checkpoint {checkpoint}")
     folder.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("deqguard")
+    # where the console script is not beside the interpreter (an install into another prefix)
+    launcher = [str(exe)] if exe.is_file() else [sys.executable, "-m", "deqguard.cli"]
     for stem, argv in eval_lines(checkpoint, folder, n_clean, n_attack, extra):
         if (folder / f"{stem}.json").is_file():
             print(f"[headline] {name}: {stem}.json is there, kept", file=sys.stderr, flush=True)
@@ -142,7 +144,8 @@ def evaluate(spec: str, n_clean: int, n_attack: int, extra: list[str]) -> None:
         with (folder / f"{stem}.log").open("w") as log:
             log.write(f"$ {shlex.join(argv)}\n")
             log.flush()
-            proc = subprocess.run([str(exe), *argv[1:]], stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run([*launcher, *argv[1:]], stdout=log,
+                                  stderr=subprocess.STDOUT)
             wall = time.monotonic() - start
             log.write(f"# exit {proc.returncode}, wall {wall:.0f} s\n")
         print(f"[headline] {name}: {stem} exit {proc.returncode}, wall {wall:.0f} s",

@@ -101,3 +101,23 @@ def test_bad_specs_are_refused_in_one_line(headline, tmp_path, capsys, spec):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench/headline.py: error: ")
     assert captured.out == ""
+
+
+def test_evaluate_runs_without_a_console_script_beside_the_interpreter(
+        headline, tiny_checkpoint, pattern_idx_dir, tmp_path, monkeypatch, capsys):
+    """An interpreter whose folder holds no `deqguard` script (a package installed into another
+    prefix, as on a device image) still runs the lines, through `python -m deqguard.cli`."""
+    bare = tmp_path / "bin" / "python3"
+    bare.parent.mkdir()
+    bare.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    bare.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bare))
+    ckpt = shutil.copy(tiny_checkpoint, tmp_path / "model.safetensors")
+    out = tmp_path / "reports"
+    args = ["--evaluate", "--n-clean", "8", "--n-attack", "4",
+            "--eval-args", shlex.join(["--data-dir", str(pattern_idx_dir), *FAST]),
+            f"bare={out}={ckpt}"]
+    assert headline.main(args) == 0
+    assert capsys.readouterr().err.count(" exit 0, wall ") == 3
+    assert {p.name for p in out.glob("*.json")} == {
+        "clean-budget-n8.json", "whitebox-n4.json", "aa-n4.json"}
