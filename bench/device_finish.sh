@@ -29,10 +29,10 @@ left() { echo $(( START + $1 - $(date +%s) )); }
 mkdir -p "$OUT" logs-device
 export PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  python -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 } > logs-device/environment.txt 2>&1
 
-train=(python -m deqguard.cli train --out "$RUN" --resume --no-progress --epochs "$EPOCHS"
+train=(python3 -m deqguard.cli train --out "$RUN" --resume --no-progress --epochs "$EPOCHS"
        --device "$DEVICE" --data-dir "$DATA" "$@")
 echo "\$ ${train[*]}   (stopped at $TRAIN_S s)" > logs-device/train.log
 timeout --signal=TERM --kill-after=20 "$(left "$TRAIN_S")" "${train[@]}" >> logs-device/train.log 2>&1
@@ -43,7 +43,7 @@ if grep -q '"event": "final"' "$RUN/train_log.jsonl" 2>/dev/null \
   budget=$(( $(left "$END_S") - 10 ))  # the serving benchmark gets what is left after
   if [ "$budget" -gt 30 ]; then
     # shellcheck disable=SC2086
-    timeout "$budget" python bench/headline.py --evaluate "$SPEC=$RUN" $HEADLINE_ARGS \
+    timeout "$budget" python3 bench/headline.py --evaluate "$SPEC=$RUN" $HEADLINE_ARGS \
       --eval-args "--data-dir $DATA --device $DEVICE ${EVAL_ARGS:-}" \
       > logs-device/headline.log 2>&1
     echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> logs-device/headline.log
@@ -52,7 +52,7 @@ fi
 
 budget=$(( $(left "$END_S") - 15 ))
 if [ "$budget" -gt 60 ]; then
-  timeout "$budget" python bench/cuda_serve.py --checkpoint default --device "$DEVICE" \
+  timeout "$budget" python3 bench/cuda_serve.py --checkpoint default --device "$DEVICE" \
     --data-dir "$DATA" --json logs-device/serve.json > logs-device/serve.txt 2>&1
   echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> logs-device/serve.txt
 fi
