@@ -6,6 +6,8 @@ same way on a CPU with or without AMX-BF16 / AVX512-BF16.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import env_seed
@@ -19,6 +21,7 @@ from deqguard.training.config import config_differences
 from deqguard.training.epoch import _Tally
 from deqguard.training.loop import Trainer
 from deqguard.training.seeds import EpochBatches
+from deqguard.training.validation import validate
 
 ENV = precision.ENV
 
@@ -197,3 +200,23 @@ def test_resuming_in_another_precision_is_reported(pattern_idx_dir, tmp_path, mo
     Trainer(cfg, out_dir=out, resume=True, argv=["x"])
     err = capsys.readouterr().err
     assert "started with bf16 autocast on and continues with it off" in err
+
+
+def test_validation_of_a_bf16_run_solves_in_fp32(pattern_idx_dir, tmp_path, monkeypatch, capsys):
+    """The epoch's validation numbers are those of the fp32 solve that serving runs, not of a bf16
+    one (whose residual cannot meet the solver's tolerance): recomputed here in fp32 from the
+    epoch's checkpoint, they agree."""
+    monkeypatch.setenv(ENV, "force")
+    cfg = tiny_config(pattern_idx_dir, "train.amp=bf16", "train.epochs=1", "eval.steps=0")
+    trainer = Trainer(cfg, out_dir=tmp_path / "run", argv=["x"])
+    assert trainer.amp
+    trainer.run()
+    row = next(r for r in map(json.loads, (tmp_path / "run" / "train_log.jsonl").read_text()
+                               .splitlines()) if r.get("epoch") == 1)
+    model, _ = load_checkpoint(tmp_path / "run" / "last.safetensors", device="cpu")
+    fp32 = validate(model, trainer._eval_loader(trainer.val_set), eps=0.0, step_size=0.0, steps=0,
+                    device=torch.device("cpu"))
+    assert row["val_mean_iterations"] == pytest.approx(fp32["mean_iterations"])
+    assert row["val_converged_fraction"] == pytest.approx(fp32["converged_fraction"])
+    assert row["val_clean_accuracy"] == pytest.approx(fp32["clean_accuracy"])
+    capsys.readouterr()

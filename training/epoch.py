@@ -183,8 +183,9 @@ class EpochLoop:
         train_seconds = tally.v["seconds"]
         v0 = time.perf_counter()
         e = cfg.eval
+        # fp32 whatever the steps ran in (on an H200, bf16 validation ran every solve to its cap)
         val = validate(self.model, self._eval_loader(self.val_set), eps=e.eps,
-                       step_size=e.step_size, steps=e.steps, device=self.device, autocast=self.amp,
+                       step_size=e.step_size, steps=e.steps, device=self.device,
                        generator=torch.Generator(device=self.device).manual_seed(
                            derive_seed(cfg.train.seed, "val", self.epoch, self.dist.rank)),
                        progress=self._progress(f"validation {self.epoch + 1}/{cfg.train.epochs}"))
