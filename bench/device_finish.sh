@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 } > logs-device/environment.txt 2>&1
 
-train=(python3 -m deqguard.cli train --out "$RUN" --resume --no-progress --epochs "$EPOCHS"
+train=(deqguard train --out "$RUN" --resume --no-progress --epochs "$EPOCHS"
        --device "$DEVICE" --data-dir "$DATA" "$@")
 echo "\$ ${train[*]}   (stopped at $TRAIN_S s)" > logs-device/train.log
 timeout --signal=TERM --kill-after=20 "$(left "$TRAIN_S")" "${train[@]}" >> logs-device/train.log 2>&1

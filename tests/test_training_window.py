@@ -63,9 +63,9 @@ def test_equal_budget_plan_builds_each_runs_own_command_longest_first(tmp_path, 
     train = cmds["train"]
     assert list(train) == ["fashion-wk-regulated-x2", "fashion-wk-regulated",
                            "fashion-wk-plain", "fashion-cnn-wk"]
-    expect = {"fashion-wk-regulated-x2": ("fashion-wk-regulated", "optim.lr=8.0e-3"),
-              "fashion-wk-regulated": ("fashion-wk-regulated", "optim.lr=8.0e-3"),
-              "fashion-wk-plain": ("fashion-wk-plain", "optim.lr=8.0e-3"),
+    expect = {"fashion-wk-regulated-x2": ("fashion-wk-regulated", "optim.lr=1.6e-2"),
+              "fashion-wk-regulated": ("fashion-wk-regulated", "optim.lr=1.6e-2"),
+              "fashion-wk-plain": ("fashion-wk-plain", "optim.lr=1.6e-2"),
               "fashion-cnn-wk": ("fashion-cnn-wk", "optim.lr=1.0e-2")}
     for name, (preset, lr) in expect.items():
         cmd = train[name]

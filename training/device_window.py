@@ -45,9 +45,9 @@ PLANS: dict[str, dict[str, Any]] = {
         "epochs": 100,
         "runs": {
             "fashion-wk-regulated-x2": ("fashion-wk-regulated",
-                                        ["optim.lr=8.0e-3", "model.overrides.expansion=2"]),
-            "fashion-wk-regulated": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),
-            "fashion-wk-plain": ("fashion-wk-plain", ["optim.lr=8.0e-3"]),
+                                        ["optim.lr=1.6e-2", "model.overrides.expansion=2"]),
+            "fashion-wk-regulated": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),
+            "fashion-wk-plain": ("fashion-wk-plain", ["optim.lr=1.6e-2"]),
             "fashion-cnn-wk": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
         },
     },
@@ -334,7 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", choices=sorted(PLANS),
                    help="train a named set of runs instead of --presets, each with its own "
                         "overrides; equal-budget: the regulated DEQ at expansion 2, the regulated "
-                        "and plain DEQs at lr 8e-3, the anchor CNN at 1e-2, 100 epochs each, "
+                        "and plain DEQs at lr 1.6e-2, the anchor CNN at 1e-2, 100 epochs each, "
                         "longest first")
     p.add_argument("--epochs", type=int,
                    help=f"train.epochs of every run (default: the plan's, else {DEFAULT_EPOCHS})")
