@@ -23,41 +23,45 @@ OUT=${OUT:-/tmp/device-out}
 DATA=${DATA:-.devdata/fashion-mnist}
 DEVICE=${DEVICE:-cuda}            # cpu: the same steps here, for a smoke run
 HEADLINE_ARGS=${HEADLINE_ARGS:-}  # smoke runs: fewer images, fewer attack steps
+SERVE=${SERVE:-1}                 # 0: no serving benchmark
+LOGS=${LOGS:-logs-device}
+BENCH=$(cd "$(dirname "$0")" && pwd)
 REPORTS=${SPEC#*=}
 START=$(date +%s)
 left() { echo $(( START + $1 - $(date +%s) )); }
-mkdir -p "$OUT" logs-device
+until_() { local r; r=$(left "$1"); [ "$r" -lt 1 ] && r=1; echo "$r"; }  # timeout 0 never stops
+mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
-} > logs-device/environment.txt 2>&1
+} > "$LOGS/environment.txt" 2>&1
 
 train=(deqguard train --out "$RUN" --resume --no-progress --epochs "$EPOCHS"
        --device "$DEVICE" --data-dir "$DATA" "$@")
-echo "\$ ${train[*]}   (stopped at $TRAIN_S s)" > logs-device/train.log
-timeout --signal=TERM --kill-after=20 "$(left "$TRAIN_S")" "${train[@]}" >> logs-device/train.log 2>&1
-echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> logs-device/train.log
+echo "\$ ${train[*]}   (stopped at $TRAIN_S s)" > "$LOGS/train.log"
+timeout --signal=TERM --kill-after=20 "$(until_ "$TRAIN_S")" "${train[@]}" >> "$LOGS/train.log" 2>&1
+echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> "$LOGS/train.log"
 
 if grep -q '"event": "final"' "$RUN/train_log.jsonl" 2>/dev/null \
    && grep -q "\"epoch\": $EPOCHS," "$RUN/train_log.jsonl"; then
   budget=$(( $(left "$END_S") - 10 ))  # the serving benchmark gets what is left after
   if [ "$budget" -gt 30 ]; then
     # shellcheck disable=SC2086
-    timeout "$budget" python3 bench/headline.py --evaluate "$SPEC=$RUN" $HEADLINE_ARGS \
+    timeout "$budget" python3 "$BENCH"/headline.py --evaluate "$SPEC=$RUN" $HEADLINE_ARGS \
       --eval-args "--data-dir $DATA --device $DEVICE ${EVAL_ARGS:-}" \
-      > logs-device/headline.log 2>&1
-    echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> logs-device/headline.log
+      > "$LOGS/headline.log" 2>&1
+    echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> "$LOGS/headline.log"
   fi
 fi
 
 budget=$(( $(left "$END_S") - 15 ))
-if [ "$budget" -gt 60 ]; then
-  timeout "$budget" python3 bench/cuda_serve.py --checkpoint default --device "$DEVICE" \
-    --data-dir "$DATA" --json logs-device/serve.json > logs-device/serve.txt 2>&1
-  echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> logs-device/serve.txt
+if [ "$SERVE" = 1 ] && [ "$budget" -gt 60 ]; then
+  timeout "$budget" python3 "$BENCH"/cuda_serve.py --checkpoint default --device "$DEVICE" \
+    --data-dir "$DATA" --json "$LOGS/serve.json" > "$LOGS/serve.txt" 2>&1
+  echo "# exit $?, $(( $(date +%s) - START )) s since the start" >> "$LOGS/serve.txt"
 fi
 
-tar czf "$OUT/device.tar.gz" "$RUN" logs-device $( [ -d "$REPORTS" ] && echo "$REPORTS" )
-cp logs-device/train.log "$OUT/"
+tar czf "$OUT/device.tar.gz" "$RUN" "$LOGS" $( [ -d "$REPORTS" ] && echo "$REPORTS" )
+cp "$LOGS/train.log" "$OUT/"
 tail -3 "$RUN/train_log.jsonl" | cut -c1-400
 echo "done in $(( $(date +%s) - START )) s"
