@@ -16,6 +16,9 @@ Rows, on `--device` (auto: cuda when torch sees one, else cpu):
 Batch-1 latency is p50/p99 over `--runs` calls, each bracketed by torch.cuda.synchronize on
 CUDA; images/s is per batch size in `--batches` (1,024 and 32 by default), `--repeats` calls.
 
+The served solve's mean iterations and converged fraction on the benchmark's images are reported
+with torch's default precision (TF32 convolutions on a GPU, as timed) and in full fp32.
+
 Before timing, the block's logits are checked (max abs difference, printed with the tolerance):
 against the exporter's own unrolled module (`serving/onnx_export.py`, what the ONNX graph
 computes), against `model.solve` with the naive solver at the same iterations and a tolerance no
@@ -182,6 +185,25 @@ def checks(model: Any, block: FixedBlock, unrolled: Any, x: np.ndarray, device: 
             "eager_vs_naive_solve": float((eager - solved).abs().max())}
 
 
+def convergence(model: Any, opts: Any, x: np.ndarray, device: str) -> dict[str, Any]:
+    """Mean iterations and converged fraction of the served solve (the engine's solver, budget
+    and tolerance) on `x`, with torch's default precision (TF32 convolutions on a GPU) and in
+    full fp32: whether a 1e-3 tolerance is reachable at TF32's rounding, which the timings use."""
+    xt = torch.from_numpy(x).to(device)
+
+    def solve() -> dict[str, float]:
+        res = model.solve(xt, solver=opts.solver, max_iter=opts.max_iter, tol=opts.tol,
+                          trajectory=False)
+        return {"mean_iterations": float(res.iterations.float().mean()),
+                "converged_fraction": float(res.converged.float().mean()), "images": len(x)}
+
+    with torch.no_grad():
+        default = solve()
+        with _full_fp32():
+            fp32 = solve()
+    return {"default_precision": default, "fp32": fp32}
+
+
 def _throughput(engine: Any, opts: Any, block: FixedBlock, x: np.ndarray, repeats: int,
                 device: str, graphs: dict[int, GraphedBlock], diffs: dict[str, float]
                 ) -> dict[str, Any]:
@@ -216,6 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     diffs = checks(model, block, unrolled, pool[:min(8, biggest)], device, args.iterations)
     opts = engine.default_options()
+    converged = convergence(model, opts, pool, device)
     x1 = torch.from_numpy(pool[:1]).to(device)
     rows: dict[str, Any] = {"latency_batch1": {}, "images_per_second": {}}
     lat = rows["latency_batch1"]
@@ -240,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "settle_iters": opts.settle_iters},
             "checks": {"atol": atol, "max_abs_diff": diffs,
                        "ok": all(v <= atol for v in diffs.values())},
-            **rows}
+            "engine_convergence": converged, **rows}
 
 
 def table(r: dict[str, Any]) -> str:
@@ -263,6 +286,10 @@ def table(r: dict[str, Any]) -> str:
                      + " |")
     c = r["checks"]
     lines.append("")
+    lines.append("served solve on the benchmark's images: " + "; ".join(
+        f"{k.replace('_', ' ')} {v['mean_iterations']:.1f} iterations, "
+        f"{100 * v['converged_fraction']:.1f}% converged"
+        for k, v in r["engine_convergence"].items()))
     lines.append("max abs logit diff (atol " + f"{c['atol']:g}): "
                  + ", ".join(f"{k} {v:.2e}" for k, v in c["max_abs_diff"].items())
                  + ("" if r["device"].startswith("cuda") else f", graph {NO_CUDA}")

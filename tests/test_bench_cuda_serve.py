@@ -60,6 +60,11 @@ def test_bench_runs_on_the_cpu_and_reports_the_graph_as_na(cuda_serve, tiny_chec
     assert set(c["max_abs_diff"]) == {"eager_vs_onnx_module", "eager_vs_naive_solve"}
     assert max(c["max_abs_diff"].values()) <= 1e-5
     assert "| fixed graph | n/a (no CUDA) |" in printed and "-> ok" in printed
+    conv = r["engine_convergence"]
+    assert conv["default_precision"] == conv["fp32"]  # no TF32 on a CPU: the same solve
+    assert conv["fp32"]["images"] == 6 and 1 <= conv["fp32"]["mean_iterations"] <= 30
+    assert 0 <= conv["fp32"]["converged_fraction"] <= 1
+    assert "served solve on the benchmark's images: default precision " in printed
 
 
 @pytest.mark.parametrize("damping", [1.0, 0.6])
