@@ -13,6 +13,8 @@ and labelled so; `deqguard train` would refuse train.amp=bf16 there.
         --compare pgd-at,fgsm-rs,n-fgsm --threads 2
     python bench/train_step.py --preset fashion-small-regulated --channels 1 --size 28 \
         --precision fp32,bf16 --channels-last --threads 2
+    python bench/train_step.py --preset fashion-wk-regulated --channels 1 --size 28 \
+        --batch-size 4 --precision fp32 --count-ops --threads 1
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def main() -> None:
                     "AMX-BF16 / AVX512-BF16")
     ap.add_argument("--channels-last", action="store_true",
                     help="model and batch in channels_last memory format (train.channels_last)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="also count the operators one step dispatches (torch.profiler, top-level "
+                         "aten ops, backward included): on a GPU each launches at least one "
+                         "kernel, so ops x per-op overhead bounds a small model's step time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +96,16 @@ def _precisions(text: str) -> list[str]:
     if bad or not names or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(PRECISIONS)}")
     return names
+
+
+def count_ops(step) -> int:
+    """Operators one call of `step` dispatches: aten ops not nested in another aten op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def images_per_second(args: argparse.Namespace, cfg, precision: Precision) -> float:
@@ -135,6 +151,10 @@ def images_per_second(args: argparse.Namespace, cfg, precision: Precision) -> fl
           f"regulated={cfg.regulation.enabled} bf16={amp} precision={precision.label} "
           f"channels_last={args.channels_last} last_loss={loss:.3f}")
     print(f"train images/s: {args.steps * batch / dt:.1f} ({dt / args.steps * 1000:.0f} ms/step)")
+    if args.count_ops:
+        counts = [count_ops(step) for _ in range(args.steps)]
+        print(f"aten ops per step (top level, {len(counts)} steps): min {min(counts)}, "
+              f"median {sorted(counts)[len(counts) // 2]}, max {max(counts)}")
     return args.steps * batch / dt
 
 
