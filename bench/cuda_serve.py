@@ -32,12 +32,11 @@ exit status is 1 when a check fails (the JSON is still written).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -45,6 +44,8 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from deqguard.models.device import full_fp32  # noqa: E402
 
 NO_CUDA = "n/a (no CUDA)"
 
@@ -159,24 +160,12 @@ def _images(n: int, spec: Any, data_dir: str | None, seed: int = 0) -> np.ndarra
     return rng.uniform(0, 1, (n, spec.channels, spec.height, spec.width)).astype(np.float32)
 
 
-@contextlib.contextmanager
-def _full_fp32() -> Iterator[None]:
-    """TF32 off (cuDNN convolutions use it by default on a GPU): the checks compare paths, not
-    TF32's 10-bit rounding amplified over the iterations. The timings keep torch's defaults."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def checks(model: Any, block: FixedBlock, unrolled: Any, x: np.ndarray, device: str,
            iterations: int) -> dict[str, float]:
     """Max abs logit differences of the eager block against the ONNX export's module and the
     naive solve at the same iterations (tol no sample meets, so none stops early)."""
     xt = torch.from_numpy(x).to(device)
-    with torch.no_grad(), _full_fp32():
+    with torch.no_grad(), full_fp32():
         eager = block(xt)
         onnx_path = unrolled(xt)[0]
         solved = model.solve(xt, solver="naive", max_iter=iterations, tol=1e-12,
@@ -199,7 +188,7 @@ def convergence(model: Any, opts: Any, x: np.ndarray, device: str) -> dict[str, 
 
     with torch.no_grad():
         default = solve()
-        with _full_fp32():
+        with full_fp32():
             fp32 = solve()
     return {"default_precision": default, "fp32": fp32}
 

@@ -220,3 +220,23 @@ def test_validation_of_a_bf16_run_solves_in_fp32(pattern_idx_dir, tmp_path, monk
     assert row["val_converged_fraction"] == pytest.approx(fp32["converged_fraction"])
     assert row["val_clean_accuracy"] == pytest.approx(fp32["clean_accuracy"])
     capsys.readouterr()
+
+
+def test_validation_runs_without_tf32_and_restores_it(tiny_checkpoint):
+    """TF32 (a GPU's default for convolutions) is off while validation solves and attacks, and
+    back as it was afterwards; the flags are settable without a GPU, so this runs anywhere."""
+    model, _ = load_checkpoint(tiny_checkpoint, device="cpu")
+    seen: list[tuple[bool, bool]] = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x = torch.rand(4, 1, 28, 28)
+        y = torch.arange(4)
+        validate(model, [(x, y)], eps=0.1, step_size=0.05, steps=1, device=torch.device("cpu"))
+        assert seen and set(seen) == {(False, False)}
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
+            True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..models.classifier import Classifier
+from ..models.device import full_fp32
 from .attacks import pgd_ce
 from .distributed import all_reduce_sum
 from .objectives import eval_mode
@@ -43,10 +44,10 @@ def validate(model: Classifier, loader: Iterable, *, eps: float, step_size: floa
     solver iterations / converged fraction on the clean inputs. Counts are summed over
     processes when running distributed. `progress`: a progress bar with this label.
 
-    Always fp32, also for a run whose steps use bf16 autocast: the selected checkpoint is served
-    in fp32, and a bf16 solve cannot reach the solver's 1e-3 tolerance."""
+    Always full fp32 (no bf16 autocast, no TF32 on a GPU), also for a run whose steps use bf16:
+    a bf16 solve cannot reach the solver's 1e-3 tolerance, and TF32 comes close to it."""
     stats = torch.zeros(5, dtype=torch.float64, device=device)
-    with eval_mode(model):
+    with eval_mode(model), full_fp32():
         for x, y in _batches(loader, device, progress):
             with torch.no_grad():
                 res = model.solve(x, trajectory=False)
