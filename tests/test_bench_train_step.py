@@ -10,7 +10,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
 
 
-def test_count_ops_reports_a_regulated_step_and_a_plain_one(monkeypatch, capsys):
+def test_count_ops_counts_more_operators_for_more_attack_steps(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
