@@ -289,3 +289,67 @@ def test_run_summary_says_when_near_chance_is_expected():
     assert "not the shipped model" in low and "1 epoch on 300 training images" in low
     high = summary(0.85)
     assert "chance level for 10 classes is 10%" in high and "Near chance" not in high
+
+
+def _interrupted_after_one_epoch(monkeypatch, cfg, out: Path, argv: list[str]) -> None:
+    """Train `cfg` into `out` until its second epoch starts, then stop it as a kill would."""
+    from deqguard.training.loop import Trainer
+
+    real = Trainer.run_epoch
+    calls = []
+
+    def run_epoch(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # after epoch 1 and its saves
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, out_dir=out, argv=argv).run()
+    monkeypatch.setattr(Trainer, "run_epoch", real)
+
+
+def test_resumed_run_records_each_invocation_as_a_segment(pattern_idx_dir, tmp_path, monkeypatch):
+    """A run started in one place and finished in another (a GPU window, then the CPU) must not
+    let the last invocation's device and command stand for every epoch."""
+    from deqguard.training.loop import Trainer
+
+    cfg = tiny_config(pattern_idx_dir, "train.epochs=2", "train.progress=false")
+    out = tmp_path / "run"
+    _interrupted_after_one_epoch(monkeypatch, cfg, out, ["deqguard", "train", "first"])
+    first = read_metadata(out / "last.safetensors").training["segments"]
+    assert [(s["start_epoch"], s["end_epoch"]) for s in first] == [(0, 1)]
+    Trainer(cfg, out_dir=out, resume=True, argv=["deqguard", "train", "second"]).run()
+    segs = read_metadata(out / "last.safetensors").training["segments"]
+    assert [(s["start_epoch"], s["end_epoch"]) for s in segs] == [(0, 1), (1, 2)]
+    assert [s["command"] for s in segs] == ["deqguard train first", "deqguard train second"]
+    steps = 224 // 16  # --limit 224 at batch 16
+    assert [(s["start_step"], s["end_step"]) for s in segs] == [(0, steps), (steps, 2 * steps)]
+    for s in segs:
+        assert s["device"] == "cpu" and s["device_name"] and s["precision"] == "fp32"
+        assert s["torch_version"] == torch.__version__ and "tf32" not in s
+    state = torch.load(out / "resume.pt", weights_only=True)
+    assert state["segments"] == segs
+
+
+def test_resume_state_without_segments_says_its_epochs_are_unrecorded(pattern_idx_dir, tmp_path,
+                                                                       monkeypatch):
+    """States written before segments were recorded: the epochs they hold are marked unknown,
+    not credited to the invocation that resumes them."""
+    from deqguard.training.loop import Trainer
+    from deqguard.training.resume import save_state
+
+    cfg = tiny_config(pattern_idx_dir, "train.epochs=2", "train.progress=false")
+    out = tmp_path / "run"
+    _interrupted_after_one_epoch(monkeypatch, cfg, out, ["deqguard", "train", "old"])
+    state = torch.load(out / "resume.pt", weights_only=True)
+    del state["segments"]
+    save_state(out / "resume.pt", {k: v for k, v in state.items()
+                                   if k not in ("format", "version")})
+    Trainer(cfg, out_dir=out, resume=True, argv=["deqguard", "train", "new"]).run()
+    segs = read_metadata(out / "last.safetensors").training["segments"]
+    assert segs[0] == {"start_epoch": 0, "end_epoch": 1, "start_step": 0, "end_step": 14,
+                       "recorded": False}
+    assert (segs[1]["start_epoch"], segs[1]["end_epoch"]) == (1, 2) and len(segs) == 2
+    assert segs[1]["command"] == "deqguard train new" and "recorded" not in segs[1]

@@ -116,9 +116,11 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
         self.tally_state: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
         self.init: dict[str, Any] | None = None
+        self.segments: list[dict[str, Any]] = []
         if not self._start(resume) and cfg.train.init_from:
             # a resumed run has its weights and its parent's provenance in the resume state
             self.init = warm_start(self.model, model_cfg, cfg.train.init_from)
+        self.segment = self._new_segment()
         distributed.broadcast_parameters(self.model)
 
     def run(self) -> RunResult:

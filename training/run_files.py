@@ -7,13 +7,16 @@
 
 `RunFiles` is a part of `Trainer` (deqguard.training.loop); the attributes it reads are set up by
 `Trainer.__init__`. The metadata written here is what `deqguard serve`, `deqguard eval` and the
-end-of-run summary read back, so a checkpoint says on its own how it was made.
+end-of-run summary read back, so a checkpoint says on its own how it was made. A run resumed on
+another machine (started on a GPU, finished on a CPU) keeps one `segments` entry per invocation:
+the top-level device, precision and command are only the last one's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,8 @@ class RunFiles:
     tally_state: dict[str, float] | None
     history: list[dict[str, Any]]
     init: dict[str, Any] | None
+    segments: list[dict[str, Any]]
+    segment: dict[str, Any]
 
     # -- resume state ---------------------------------------------------------------------------
     @property
@@ -97,6 +102,10 @@ class RunFiles:
         self.tally_state = state.get("tally")
         self.history = list(state.get("history", []))
         self.init = state.get("init")
+        # a state saved before segments were recorded: what trained it is not known
+        self.segments = list(state.get("segments") or (
+            [{"start_epoch": 0, "end_epoch": self.epoch, "start_step": 0,
+              "end_step": self.global_step, "recorded": False}] if self.global_step else []))
         if not self._name_given and state.get("name"):
             self.name = str(state["name"])  # resumed under the name it was started with
         saved_amp = state.get("bf16_autocast")
@@ -119,7 +128,25 @@ class RunFiles:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "best": self.best, "tally": tally, "history": self.history,
             "init": self.init, "bf16_autocast": self.amp, "name": self.name,
+            "segments": self._segments(),
         })
+
+    def _new_segment(self) -> dict[str, Any]:
+        """This invocation's entry of `segments`, from where it starts; its end is added when
+        saved."""
+        seg: dict[str, Any] = {
+            "start_epoch": self.epoch, "start_step": self.global_step,
+            "device": self.device.type, "device_name": _device_name(self.device),
+            "precision": self.precision.label, "torch_version": str(torch.__version__),
+            "threads": torch.get_num_threads(), **invocation(self.argv)}
+        if self.device.type == "cuda":  # TF32 rounds convolutions and matmuls to 10 mantissa bits
+            seg["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32,
+                           "matmul": torch.backends.cuda.matmul.allow_tf32}
+        return seg
+
+    def _segments(self) -> list[dict[str, Any]]:
+        return [*self.segments,
+                {**self.segment, "end_epoch": self.epoch, "end_step": self.global_step}]
 
     # -- checkpoints and the log ----------------------------------------------------------------
     def _save_epoch(self, metrics: dict[str, Any], *, improved: bool, best_epoch: int) -> None:
@@ -146,7 +173,7 @@ class RunFiles:
                 "world_size": self.dist.world_size, "device": self.device.type,
                 "bf16_autocast": self.amp, "precision": self.precision.label,
                 "channels_last": c.train.channels_last, "torch_version": torch.__version__,
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "segments": self._segments(),
                 **({"init": self.init} if self.init else {}),
             },
             "metrics": metrics,
@@ -182,3 +209,16 @@ class RunFiles:
             if "epoch" in row and "event" not in row and row["epoch"] <= self.epoch:
                 keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU's or the CPU's model name: the same command is not the same run on another chip."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
