@@ -75,6 +75,12 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-lr1.6e-2": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),  # 8e-3 led again
         "regulated-lr3.2e-2": ("fashion-wk-regulated", ["optim.lr=3.2e-2"]),  # 1.6e-2 led again
     },
+    # the Jacobian weight at the regulated DEQ's searched rate (`--epochs 4`, as the lr grid);
+    # weight 1.0, the preset's, is the lr grid's regulated-lr1.6e-2
+    "jacobian": {
+        "regulated-jac0.5": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "jacobian.weight=0.5"]),
+        "regulated-jac2": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "jacobian.weight=2.0"]),
+    },
     # the equal-budget runs (`--epochs 60`), each model at its own best rate from the lr grid;
     # the regulated DEQ has one entry per rate still in contention, and only the winner is run
     "long": {
