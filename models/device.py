@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -32,9 +35,37 @@ def full_fp32() -> Iterator[None]:
     tolerance, so a solve whose convergence is being measured runs in full fp32. Nothing
     changes on a CPU, which has no TF32.
     """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    saved = tf32_flags()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32 = saved["cudnn"]
+        torch.backends.cuda.matmul.allow_tf32 = saved["matmul"]
+
+
+def tf32_flags() -> dict[str, bool]:
+    """Whether convolutions (cuDNN) and matrix products may round to TF32 on a GPU now."""
+    return {"cudnn": torch.backends.cudnn.allow_tf32,
+            "matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
+def cpuinfo_field(keys: tuple[str, ...],
+                  path: str | os.PathLike = "/proc/cpuinfo") -> str | None:
+    """The first processor's value of the first of `keys` in /proc/cpuinfo (Linux), else None."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's or the CPU's model name: the same command is not the same run on another chip."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpuinfo_field(("model name",)) or platform.processor() or platform.machine()

@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import torch
 
+from ..models.device import cpuinfo_field
 from ..models.errors import DeqguardError
 
 ENV = "DEQGUARD_CPU_BF16"
@@ -55,15 +55,8 @@ def _torch_probes() -> bool | None:
 
 def _cpuinfo_flags(path: str | os.PathLike = "/proc/cpuinfo") -> set[str] | None:
     """The flags of the first processor listed in /proc/cpuinfo (Linux), else None."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
+    value = cpuinfo_field(("flags", "Features"), path)
+    return None if value is None else set(value.split())
 
 
 @lru_cache(maxsize=1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from deqguard.provenance import invocation
 
 from ..models import save_checkpoint
 from ..models.classifier import Classifier
+from ..models.device import device_name, tf32_flags
 from ..models.errors import DeqguardError
 from . import distributed
 from .config import TrainConfig
@@ -136,12 +136,11 @@ class RunFiles:
         saved."""
         seg: dict[str, Any] = {
             "start_epoch": self.epoch, "start_step": self.global_step,
-            "device": self.device.type, "device_name": _device_name(self.device),
+            "device": self.device.type, "device_name": device_name(self.device),
             "precision": self.precision.label, "torch_version": str(torch.__version__),
             "threads": torch.get_num_threads(), **invocation(self.argv)}
         if self.device.type == "cuda":  # TF32 rounds convolutions and matmuls to 10 mantissa bits
-            seg["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32,
-                           "matmul": torch.backends.cuda.matmul.allow_tf32}
+            seg["tf32"] = tf32_flags()
         return seg
 
     def _segments(self) -> list[dict[str, Any]]:
@@ -209,16 +208,3 @@ class RunFiles:
             if "epoch" in row and "event" not in row and row["epoch"] <= self.epoch:
                 keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
-
-
-def _device_name(device: torch.device) -> str:
-    """The GPU's or the CPU's model name: the same command is not the same run on another chip."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
