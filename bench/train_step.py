@@ -14,7 +14,16 @@ and labelled so; `deqguard train` would refuse train.amp=bf16 there.
     python bench/train_step.py --preset fashion-small-regulated --channels 1 --size 28 \
         --precision fp32,bf16 --channels-last --threads 2
     python bench/train_step.py --preset fashion-wk-regulated --channels 1 --size 28 \
-        --batch-size 4 --precision fp32 --count-ops --threads 1
+        --batch-size 4 --precision fp32 --count-ops --threads 1 --sync-free off
+
+`--sync-free` solves without reading the device back (models/solvers/base.py); `--count-ops`
+also counts the read backs a step asks for. `--cuda-graphs` replays captured forwards
+(training/graphs.py, train.cuda_graphs) and first checks one step against the eager sync-free
+step from the same weights and draws: the loss and every gradient, printed as the largest
+difference (0 where the replays compute the same bits).
+
+    python bench/train_step.py --preset fashion-wk-regulated --channels 1 --size 28 \
+        --batch-size 128 --precision fp32 --device cuda --sync-free on --cuda-graphs
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 
 from deqguard.models import build_model
 from deqguard.training.config import build_config
+from deqguard.training.graphs import DepthGraphs
 from deqguard.training.objectives import TrainForward, objective_loss
 from deqguard.training.precision import NO_BF16, Precision, choose_precision, cpu_native_bf16
 
@@ -56,7 +66,18 @@ def main() -> None:
                     help="also count the operators one step dispatches (torch.profiler, top-level "
                          "aten ops, backward included): on a GPU each launches at least one "
                          "kernel, so ops x per-op overhead bounds a small model's step time")
+    ap.add_argument("--sync-free", choices=("on", "off"), default="off",
+                    help="solves without device read backs (default off, as deqguard train "
+                         "without train.cuda_graphs)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay captured forwards (train.cuda_graphs; needs CUDA)")
+    ap.add_argument("--max-diff", type=float, default=None,
+                    help="with --cuda-graphs: exit with status 3 when the check's loss or a "
+                         "gradient differs from the eager step by more than this (so that a "
+                         "device command can decide whether to train with graphs)")
     args = ap.parse_args()
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        ap.error("--cuda-graphs needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -98,14 +119,49 @@ def _precisions(text: str) -> list[str]:
     return names
 
 
-def count_ops(step) -> int:
-    """Operators one call of `step` dispatches: aten ops not nested in another aten op."""
+# operators that copy a tensor's value to the host: on a GPU each waits for the queue
+READ_BACKS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")
+
+
+def count_ops(step) -> tuple[int, int]:
+    """(operators, read backs) one call of `step` dispatches: aten ops not nested in another
+    aten op (nested ones are a kernel's own business, and differ between CPU and GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    top = [e.name for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(top), sum(1 for n in top if n in READ_BACKS)
+
+
+def compare_with_eager(cfg, model, graphed: TrainForward, x, y, amp: bool) -> float:
+    """One loss and its gradients with the captured forwards, then eagerly (sync-free), from
+    the same weights, depth draws and attack noise; prints and returns the largest difference
+    (loss or any gradient element)."""
+    results = []
+    for graphs in (graphed.graphs, None):
+        fwd = TrainForward(model, solver=graphed.solver, max_iter=graphed.max_iter,
+                           tol=graphed.tol, grad=graphed.grad, readout=graphed.readout,
+                           random_depth=graphed.random_depth, sync_free=True, graphs=graphs,
+                           generator=torch.Generator().manual_seed(0))
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp,
+                            cache_enabled=graphs is None):
+            out = objective_loss(cfg.objective, fwd, x, y,
+                                 noise=torch.Generator(device=x.device).manual_seed(1))
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()
+                                            if p.grad is not None], fwd.depths))
+    model.zero_grad(set_to_none=True)
+    (lg, gg, dg), (le, ge, de) = results
+    assert dg == de, "the two steps drew different depths"
+    grad_diff = max(float((a - b).abs().max()) for a, b in zip(gg, ge, strict=True))
+    loss_diff = float((lg - le).abs())
+    print(f"cuda graphs vs eager (depths {dg}, {len(graphed.graphs)} captures): loss "
+          f"{float(lg):.6f} vs {float(le):.6f}, |diff| {loss_diff:.3g}; "
+          f"largest gradient |diff| {grad_diff:.3g} over {len(gg)} tensors")
+    return max(loss_diff, grad_diff)
 
 
 def images_per_second(args: argparse.Namespace, cfg, precision: Precision) -> float:
@@ -117,17 +173,25 @@ def images_per_second(args: argparse.Namespace, cfg, precision: Precision) -> fl
                         image_size=args.size, **cfg.model.overrides).to(device).train()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
+    graphs = DepthGraphs(model) if args.cuda_graphs else None
+    sync_free = args.sync_free == "on" or graphs is not None
     fwd = TrainForward(model, solver=cfg.solver.solver, max_iter=cfg.solver.max_iter,
                        tol=cfg.solver.tol, grad=cfg.grad, readout=cfg.objective.readout,
-                       random_depth=cfg.regulation.enabled)
+                       random_depth=cfg.regulation.enabled, sync_free=sync_free, graphs=graphs)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
     amp = precision.bf16
     x = torch.rand(batch, args.channels, args.size, args.size, device=device)
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
+    if graphs is not None:
+        worst = compare_with_eager(cfg, model, fwd, x, y, amp)
+        if args.max_diff is not None and not worst <= args.max_diff:
+            print(f"cuda graphs differ from eager by {worst:.3g} > --max-diff {args.max_diff}")
+            raise SystemExit(3)
 
     def step() -> float:
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp,
+                            cache_enabled=graphs is None):
             out = objective_loss(cfg.objective, fwd, x, y)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -135,6 +199,11 @@ def images_per_second(args: argparse.Namespace, cfg, precision: Precision) -> fl
         return float(out.loss.detach())
 
     for _ in range(args.warmup):
+        step()
+    # captures out of the timed steps: warm up until 20 steps in a row capture nothing new
+    quiet, seen = 0, -1
+    while graphs is not None and quiet < 20:
+        quiet, seen = (quiet + 1, seen) if len(graphs) == seen else (0, len(graphs))
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -149,12 +218,15 @@ def images_per_second(args: argparse.Namespace, cfg, precision: Precision) -> fl
     print(f"preset={args.preset} device={name} params={params} batch={batch} "
           f"objective={cfg.objective.kind} steps={args.steps} "
           f"regulated={cfg.regulation.enabled} bf16={amp} precision={precision.label} "
-          f"channels_last={args.channels_last} last_loss={loss:.3f}")
-    print(f"train images/s: {args.steps * batch / dt:.1f} ({dt / args.steps * 1000:.0f} ms/step)")
+          f"channels_last={args.channels_last} sync_free={sync_free} last_loss={loss:.3f}")
+    print(f"train images/s: {args.steps * batch / dt:.1f} ({dt / args.steps * 1000:.0f} ms/step)"
+          + ("" if graphs is None else f", {len(graphs)} captured forwards"))
     if args.count_ops:
-        counts = [count_ops(step) for _ in range(args.steps)]
-        print(f"aten ops per step (top level, {len(counts)} steps): min {min(counts)}, "
-              f"median {sorted(counts)[len(counts) // 2]}, max {max(counts)}")
+        pairs = [count_ops(step) for _ in range(args.steps)]
+        for what, counts in (("aten ops", [p[0] for p in pairs]),
+                             ("read backs", [p[1] for p in pairs])):
+            print(f"{what} per step (top level, {len(counts)} steps): min {min(counts)}, "
+                  f"median {sorted(counts)[len(counts) // 2]}, max {max(counts)}")
     return args.steps * batch / dt
 
 

@@ -217,7 +217,8 @@ class DEQClassifier(Classifier):
                     readout: Readout = "state", trajectory: bool = False,
                     keep_states: bool = False, z0: Tensor | None = None,
                     settle: SettleRule | None = None,
-                    deadline: Tensor | None = None, reference: bool = False) -> Equilibrium:
+                    deadline: Tensor | None = None, reference: bool = False,
+                    sync_free: bool = False) -> Equilibrium:
         """Solve for z* and attach the requested gradient path.
 
         `readout="state"` returns a value equal to the solver's z* (gradient straight through the
@@ -230,6 +231,8 @@ class DEQClassifier(Classifier):
         and the trajectory decoded in one batch after the loop unless a settle rule needs it
         step by step. `reference=True` runs the plain path instead (module calls, every sample
         every step, a decode per step): the same answers, kept to test the fast one against.
+        `sync_free=True` solves without reading the device back (models/solvers/base.py): the
+        same answers, for a GPU whose steps are launch-bound (training does).
         """
         cfg: SolverConfig = self.config.solver
         grad_cfg = self._grad_config(grad)
@@ -245,6 +248,8 @@ class DEQClassifier(Classifier):
             options["stop_when"] = watcher.stop_when
         if deadline is not None:
             options["deadline"] = deadline
+        if sync_free:
+            options["sync_free"] = True
 
         with parametrize.cached():
             self._materialise_parametrizations()

@@ -176,6 +176,10 @@ class RunConfig(_Strict):
     channels_last: bool = Field(
         False, description="model and 4-D input batches in channels_last memory format (can "
         "speed up convolutions on CPUs with oneDNN bf16 kernels and on GPUs)")
+    cuda_graphs: bool = Field(
+        False, description="on CUDA: replay each solver depth's training forward as captured "
+        "CUDA graphs (training/graphs.py), for a GPU whose step is launch-bound; the same "
+        "numbers as without. Ignored on a CPU")
     deterministic: bool = True
     progress: bool = True
     init_from: str | None = Field(
@@ -220,7 +224,7 @@ class TrainConfig(_Strict):
 
 # Fields that may differ between a run and its resumption: they do not change the computation.
 RESUME_FREE_FIELDS = frozenset({"data.data_dir", "data.download", "train.num_workers",
-                                "train.device", "train.progress"})
+                                "train.device", "train.progress", "train.cuda_graphs"})
 # Fields added after resume states may have been written: a saved config without one of them
 # ran with the value given here, so resuming such a run under that value is no difference.
 # (A run saved before `data.pipeline` read its batches through the DataLoader.)

@@ -22,7 +22,8 @@ from . import distributed
 from .batches import ResidentBatches
 from .config import TrainConfig
 from .data import augmentation_for, resident_tensors
-from .objectives import TrainForward, objective_loss
+from .graphs import DepthGraphs
+from .objectives import LossOutput, TrainForward, objective_loss
 from .seeds import EpochBatches, derive_seed
 from .validation import validate
 
@@ -46,6 +47,31 @@ class _Tally:
         return self.v[a] / self.v[b] if self.v[b] else None
 
 
+def _read_step_numbers(out: LossOutput, y: Tensor, iterations: list[Tensor]) -> dict[str, Any]:
+    """The step's logged numbers, read from the device in one transfer instead of one each.
+
+    float64 holds every float32 value and every count exactly, so the numbers are those that
+    reading each tensor on its own gives. `iters`: one mean per forward, in call order.
+    """
+    parts: dict[str, Tensor] = {"loss": out.loss.detach().reshape(1)}
+    if out.clean_logits is not None:
+        parts["clean_correct"] = (out.clean_logits.argmax(1) == y).sum().reshape(1)
+    if out.adv_logits is not None:
+        parts["adv_correct"] = (out.adv_logits.argmax(1) == y).sum().reshape(1)
+    if out.jacobian is not None:
+        parts["jac"] = out.jacobian.detach().reshape(1)
+    if out.rectifier is not None:
+        parts["rr"] = out.rectifier.detach().reshape(1)
+    if iterations:
+        parts["iters"] = torch.stack(iterations)
+    values = torch.cat([t.to(torch.float64) for t in parts.values()]).tolist()
+    read: dict[str, Any] = {}
+    for key, t in parts.items():
+        k = t.numel()
+        read[key], values = (values[:k] if key == "iters" else values[0]), values[k:]
+    return read
+
+
 class EpochLoop:
     """Training steps and the epoch around them (a part of `Trainer`, whose `_save_resume`
     writes the resume state mid-epoch every `train.save_every_steps` steps)."""
@@ -60,6 +86,7 @@ class EpochLoop:
     train_set: Dataset
     val_set: Dataset
     resident: ResidentBatches | None
+    graphs: DepthGraphs | None
     steps_per_epoch: int
     epoch: int
     step: int
@@ -71,7 +98,8 @@ class EpochLoop:
         s = self.cfg.solver
         return TrainForward(self.model, solver=s.solver, max_iter=s.max_iter, tol=s.tol,
                             grad=self.cfg.grad, readout=self.cfg.objective.readout,
-                            random_depth=self.cfg.regulation.enabled, generator=depth_gen)
+                            random_depth=self.cfg.regulation.enabled, generator=depth_gen,
+                            graphs=self.graphs)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, tally: _Tally) -> float:
         cfg, rank = self.cfg, self.dist.rank
@@ -87,7 +115,9 @@ class EpochLoop:
             x = x.contiguous(memory_format=torch.channels_last)
         fwd = self._forward(depth_gen)
         self.model.train()
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+        # captured graphs need autocast's weight-cast cache off (torch.cuda.graphs)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp,
+                            cache_enabled=self.graphs is None):
             out = objective_loss(cfg.objective, fwd, x, y, noise=noise_gen,
                                  clean_only=self.global_step < cfg.objective.clean_warmup_steps,
                                  jacobian_vectors=j.vectors if use_jac else 0,
@@ -100,24 +130,25 @@ class EpochLoop:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        loss = float(out.loss.detach())
+        logged = _read_step_numbers(out, y, fwd.iterations)
+        loss = logged["loss"]
         if not math.isfinite(loss):
             raise DeqguardError(f"the loss became {loss} at epoch {self.epoch} step {self.step}; "
                                 "lower optim.lr or enable jacobian regularisation")
         n = len(y)
         tally.add(loss=loss * n, images=n, steps=1)
-        if out.clean_logits is not None:
-            tally.add(clean_correct=(out.clean_logits.argmax(1) == y).sum(), clean_n=n)
-        if out.adv_logits is not None:
-            tally.add(adv_correct=(out.adv_logits.argmax(1) == y).sum(), adv_n=n)
+        if "clean_correct" in logged:
+            tally.add(clean_correct=logged["clean_correct"], clean_n=n)
+        if "adv_correct" in logged:
+            tally.add(adv_correct=logged["adv_correct"], adv_n=n)
         if fwd.iterations:
-            tally.add(iters=sum(fwd.iterations), iters_n=len(fwd.iterations))
+            tally.add(iters=sum(logged["iters"]), iters_n=len(fwd.iterations))
         if fwd.depths and cfg.regulation.enabled:
             tally.add(depth=sum(fwd.depths), depth_n=len(fwd.depths))
-        if out.jacobian is not None:
-            tally.add(jac=float(out.jacobian), jac_n=1)
-        if out.rectifier is not None:
-            tally.add(rr=float(out.rectifier), rr_n=1)
+        if "jac" in logged:
+            tally.add(jac=logged["jac"], jac_n=1)
+        if "rr" in logged:
+            tally.add(rr=logged["rr"], rr_n=1)
         return loss
 
     # -- epochs ---------------------------------------------------------------------------------

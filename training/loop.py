@@ -30,6 +30,7 @@ from . import distributed
 from .config import TrainConfig, resolve
 from .data import DatasetInfo, data_fingerprint, dataset_info, load_dataset
 from .epoch import EpochLoop
+from .graphs import DepthGraphs
 from .precision import choose_precision
 from .run_files import BEST, LAST, RunFiles
 from .run_setup import make_optimizer, make_scheduler, model_config_for, pick_device
@@ -107,6 +108,12 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
                                 "--set model.overrides.rectifier.hidden=64 (or any field of it)")
         if cfg.rectifier.freeze_backbone:
             freeze_backbone(self.model)
+        self.graphs = (DepthGraphs(self.model)
+                       if cfg.train.cuda_graphs and self.device.type == "cuda"
+                       and self.model.is_deq else None)
+        if cfg.train.cuda_graphs and self.graphs is None and self.dist.is_main:
+            print(f"deqguard train: train.cuda_graphs is for an equilibrium model on CUDA; "
+                  f"this run trains eagerly on {self.device.type}", file=sys.stderr)
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                         self.cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.optim,

@@ -30,6 +30,7 @@ from ..models.config import GradConfig
 from ..models.rectifier import rectified_loss
 from .attacks import fgsm_rs, n_fgsm, pgd, pgd_ce
 from .config import SINGLE_STEP_KINDS, ObjectiveConfig
+from .graphs import DepthGraphs
 
 
 @dataclass
@@ -37,7 +38,11 @@ class TrainForward:
     """The forward used by losses and inner attacks: fixed or random solver depth.
 
     `depths` and `iterations` record, per call, the drawn budget and the mean number of solver
-    steps taken (training logs and tests read them).
+    steps taken (training logs and tests read them); the means stay on the device (a 0-dim
+    tensor each) until the caller reads them, so that recording them is not a host sync.
+    `sync_free` solves without reading the device back at all (models/solvers/base.py): the
+    same numbers, for a GPU. `graphs` replays captured forwards (training/graphs.py) where a
+    call needs only the logits; they solve sync-free too.
     """
 
     model: Classifier
@@ -48,8 +53,12 @@ class TrainForward:
     readout: str = "unrolled"
     random_depth: bool = False
     generator: torch.Generator | None = None
+    sync_free: bool = False
+    graphs: DepthGraphs | None = None
     depths: list[int] = field(default_factory=list)
-    iterations: list[float] = field(default_factory=list)
+    iterations: list[Tensor] = field(default_factory=list)
+    # graphs replayed for the update (train mode), whose backward comes at the step's end
+    replayed: set[tuple] = field(default_factory=set)
 
     def draw_depth(self) -> int | None:
         """n ~ Uniform{1..max_iter} when regulated, else the fixed training budget."""
@@ -83,11 +92,22 @@ class TrainForward:
                              "(model.overrides.rectifier)")
         path = head is not None and head.config.trajectory > 0
         n = self.draw_depth()
+        if (self.graphs is not None and n is not None and jacobian_vectors == 0 and head is None
+                and torch.is_grad_enabled()):
+            # eval mode is the inner attack's, each forward differentiated before the next
+            replayed = self.graphs(x, n, solver=self.solver, tol=self.tol, grad=self.grad,
+                                   readout=self.readout,
+                                   once=self.replayed if self.model.training else None)
+            if replayed is not None:
+                self.depths.append(n)
+                self.iterations.append(replayed[1])
+                return replayed[0], None, None
         eq = self.model.equilibrium(x, solver=self.solver, max_iter=n, tol=self.tol,
-                                    grad=self.grad, readout=self.readout, trajectory=path)
+                                    grad=self.grad, readout=self.readout, trajectory=path,
+                                    sync_free=self.sync_free or self.graphs is not None)
         if n is not None:
             self.depths.append(n)
-        self.iterations.append(float(eq.output.iterations.float().mean()))
+        self.iterations.append(eq.output.iterations.float().mean())
         jac = (jacobian_frobenius(eq.f, eq.z_star, jacobian_vectors, noise)
                if jacobian_vectors > 0 and torch.is_grad_enabled() else None)
         logits = self.model.decode(eq.z)

@@ -141,6 +141,7 @@ class RunFiles:
             "threads": torch.get_num_threads(), **invocation(self.argv)}
         if self.device.type == "cuda":  # TF32 rounds convolutions and matmuls to 10 mantissa bits
             seg["tf32"] = tf32_flags()
+            seg["cuda_graphs"] = self.cfg.train.cuda_graphs
         return seg
 
     def _segments(self) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
                    on_iterate: IterateHook | None = None, keep_states: bool = False,
                    stop_when: StopHook | None = None, deadline: Tensor | None = None,
                    history: str = "auto", f_rows: RowsFn | None = None,
-                   **_: object) -> SolverOutput:
+                   sync_free: bool = False, **_: object) -> SolverOutput:
     """Mix the last `anderson_m` iterates with weights minimising the combined residual.
 
     Per sample: alpha = argmin ||sum_i alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum_i alpha_i = 1,
@@ -32,7 +32,7 @@ def anderson_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_
     `history="list"` forces the stacked-list history (bench/solvers.py times both).
     """
     rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
-                       deadline, f_rows)
+                       deadline, f_rows, sync_free)
     ring = history == "ring" or (history == "auto" and not torch.is_grad_enabled())
     history = _RingHistory(z0, anderson_m, beta) if ring else _ListHistory(anderson_m)
     consts: dict | None = {} if ring else None  # reused buffers: no autograd through them

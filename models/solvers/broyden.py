@@ -75,10 +75,11 @@ def broyden_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_m
                   broyden_memory: int = 30, on_iterate: IterateHook | None = None,
                   keep_states: bool = False, stop_when: StopHook | None = None,
                   deadline: Tensor | None = None,
-                  f_rows: RowsFn | None = None, **_: object) -> SolverOutput:
+                  f_rows: RowsFn | None = None, sync_free: bool = False,
+                  **_: object) -> SolverOutput:
     """Quasi-Newton root finding of f(z) - z with per-sample low-rank inverse-Jacobian updates."""
     rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
-                       deadline, f_rows)
+                       deadline, f_rows, sync_free)
     b = z0.shape[0]
     # A solve of max_iter steps makes at most max_iter - 1 updates: no need for more memory.
     factors = _Factors(max(1, min(broyden_memory, max_iter - 1)),

@@ -11,10 +11,10 @@ def naive_solve(f: Fn, z0: Tensor, *, max_iter: int, tol: float = 1e-3, stop_mod
                 damping: float = 1.0, on_iterate: IterateHook | None = None,
                 keep_states: bool = False, stop_when: StopHook | None = None,
                 deadline: Tensor | None = None, f_rows: RowsFn | None = None,
-                **_: object) -> SolverOutput:
+                sync_free: bool = False, **_: object) -> SolverOutput:
     """Iterate z <- (1 - damping) z + damping f(z) until each sample's residual is under tol."""
     rec = StepRecorder(z0, max_iter, tol, stop_mode, on_iterate, keep_states, stop_when,
-                       deadline, f_rows)
+                       deadline, f_rows, sync_free)
     z = z0
     while not rec.finished:
         fz = rec.evaluate(f, z)
