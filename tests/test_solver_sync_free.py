@@ -1,4 +1,4 @@
-"""Sync-free solves (for GPU training) give the default solves' bits without reading back.
+"""Sync-free solves (for captured GPU training) give the default solves' bits without reading back.
 
 A default solve reads from the device once per step (how many samples are left; which rows f
 still needs). `sync_free=True` runs every step to the budget on the whole batch with the

@@ -58,7 +58,8 @@ def _loss(model, x, y, *, graphs=None, jacobian: bool = False, kind: str = "pgd-
     cfg = ObjectiveConfig(kind=kind, eps=0.1, step_size=0.025, steps=4, beta=6.0,
                           clean_weight=clean_weight)
     jac = {"jacobian_vectors": 2, "jacobian_weight": 1.0} if jacobian else {}
-    out = objective_loss(cfg, fwd, x, y, noise=torch.Generator().manual_seed(6), **jac)
+    out = objective_loss(cfg, fwd, x, y, noise=torch.Generator(device=x.device).manual_seed(6),
+                         **jac)
     out.loss.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     return out, fwd, grads
@@ -159,3 +160,17 @@ def test_the_benchmarks_graph_check_finds_no_difference_with_the_stand_in(batch,
     x, y = batch
     assert bench.compare_with_eager(cfg, model, fwd, x, y, False) == 0.0
     assert len(graphs) > 0 and "|diff| 0" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real capture needs CUDA")
+def test_real_captures_give_the_eager_numbers_on_a_gpu(batch):
+    """On a GPU: torch's capture itself, against the eager sync-free forward."""
+    model = load_checkpoint(SHIPPED, device="cuda")[0]
+    x, y = (t.cuda() for t in batch)
+    ref, ref_fwd, ref_grads = _loss(model, x, y)
+    graphs = DepthGraphs(model)
+    got, fwd, grads = _loss(model, x, y, graphs=graphs)
+    assert fwd.depths == ref_fwd.depths and len(graphs) > 0
+    torch.testing.assert_close(got.loss, ref.loss, rtol=0, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
