@@ -176,6 +176,11 @@ class RunConfig(_Strict):
     channels_last: bool = Field(
         False, description="model and 4-D input batches in channels_last memory format (can "
         "speed up convolutions on CPUs with oneDNN bf16 kernels and on GPUs)")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="keep an exponential moving average of the weights beside "
+        "the run with this decay per step (0: none; 0.999 is typical): validated every epoch, "
+        "saved as ema.safetensors and ema_best.safetensors; it never changes the run's own "
+        "weights (training/weight_average.py)")
     cuda_graphs: bool = Field(
         False, description="on CUDA: replay each solver depth's training forward as captured "
         "CUDA graphs (training/graphs.py), for a GPU whose step is launch-bound; the same "
@@ -224,7 +229,8 @@ class TrainConfig(_Strict):
 
 # Fields that may differ between a run and its resumption: they do not change the computation.
 RESUME_FREE_FIELDS = frozenset({"data.data_dir", "data.download", "train.num_workers",
-                                "train.device", "train.progress", "train.cuda_graphs"})
+                                "train.device", "train.progress", "train.cuda_graphs",
+                                "train.ema_decay"})
 # Fields added after resume states may have been written: a saved config without one of them
 # ran with the value given here, so resuming such a run under that value is no difference.
 # (A run saved before `data.pipeline` read its batches through the DataLoader.)

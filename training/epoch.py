@@ -26,6 +26,7 @@ from .graphs import DepthGraphs
 from .objectives import LossOutput, TrainForward, objective_loss
 from .seeds import EpochBatches, derive_seed
 from .validation import validate
+from .weight_average import WeightAverage
 
 
 class _Tally:
@@ -87,6 +88,7 @@ class EpochLoop:
     val_set: Dataset
     resident: ResidentBatches | None
     graphs: DepthGraphs | None
+    ema: WeightAverage | None
     steps_per_epoch: int
     epoch: int
     step: int
@@ -130,6 +132,8 @@ class EpochLoop:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         logged = _read_step_numbers(out, y, fwd.iterations)
         loss = logged["loss"]
         if not math.isfinite(loss):
@@ -213,13 +217,7 @@ class EpochLoop:
         bar.close()
         train_seconds = tally.v["seconds"]
         v0 = time.perf_counter()
-        e = cfg.eval
-        # fp32 whatever the steps ran in (on an H200, bf16 validation ran every solve to its cap)
-        val = validate(self.model, self._eval_loader(self.val_set), eps=e.eps,
-                       step_size=e.step_size, steps=e.steps, device=self.device,
-                       generator=torch.Generator(device=self.device).manual_seed(
-                           derive_seed(cfg.train.seed, "val", self.epoch, self.dist.rank)),
-                       progress=self._progress(f"validation {self.epoch + 1}/{cfg.train.epochs}"))
+        val = self._validate(self.model, f"validation {self.epoch + 1}/{cfg.train.epochs}")
         entry = {
             "epoch": self.epoch + 1, "global_step": self.global_step,
             "train_loss": tally.ratio("loss", "images"),
@@ -238,7 +236,21 @@ class EpochLoop:
             "images_per_second": round(tally.v["images"] * self.dist.world_size
                                        / max(train_seconds, 1e-9), 2),
         }
+        if self.ema is not None:  # the same attack draws as the run's own validation
+            ema = self._validate(self.ema.model, f"validation (ema) {self.epoch + 1}")
+            entry["val_ema_clean_accuracy"] = ema["clean_accuracy"]
+            entry["val_ema_pgd_accuracy"] = ema["pgd_accuracy"]
+            entry["ema_updates"] = self.ema.updates
         return entry
+
+    def _validate(self, model: Classifier, label: str) -> dict[str, Any]:
+        e = self.cfg.eval
+        # fp32 whatever the steps ran in (on an H200, bf16 validation ran every solve to its cap)
+        return validate(model, self._eval_loader(self.val_set), eps=e.eps,
+                        step_size=e.step_size, steps=e.steps, device=self.device,
+                        generator=torch.Generator(device=self.device).manual_seed(
+                            derive_seed(self.cfg.train.seed, "val", self.epoch, self.dist.rank)),
+                        progress=self._progress(label))
 
     def _progress(self, label: str) -> str | None:
         """The progress bar label where bars are on (main process, train.progress), else None."""

@@ -37,6 +37,7 @@ from .run_setup import make_optimizer, make_scheduler, model_config_for, pick_de
 from .seeds import derive_seed
 from .selection import RunSelection
 from .warm_start import warm_start
+from .weight_average import WeightAverage
 
 
 @dataclass
@@ -114,6 +115,10 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
         if cfg.train.cuda_graphs and self.graphs is None and self.dist.is_main:
             print(f"deqguard train: train.cuda_graphs is for an equilibrium model on CUDA; "
                   f"this run trains eagerly on {self.device.type}", file=sys.stderr)
+        # the average starts at the first step this invocation trains (a resume may move it)
+        self.ema = (WeightAverage(self.model, cfg.train.ema_decay, 0)
+                    if cfg.train.ema_decay > 0 else None)
+        self.ema_best: dict[str, Any] = {"value": -math.inf, "epoch": None}
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                         self.cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.optim,
@@ -144,6 +149,8 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
             self.history.append(entry)
             if self.dist.is_main:
                 self._save_epoch(metrics, improved=improved, best_epoch=entry["epoch"])
+                if self.ema is not None:
+                    self._save_average(entry)
                 self._append_log(entry)
                 print(json.dumps(entry), file=sys.stderr)
             self._save_resume(None)

@@ -4,6 +4,9 @@
     best.safetensors   the epoch with the best validation PGD accuracy (clean: eval.select_by)
     train_log.jsonl    one JSON line per epoch, then one {"event": "final"} line
     resume.pt          optimizer/scheduler/position, every `save_every_steps` steps and per epoch
+    ema.safetensors    with train.ema_decay: the weight average after every epoch (named
+                       NAME-ema; `training.weight_average` says from which step), and
+    ema_best.safetensors  the average at its own best validation epoch
 
 `RunFiles` is a part of `Trainer` (deqguard.training.loop); the attributes it reads are set up by
 `Trainer.__init__`. The metadata written here is what `deqguard serve`, `deqguard eval` and the
@@ -34,8 +37,10 @@ from .config import TrainConfig
 from .data import DatasetInfo
 from .precision import Precision
 from .resume import RESUME_FILE, ResumeError, load_state, save_state
+from .weight_average import WeightAverage
 
 LAST, BEST, LOG = "last.safetensors", "best.safetensors", "train_log.jsonl"
+EMA_LAST, EMA_BEST = "ema.safetensors", "ema_best.safetensors"
 
 
 class RunFiles:
@@ -67,6 +72,8 @@ class RunFiles:
     init: dict[str, Any] | None
     segments: list[dict[str, Any]]
     segment: dict[str, Any]
+    ema: WeightAverage | None
+    ema_best: dict[str, Any]
 
     # -- resume state ---------------------------------------------------------------------------
     @property
@@ -106,6 +113,7 @@ class RunFiles:
         self.segments = list(state.get("segments") or (
             [{"start_epoch": 0, "end_epoch": self.epoch, "start_step": 0,
               "end_step": self.global_step, "recorded": False}] if self.global_step else []))
+        self._resume_average(state.get("weight_average"), state.get("ema_best"))
         if not self._name_given and state.get("name"):
             self.name = str(state["name"])  # resumed under the name it was started with
         saved_amp = state.get("bf16_autocast")
@@ -129,7 +137,27 @@ class RunFiles:
             "best": self.best, "tally": tally, "history": self.history,
             "init": self.init, "bf16_autocast": self.amp, "name": self.name,
             "segments": self._segments(),
+            **({"weight_average": self.ema.state_dict(), "ema_best": self.ema_best}
+               if self.ema is not None else {}),
         })
+
+    def _resume_average(self, saved: dict[str, Any] | None, best: dict[str, Any] | None) -> None:
+        """Continue the saved weight average, or start one at this step (see weight_average)."""
+        if self.ema is None:
+            if saved and self.dist.is_main:
+                print(f"deqguard train: this run's weight average (decay {saved['decay']}) is "
+                      "not continued: train.ema_decay is 0", file=sys.stderr)
+            return
+        if saved and float(saved["decay"]) == self.ema.decay:
+            self.ema.load_state_dict(saved)
+            self.ema.to(self.device)
+            self.ema_best = dict(best or self.ema_best)
+            return
+        self.ema.start_step = self.global_step
+        if self.dist.is_main:
+            why = (f"its decay was {saved['decay']}" if saved else "the run had none")
+            print(f"deqguard train: the weight average starts at step {self.global_step} "
+                  f"(epoch {self.epoch}): {why}", file=sys.stderr)
 
     def _new_segment(self) -> dict[str, Any]:
         """This invocation's entry of `segments`, from where it starts; its end is added when
@@ -155,6 +183,24 @@ class RunFiles:
         if improved:
             save_checkpoint(self.model, self.out / BEST,
                             self._metadata({**metrics, "best_epoch": best_epoch}))
+
+    def _save_average(self, entry: dict[str, Any]) -> None:
+        """ema.safetensors after every epoch; ema_best.safetensors when the average's own
+        validation score (eval.select_by) is its best so far."""
+        if self.ema is None:
+            return
+        key = "val_ema_pgd_accuracy" if self.cfg.eval.select_by == "pgd" else \
+            "val_ema_clean_accuracy"
+        metrics = {"epoch": entry["epoch"], "val_clean_accuracy": entry["val_ema_clean_accuracy"],
+                   "val_pgd_accuracy": entry["val_ema_pgd_accuracy"]}
+        meta = self._metadata(metrics)
+        meta["name"] = f"{self.name}-ema"
+        meta["training"]["weight_average"] = self.ema.provenance()
+        save_checkpoint(self.ema.model, self.out / EMA_LAST, meta)
+        if entry[key] > self.ema_best["value"]:
+            self.ema_best = {"value": entry[key], "epoch": entry["epoch"]}
+            meta["metrics"] = {**metrics, "best_epoch": entry["epoch"]}
+            save_checkpoint(self.ema.model, self.out / EMA_BEST, meta)
 
     def _metadata(self, metrics: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg

@@ -22,7 +22,7 @@ from . import distributed
 from .config import SINGLE_STEP_KINDS, TrainConfig
 from .data import DataError, load_dataset
 from .overfit_guard import catastrophic_overfitting
-from .run_files import BEST, LAST
+from .run_files import BEST, EMA_BEST, EMA_LAST, LAST
 from .validation import clean_accuracy
 
 
@@ -79,7 +79,7 @@ class RunSelection:
             print(f"deqguard train: no test split, test_clean_accuracy not recorded ({exc})",
                   file=sys.stderr)
             test = None
-        for name in (LAST, BEST):
+        for name in (LAST, BEST, EMA_LAST, EMA_BEST):
             path = self.out / name
             if test is None or not path.exists():
                 continue
