@@ -4,7 +4,8 @@ Reading one run's train_log.jsonl tells how far it got; comparing runs trained t
 lengths or learning rates needs them on one axis. This draws every run on one figure (a panel
 for clean, one for PGD-10 accuracy on the validation split; a dot marks each run's best PGD
 epoch, the checkpoint `best.safetensors` holds) and prints one Markdown row per run, straight
-from its log:
+from its log. A run with a weight average (train.ema_decay) gets a dotted line for it in the
+same colour, and the table a column for its best epoch:
 
     python bench/curves.py runs/long/fashion-cnn-wk runs/long/fashion-wk-regulated --out c.svg
     python bench/curves.py --root 'runs/long/lr-search/*' --root 'runs/long/e60/*' --out c.svg
@@ -136,23 +137,36 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+EMA_PGD = "val_ema_pgd_accuracy"
+
+
+def _best_cell(epochs: list[dict], key: str) -> str:
+    scored = [e for e in epochs if e.get(key) is not None]
+    if not scored:
+        return "n/a"
+    best = max(scored, key=lambda e: e[key])
+    return f"{_pct(best[key])} ({best['epoch']})"
+
+
 def table(runs: list[Run]) -> str:
-    """One row per run, every number read from its log (s / epoch: median of train_seconds)."""
+    """One row per run, every number read from its log (s / epoch: median of train_seconds);
+    a column for the weight average's best epoch when any run has one."""
+    ema = any(e.get(EMA_PGD) is not None for r in runs for e in r.epochs)
     lines = ["| run | preset | peak lr | state | epochs | best val PGD-10 (epoch) | "
-             "last val clean | last val PGD-10 | s / epoch | val mean iterations (last) |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             + ("best val PGD-10, weight average (epoch) | " if ema else "")
+             + "last val clean | last val PGD-10 | s / epoch | val mean iterations (last) |",
+             "|---|---|---:|---|---:|---:|" + ("---:|" if ema else "") + "---:|---:|---:|---:|"]
     for r in runs:
         last = r.epochs[-1]
-        scored = [e for e in r.epochs if e.get("val_pgd_accuracy") is not None]
-        best = max(scored, key=lambda e: e["val_pgd_accuracy"]) if scored else None
-        best_cell = f"{_pct(best['val_pgd_accuracy'])} ({best['epoch']})" if best else "n/a"
         secs = [e["train_seconds"] for e in r.epochs if e.get("train_seconds") is not None]
         secs_cell = f"{statistics.median(secs):.0f}" if secs else "n/a"
         iters = last.get("val_mean_iterations")
         lines.append(
             f"| {r.name} | {r.preset or 'n/a'} | {'n/a' if r.lr is None else f'{r.lr:g}'} | "
-            f"{'finished' if r.finished else 'in progress'} | {last['epoch']} | {best_cell} | "
-            f"{_pct(last.get('val_clean_accuracy'))} | {_pct(last.get('val_pgd_accuracy'))} | "
+            f"{'finished' if r.finished else 'in progress'} | {last['epoch']} | "
+            f"{_best_cell(r.epochs, 'val_pgd_accuracy')} | "
+            + (f"{_best_cell(r.epochs, EMA_PGD)} | " if ema else "")
+            + f"{_pct(last.get('val_clean_accuracy'))} | {_pct(last.get('val_pgd_accuracy'))} | "
             f"{secs_cell} | {'n/a' if iters is None else f'{iters:.1f}'} |")
     return "\n".join(lines)
 
@@ -183,6 +197,12 @@ def plot(runs: list[Run], out: Path, title: str | None = None) -> None:
             if key == "val_pgd_accuracy":
                 bx, by = max(points, key=lambda p: p[1])
                 ax.plot([bx], [100 * by], "o", color=colour, markersize=5)
+            averaged = [(e["epoch"], e[f"val_ema_{key[4:]}"]) for e in r.epochs
+                        if e.get(f"val_ema_{key[4:]}") is not None]
+            if averaged:
+                xs, ys = zip(*averaged, strict=True)
+                ax.plot(xs, [100 * y for y in ys], ":", linewidth=1.2, color=colour,
+                        label=f"{r.name}, weight average")
     for ax, (_, ylabel) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{ylabel} (%)")

@@ -82,6 +82,27 @@ def test_table_numbers_are_the_logs(curves, tmp_path, capsys, seed):
     assert "done" in svg and "live, in progress" in svg  # both runs drawn, labelled
 
 
+def test_a_weight_average_gets_its_column_and_its_dotted_line(curves, tmp_path, capsys):
+    """The average starts mid-run (train.ema_decay switched on when resuming): its column is
+    the best of the epochs that have it; a run without one reads n/a there."""
+    rows = epoch_rows(8, 3)
+    rng = np.random.default_rng(7)
+    for r in rows[3:]:
+        r["val_ema_clean_accuracy"] = round(float(rng.uniform(0.6, 0.9)), 3)
+        r["val_ema_pgd_accuracy"] = round(float(rng.uniform(0.4, 0.8)), 3)
+    averaged = write_run(tmp_path / "averaged", rows, final=False)
+    plain = write_run(tmp_path / "plain", epoch_rows(4, 4), final=True)
+    out = tmp_path / "c.svg"
+    assert curves.main([str(averaged), str(plain), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "best val PGD-10, weight average (epoch)" in printed
+    table = table_rows(printed)
+    best = max(rows[3:], key=lambda r: r["val_ema_pgd_accuracy"])
+    assert table["averaged"][6] == f"{100 * best['val_ema_pgd_accuracy']:.1f}% ({best['epoch']})"
+    assert table["plain"][6] == "n/a" and len(table["plain"]) == len(table["averaged"]) == 11
+    assert "averaged, weight average" in out.read_text()
+
+
 def test_png_of_a_glob_skips_folders_without_a_log_yet(curves, tmp_path, capsys):
     write_run(tmp_path / "lr" / "a", epoch_rows(3, 0), final=True)
     write_run(tmp_path / "lr" / "b", epoch_rows(2, 1), final=False)
