@@ -62,17 +62,20 @@ def test_equal_budget_plan_builds_each_runs_own_command_longest_first(tmp_path, 
     assert not out.exists() or not any(out.iterdir())  # a dry run runs nothing
     train = cmds["train"]
     assert list(train) == ["fashion-wk-regulated-x2", "fashion-wk-regulated",
-                           "fashion-wk-plain", "fashion-cnn-wk"]
+                           "fashion-wk-plain", "fashion-cnn-wk", "fashion-cnn-wk-ema"]
     expect = {"fashion-wk-regulated-x2": ("fashion-wk-regulated", "optim.lr=1.6e-2"),
               "fashion-wk-regulated": ("fashion-wk-regulated", "optim.lr=1.6e-2"),
               "fashion-wk-plain": ("fashion-wk-plain", "optim.lr=1.6e-2"),
-              "fashion-cnn-wk": ("fashion-cnn-wk", "optim.lr=1.0e-2")}
+              "fashion-cnn-wk": ("fashion-cnn-wk", "optim.lr=1.0e-2"),
+              "fashion-cnn-wk-ema": ("fashion-cnn-wk", "optim.lr=1.0e-2")}
     for name, (preset, lr) in expect.items():
         cmd = train[name]
         assert cmd.startswith(f"deqguard train --preset {preset} --out {out}/runs/{name} ")
         assert "--resume" in cmd and "--epochs 100 " in cmd and f"--set {lr}" in cmd
         assert cmd.endswith("--set train.batch_size=512")  # the window's --set comes last
         assert ("--set model.overrides.expansion=2" in cmd) == name.endswith("-x2")
+        # the finished anchor keeps its command; every other run keeps a weight average
+        assert ("--set train.ema_decay=0.999" in cmd) == (name != "fashion-cnn-wk")
         assert cmds["eval"][name].startswith(f"deqguard eval {out}/runs/{name}/best.safetensors")
     serve = cmds["serve"]["serve"]
     assert "bench/cuda_serve.py --checkpoint default --device cpu" in serve

@@ -40,15 +40,20 @@ EVAL_PARTS = "clean,budget,pgd,aa"
 # jobs than runs the short ones fill in behind and none starts late and long. Each model trains
 # at its own peak rate from the lr search (docs/eval/wk/lr-search.md); the plain DEQ was not
 # searched and takes the regulated DEQ's (same architecture, so only the regulation differs).
+# Every run keeps a weight average (train.ema_decay, which never changes the run itself): the
+# DEQs' began mid-run, on the CPU; the anchor's 100 epochs had finished without one, so the
+# anchor trains again beside them with it from the start.
+EMA = "train.ema_decay=0.999"
 PLANS: dict[str, dict[str, Any]] = {
     "equal-budget": {
         "epochs": 100,
         "runs": {
             "fashion-wk-regulated-x2": ("fashion-wk-regulated",
-                                        ["optim.lr=1.6e-2", "model.overrides.expansion=2"]),
-            "fashion-wk-regulated": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),
-            "fashion-wk-plain": ("fashion-wk-plain", ["optim.lr=1.6e-2"]),
+                                        ["optim.lr=1.6e-2", "model.overrides.expansion=2", EMA]),
+            "fashion-wk-regulated": ("fashion-wk-regulated", ["optim.lr=1.6e-2", EMA]),
+            "fashion-wk-plain": ("fashion-wk-plain", ["optim.lr=1.6e-2", EMA]),
             "fashion-cnn-wk": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
+            "fashion-cnn-wk-ema": ("fashion-cnn-wk", ["optim.lr=1.0e-2", EMA]),
         },
     },
 }
