@@ -30,6 +30,7 @@ def test_the_average_is_saved_validated_and_tested(pattern_idx_dir, tmp_path):
     rows = _log(out)
     for row in rows[:2]:
         assert 0 <= row["val_ema_clean_accuracy"] <= 1 and 0 <= row["val_ema_pgd_accuracy"] <= 1
+        assert row["val_ema_seconds"] > 0
     assert rows[0]["ema_updates"] == rows[0]["global_step"]
     assert rows[1]["ema_updates"] == rows[1]["global_step"] == 28
     final = rows[-1]

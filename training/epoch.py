@@ -237,9 +237,11 @@ class EpochLoop:
                                        / max(train_seconds, 1e-9), 2),
         }
         if self.ema is not None:  # the same attack draws as the run's own validation
+            v0 = time.perf_counter()
             ema = self._validate(self.ema.model, f"validation (ema) {self.epoch + 1}")
             entry["val_ema_clean_accuracy"] = ema["clean_accuracy"]
             entry["val_ema_pgd_accuracy"] = ema["pgd_accuracy"]
+            entry["val_ema_seconds"] = round(time.perf_counter() - v0, 3)
             entry["ema_updates"] = self.ema.updates
         return entry
 
