@@ -24,9 +24,10 @@ def _log(out) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_the_average_is_saved_validated_and_tested(pattern_idx_dir, tmp_path):
+def test_the_average_is_saved_validated_and_tested(pattern_idx_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(tiny_args(pattern_idx_dir, out, *EMA)) == 0
+    assert f"  average     {out / 'ema_best.safetensors'} (epoch " in capsys.readouterr().err
     rows = _log(out)
     for row in rows[:2]:
         assert 0 <= row["val_ema_clean_accuracy"] <= 1 and 0 <= row["val_ema_pgd_accuracy"] <= 1

@@ -110,9 +110,12 @@ def _train(args: argparse.Namespace) -> int:
     if result.is_main and result.best.exists():
         from deqguard.models import read_metadata
 
+        from .run_files import EMA_BEST
         from .summary import run_summary
 
-        print(run_summary(read_metadata(result.best), result.best), file=sys.stderr)
+        ema = result.out_dir / EMA_BEST
+        average = (read_metadata(ema), ema) if ema.exists() and cfg.train.ema_decay > 0 else None
+        print(run_summary(read_metadata(result.best), result.best, average), file=sys.stderr)
     return 0
 
 

@@ -31,8 +31,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
-def run_summary(meta: CheckpointMetadata, path: str | Path) -> str:
-    """The end-of-run summary for the checkpoint at `path` (the best epoch's), several lines."""
+def run_summary(meta: CheckpointMetadata, path: str | Path,
+                average: tuple[CheckpointMetadata, str | Path] | None = None) -> str:
+    """The end-of-run summary for the checkpoint at `path` (the best epoch's), several lines;
+    `average`: the weight average's best checkpoint and its path, when the run kept one."""
     m: dict[str, Any] = meta.metrics
     t: dict[str, Any] = meta.training
     classes = len(meta.classes)
@@ -62,4 +64,10 @@ def run_summary(meta: CheckpointMetadata, path: str | Path) -> str:
         lines.append("  this checkpoint is not the shipped model (`deqguard serve default` "
                      "serves that one).")
     lines.append(f"  serve it    deqguard serve {path}")
+    if average is not None:
+        am, apath = average[0].metrics, average[1]
+        lines.append(f"  average     {apath} (epoch {am.get('best_epoch', '?')}): validation "
+                     f"clean {am.get('val_clean_accuracy', 0):.1%}, PGD "
+                     f"{am.get('val_pgd_accuracy', 0):.1%} (weights averaged from step "
+                     f"{average[0].training.get('weight_average', {}).get('start_step', '?')})")
     return "\n".join(lines)
