@@ -150,7 +150,7 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
             if self.dist.is_main:
                 self._save_epoch(metrics, improved=improved, best_epoch=entry["epoch"])
                 if self.ema is not None:
-                    self._save_average(entry)
+                    self._save_average(entry, improved=self._improves(entry, average=True))
                 self._append_log(entry)
                 print(json.dumps(entry), file=sys.stderr)
             self._save_resume(None)

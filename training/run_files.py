@@ -184,21 +184,18 @@ class RunFiles:
             save_checkpoint(self.model, self.out / BEST,
                             self._metadata({**metrics, "best_epoch": best_epoch}))
 
-    def _save_average(self, entry: dict[str, Any]) -> None:
-        """ema.safetensors after every epoch; ema_best.safetensors when the average's own
-        validation score (eval.select_by) is its best so far."""
+    def _save_average(self, entry: dict[str, Any], *, improved: bool) -> None:
+        """ema.safetensors after every epoch; ema_best.safetensors too when the average's own
+        validation score is its best so far."""
         if self.ema is None:
             return
-        key = "val_ema_pgd_accuracy" if self.cfg.eval.select_by == "pgd" else \
-            "val_ema_clean_accuracy"
         metrics = {"epoch": entry["epoch"], "val_clean_accuracy": entry["val_ema_clean_accuracy"],
                    "val_pgd_accuracy": entry["val_ema_pgd_accuracy"]}
         meta = self._metadata(metrics)
         meta["name"] = f"{self.name}-ema"
         meta["training"]["weight_average"] = self.ema.provenance()
         save_checkpoint(self.ema.model, self.out / EMA_LAST, meta)
-        if entry[key] > self.ema_best["value"]:
-            self.ema_best = {"value": entry[key], "epoch": entry["epoch"]}
+        if improved:
             meta["metrics"] = {**metrics, "best_epoch": entry["epoch"]}
             save_checkpoint(self.ema.model, self.out / EMA_BEST, meta)
 

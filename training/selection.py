@@ -35,17 +35,23 @@ class RunSelection:
     dist: distributed.DistInfo
     out: Path
     best: dict[str, Any]
+    ema_best: dict[str, Any]
     history: list[dict[str, Any]]
     common: dict[str, Any]
 
-    def _improves(self, entry: dict[str, Any]) -> bool:
-        """Record `entry`'s epoch as the best when its selection score beats the best so far."""
-        score = entry["val_pgd_accuracy"] if self.cfg.eval.select_by == "pgd" else \
-            entry["val_clean_accuracy"]
-        improved = score > self.best["value"]
-        if improved:
-            self.best = {"value": score, "epoch": entry["epoch"]}
-        return improved
+    def _improves(self, entry: dict[str, Any], *, average: bool = False) -> bool:
+        """Record `entry`'s epoch as the best when its selection score (eval.select_by) beats
+        the best so far: the run's own, or with `average` the weight average's."""
+        prefix = "val_ema_" if average else "val_"
+        score = entry[f"{prefix}{self.cfg.eval.select_by}_accuracy"]
+        if score <= (self.ema_best if average else self.best)["value"]:
+            return False
+        record = {"value": score, "epoch": entry["epoch"]}
+        if average:
+            self.ema_best = record
+        else:
+            self.best = record
+        return True
 
     def _overfitted(self) -> bool:
         """The guard: on catastrophic overfitting, restore the best epoch's weights and stop."""
