@@ -333,6 +333,24 @@ def test_resumed_run_records_each_invocation_as_a_segment(pattern_idx_dir, tmp_p
     assert state["segments"] == segs
 
 
+def test_a_run_may_resume_in_another_memory_format(pattern_idx_dir, tmp_path, monkeypatch):
+    """channels_last picks other kernels, not other arithmetic (like the device): a long run
+    may switch to the faster one when resumed, and each segment says which it used."""
+    from deqguard.training.loop import Trainer
+
+    cfg = tiny_config(pattern_idx_dir, "train.epochs=2", "train.progress=false")
+    out = tmp_path / "run"
+    _interrupted_after_one_epoch(monkeypatch, cfg, out, ["deqguard", "train", "first"])
+    switched = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"channels_last": True})})
+    trainer = Trainer(switched, out_dir=out, resume=True, argv=["deqguard", "train", "second"])
+    trainer.run()
+    conv = next(p for p in trainer.model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    segs = read_metadata(out / "last.safetensors").training["segments"]
+    assert [(s["end_epoch"], s["channels_last"]) for s in segs] == [(1, False), (2, True)]
+
+
 def test_resume_state_without_segments_says_its_epochs_are_unrecorded(pattern_idx_dir, tmp_path,
                                                                        monkeypatch):
     """States written before segments were recorded: the epochs they hold are marked unknown,

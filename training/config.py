@@ -227,10 +227,12 @@ class TrainConfig(_Strict):
         return self
 
 
-# Fields that may differ between a run and its resumption: they do not change the computation.
+# Fields that may differ between a run and its resumption: they do not change the computation
+# (the device and the memory format change which kernels run, and so the last bits, not the
+# arithmetic; each invocation's choice is in `training.segments`).
 RESUME_FREE_FIELDS = frozenset({"data.data_dir", "data.download", "train.num_workers",
                                 "train.device", "train.progress", "train.cuda_graphs",
-                                "train.ema_decay"})
+                                "train.ema_decay", "train.channels_last"})
 # Fields added after resume states may have been written: a saved config without one of them
 # ran with the value given here, so resuming such a run under that value is no difference.
 # (A run saved before `data.pipeline` read its batches through the DataLoader.)

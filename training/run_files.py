@@ -165,8 +165,9 @@ class RunFiles:
         seg: dict[str, Any] = {
             "start_epoch": self.epoch, "start_step": self.global_step,
             "device": self.device.type, "device_name": device_name(self.device),
-            "precision": self.precision.label, "torch_version": str(torch.__version__),
-            "threads": torch.get_num_threads(), **invocation(self.argv)}
+            "precision": self.precision.label, "channels_last": self.cfg.train.channels_last,
+            "torch_version": str(torch.__version__), "threads": torch.get_num_threads(),
+            **invocation(self.argv)}
         if self.device.type == "cuda":  # TF32 rounds convolutions and matmuls to 10 mantissa bits
             seg["tf32"] = tf32_flags()
             seg["cuda_graphs"] = self.cfg.train.cuda_graphs

@@ -77,10 +77,13 @@ class SolverOutput:
 
 def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
     """Per-sample fixed-point residual ||f(z) - z||, relative to ||f(z)|| when stop_mode='rel'."""
-    # torch.linalg.vector_norm is what Tensor.norm(dim=1) calls, without its Python dispatch
-    diff = torch.linalg.vector_norm((fz - z).flatten(1), 2, 1)
+    # torch.linalg.vector_norm is what Tensor.norm(dim=1) calls, without its Python dispatch;
+    # reduced over the trailing dimensions rather than a flattened view, which would copy a
+    # channels_last state on every step (the same bits for a contiguous one)
+    dims = tuple(range(1, z.dim()))
+    diff = torch.linalg.vector_norm(fz - z, 2, dims)
     if stop_mode == "rel":
-        return diff / (torch.linalg.vector_norm(fz.flatten(1), 2, 1) + _EPS)
+        return diff / (torch.linalg.vector_norm(fz, 2, dims) + _EPS)
     return diff
 
 
