@@ -180,12 +180,23 @@ def test_channels_last_model_and_batches(pattern_idx_dir, tmp_path, monkeypatch)
     assert trainer._metadata({})["training"]["channels_last"] is True
 
 
-def test_a_resume_state_from_before_channels_last_still_matches():
-    """Resume states written before the field existed ran without it: no difference."""
+def test_a_resume_state_from_before_an_added_field_still_matches():
+    """Resume states written before a field existed ran with its recorded old value: no
+    difference at that value, a reported one at another."""
     old = {"train": {"epochs": 2}}
-    assert config_differences(old, {"train": {"epochs": 2, "channels_last": False}}) == []
-    assert config_differences(old, {"train": {"epochs": 2, "channels_last": True}}) == [
-        "train.channels_last: False -> True"]
+    assert config_differences(old, {"train": {"epochs": 2}, "rectifier": {"weight": 0.0}}) == []
+    assert config_differences(old, {"train": {"epochs": 2}, "rectifier": {"weight": 0.5}}) == [
+        "rectifier.weight: 0.0 -> 0.5"]
+
+
+def test_the_memory_format_may_change_on_resume_the_precision_may_not():
+    """channels_last picks other kernels, like the device; bf16 is other arithmetic."""
+    old = {"train": {"epochs": 2, "amp": "off"}}
+    assert config_differences(old, {"train": {"epochs": 2, "amp": "off",
+                                              "channels_last": True}}) == []
+    assert config_differences(old, {"train": {"epochs": 2, "amp": "bf16",
+                                              "channels_last": True}}) == [
+        "train.amp: 'off' -> 'bf16'"]
 
 
 def test_resuming_in_another_precision_is_reported(pattern_idx_dir, tmp_path, monkeypatch,
