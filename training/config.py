@@ -236,8 +236,8 @@ RESUME_FREE_FIELDS = frozenset({"data.data_dir", "data.download", "train.num_wor
 # Fields added after resume states may have been written: a saved config without one of them
 # ran with the value given here, so resuming such a run under that value is no difference.
 # (A run saved before `data.pipeline` read its batches through the DataLoader.)
-ADDED_FIELDS: dict[str, Any] = {"train.channels_last": False, "data.pipeline": "loader",
-                                "rectifier.weight": 0.0, "rectifier.freeze_backbone": False}
+ADDED_FIELDS: dict[str, Any] = {"data.pipeline": "loader", "rectifier.weight": 0.0,
+                                "rectifier.freeze_backbone": False}
 
 
 # -- presets ---------------------------------------------------------------------------------------
