@@ -3,7 +3,8 @@
 `data/shipped_logits.json` holds each checkpoint's logits as computed by the code that trained it,
 on a fixed input (`torch.rand` from a seeded generator: the same numbers on every CPU). Renaming an
 architecture, parsing configs another way or changing a default must leave them as they were.
-Regenerate the file only when a checkpoint itself is replaced: `python tests/test_core_shipped.py`.
+Regenerate the file only when a checkpoint itself is replaced: `python tests/test_core_shipped.py`
+(it rewrites every entry; check with `git diff` that only the replaced ones moved).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("data") / "shipped_logits.json"
 CHECKPOINTS = [
     "models/weights/default.safetensors",
+    "models/weights/regulated-e15.safetensors",
     "runs/long/fashion-cnn-wk/best.safetensors",
     "runs/long/fashion-wk-plain/best.safetensors",
     "runs/long/fashion-wk-regulated/best.safetensors",

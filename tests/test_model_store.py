@@ -132,7 +132,7 @@ def test_unknown_tag_names_every_place_tried(home):
     assert proc.returncode == 2
     err = proc.stderr
     assert "checkpoint not found: 'deqguard-nothing:latest' is not a file" in err
-    assert "shipped name (default)" in err and "BentoML model store" in err
+    assert "shipped name (default, regulated-e15)" in err and "BentoML model store" in err
 
 
 def test_tampered_stored_file_is_refused(tiny_checkpoint, home, pushed, tmp_path):
