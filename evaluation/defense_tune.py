@@ -316,7 +316,8 @@ def _parser() -> argparse.ArgumentParser:
         "validation images (never test): clean accuracy, exact-gradient PGD through the "
         "defense, cost against the undefended solve. Writes --out after every setting; a "
         "rerun with the same --out and settings resumes.")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint or a shipped name (default)")
+    p.add_argument("checkpoint",
+                   help="a .safetensors checkpoint or a shipped name (default, regulated-e15)")
     p.add_argument("--out", required=True, help="the report (JSON), also the resume state")
     p.add_argument("--n", type=int, default=200, help="first N validation images")
     p.add_argument("--grid", default=DEFAULT_GRID,

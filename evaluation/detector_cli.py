@@ -242,7 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=textwrap.fill(_SUBCOMMANDS[name], 79),
                          formatter_class=HelpFormatter)
         q.add_argument("checkpoint", metavar="CHECKPOINT",
-                       help="a .safetensors checkpoint or a shipped name (default)")
+                       help="a .safetensors checkpoint or a shipped name (default, regulated-e15)")
         q.add_argument("--cache", default="runs/detect",
                        help="root of the attacked sets and features, one folder per weights")
         q.add_argument("--n-cal", type=int, default=300,

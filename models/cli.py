@@ -19,5 +19,6 @@ def _info(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata as JSON")
     p.add_argument("checkpoint",
-                   help="path to a .safetensors checkpoint, or a shipped name (default)")
+                   help="path to a .safetensors checkpoint, or a shipped name "
+                        "(default, regulated-e15)")
     p.set_defaults(func=_info)

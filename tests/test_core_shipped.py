@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deqguard.models import load_checkpoint, parse_model_config, read_metadata
+from deqguard.models import load_checkpoint, parse_model_config, read_metadata, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("data") / "shipped_logits.json"
@@ -58,6 +58,16 @@ def test_logits_are_those_it_was_trained_to_give(rel):
     # which moves a logit by a few 1e-3; a wrong solver setting or layer moves it by far more.
     torch.testing.assert_close(got["default"], want["default"], rtol=0, atol=2e-2)
     assert torch.equal(got["default"].argmax(1), want["default"].argmax(1))
+
+
+def test_the_previous_default_is_still_shipped_by_name():
+    """A caller who needs the answers served before the 2026-12-05 switch serves `regulated-e15`:
+    the same weights, calibrations and all, that `default` named until then."""
+    meta = read_metadata(resolve_checkpoint("regulated-e15"))
+    assert meta.sha256.startswith("f13d103ccbf39a35")
+    assert meta.detection is not None and "detector" in meta.model_extra
+    assert "selective" in meta.model_extra
+    assert read_metadata(resolve_checkpoint("default")).sha256 != meta.sha256
 
 
 if __name__ == "__main__":
