@@ -31,7 +31,7 @@ _META_KEY = "deqguard"
 _MAX_HEADER = 64 * 1024 * 1024
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # `regulated-e15` is the default shipped until 2026-12-05 (the 15-epoch regulated DEQ): kept by
-# name so that a caller who needs yesterday's answers can still serve them.
+# name so that a caller who needs the answers served before the switch can still serve them.
 NAMED_CHECKPOINTS = {"default": WEIGHTS_DIR / "default.safetensors",
                      "regulated-e15": WEIGHTS_DIR / "regulated-e15.safetensors"}
 # Written by save_checkpoint from the model itself; update_metadata must not touch them.
