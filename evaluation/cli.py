@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 
+from deqguard.shipped import SHIPPED_NAMES
 from deqguard.solve_rules import DEFENSES
 from deqguard.threads import add_threads_argument
 
@@ -105,8 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "AutoAttack), the entropy-reduction defense and trajectory detection for a checkpoint",
         description=_DESCRIPTION)
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
-                   help="a .safetensors checkpoint, a shipped name (default, regulated-e15) or "
-                        "a model-store tag (name:version)")
+                   help=f"a .safetensors checkpoint, a shipped name ({SHIPPED_NAMES}) or a "
+                        "model-store tag (name:version)")
     p.add_argument("--data", choices=DATASETS,
                    help="dataset to evaluate on (default: the one the checkpoint records)")
     p.add_argument("--data-dir",

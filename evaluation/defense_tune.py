@@ -36,6 +36,7 @@ from torch import Tensor
 from deqguard.errors import DeqguardError
 from deqguard.models.classifier import Classifier
 from deqguard.models.defense import FULL_GRADIENT, EntropyReductionConfig, entropy_reduction_solve
+from deqguard.shipped import SHIPPED_NAMES
 
 from .attacks import AttackSpec, default_step_size, run_attack
 from .bootstrap import bootstrap_many
@@ -317,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
         "defense, cost against the undefended solve. Writes --out after every setting; a "
         "rerun with the same --out and settings resumes.")
     p.add_argument("checkpoint",
-                   help="a .safetensors checkpoint or a shipped name (default, regulated-e15)")
+                   help=f"a .safetensors checkpoint or a shipped name ({SHIPPED_NAMES})")
     p.add_argument("--out", required=True, help="the report (JSON), also the resume state")
     p.add_argument("--n", type=int, default=200, help="first N validation images")
     p.add_argument("--grid", default=DEFAULT_GRID,

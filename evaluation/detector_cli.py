@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deqguard.shipped import SHIPPED_NAMES
 from deqguard.threads import add_threads_argument
 
 from .choices import FEATURE_GROUPS
@@ -242,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=textwrap.fill(_SUBCOMMANDS[name], 79),
                          formatter_class=HelpFormatter)
         q.add_argument("checkpoint", metavar="CHECKPOINT",
-                       help="a .safetensors checkpoint or a shipped name (default, regulated-e15)")
+                       help=f"a .safetensors checkpoint or a shipped name ({SHIPPED_NAMES})")
         q.add_argument("--cache", default="runs/detect",
                        help="root of the attacked sets and features, one folder per weights")
         q.add_argument("--n-cal", type=int, default=300,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from deqguard.fileio import atomic_write_bytes
+from deqguard.shipped import SHIPPED_CHECKPOINTS, SHIPPED_NAMES
 
 from .classifier import Classifier
 from .device import resolve_device
@@ -30,10 +31,7 @@ FORMAT_VERSION = 1
 _META_KEY = "deqguard"
 _MAX_HEADER = 64 * 1024 * 1024
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-# `regulated-e15` is the default shipped until 2026-12-05 (the 15-epoch regulated DEQ): kept by
-# name so that a caller who needs the answers served before the switch can still serve them.
-NAMED_CHECKPOINTS = {"default": WEIGHTS_DIR / "default.safetensors",
-                     "regulated-e15": WEIGHTS_DIR / "regulated-e15.safetensors"}
+NAMED_CHECKPOINTS = {name: WEIGHTS_DIR / file for name, file in SHIPPED_CHECKPOINTS.items()}
 # Written by save_checkpoint from the model itself; update_metadata must not touch them.
 _WRITER_FIELDS = frozenset({"format_version", "deqguard_version", "model", "sha256"})
 
@@ -101,7 +99,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
                  "`deqguard models list`)" if bentoml_available()
                  else "not looked up in a BentoML model store (bentoml is not installed)")
         raise CheckpointError(f"checkpoint not found: {key!r} is not a file, not a shipped name "
-                              f"({', '.join(NAMED_CHECKPOINTS)}), and {where}")
+                              f"({SHIPPED_NAMES}), and {where}")
     if not stored.path.is_file():
         raise CheckpointError(f"model {stored.tag} in the BentoML model store holds no deqguard "
                               f"checkpoint ({stored.path.name} missing in {stored.path.parent}); "

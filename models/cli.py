@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from deqguard.shipped import SHIPPED_NAMES
+
 
 def _info(args: argparse.Namespace) -> int:
     from .checkpoint import read_metadata, resolve_checkpoint
@@ -19,6 +21,5 @@ def _info(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata as JSON")
     p.add_argument("checkpoint",
-                   help="path to a .safetensors checkpoint, or a shipped name "
-                        "(default, regulated-e15)")
+                   help=f"path to a .safetensors checkpoint, or a shipped name ({SHIPPED_NAMES})")
     p.set_defaults(func=_info)
