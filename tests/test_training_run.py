@@ -291,6 +291,25 @@ def test_run_summary_says_when_near_chance_is_expected():
     assert "chance level for 10 classes is 10%" in high and "Near chance" not in high
 
 
+def test_run_summary_counts_the_epochs_run_not_the_best_checkpoints():
+    """A 100-epoch run whose best epoch was 85 once summed itself up as "done: 85 epochs"."""
+    from deqguard.models import CheckpointMetadata
+    from deqguard.training.summary import run_summary
+
+    best = CheckpointMetadata(
+        name="long", model={}, input={"channels": 1, "height": 28, "width": 28},
+        classes=[str(i) for i in range(10)],
+        training={"preset": "fashion-wk-plain", "epochs_completed": 85,
+                  "data": {"train_images": 55000}},
+        metrics={"best_epoch": 85, "val_clean_accuracy": 0.86, "val_pgd_accuracy": 0.788,
+                 "val_pgd": {"eps": 0.1, "steps": 10}, "val_images": 1000})
+    text = " ".join(run_summary(best, "runs/long/best.safetensors", epochs_run=100).split())
+    assert "done: 100 epochs on 55,000 training images" in text
+    assert "(best epoch 85 of 100)" in text
+    alone = " ".join(run_summary(best, "runs/long/best.safetensors").split())
+    assert "done: 85 epochs" in alone and "(best epoch 85 of 85)" in alone
+
+
 def _interrupted_after_one_epoch(monkeypatch, cfg, out: Path, argv: list[str]) -> None:
     """Train `cfg` into `out` until its second epoch starts, then stop it as a kill would."""
     from deqguard.training.loop import Trainer

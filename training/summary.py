@@ -32,13 +32,16 @@ def _plural(n: int, word: str) -> str:
 
 
 def run_summary(meta: CheckpointMetadata, path: str | Path,
-                average: tuple[CheckpointMetadata, str | Path] | None = None) -> str:
+                average: tuple[CheckpointMetadata, str | Path] | None = None,
+                epochs_run: int | None = None) -> str:
     """The end-of-run summary for the checkpoint at `path` (the best epoch's), several lines;
-    `average`: the weight average's best checkpoint and its path, when the run kept one."""
+    `average`: the weight average's best checkpoint and its path, when the run kept one;
+    `epochs_run`: how many epochs the run trained, which the best checkpoint's own metadata
+    cannot say when a later epoch validated worse (it was saved then, not at the end)."""
     m: dict[str, Any] = meta.metrics
     t: dict[str, Any] = meta.training
     classes = len(meta.classes)
-    epochs = int(t.get("epochs_completed") or 0)
+    epochs = int(epochs_run if epochs_run is not None else t.get("epochs_completed") or 0)
     data = t.get("data") or {}
     train_images = data.get("train_images")
     preset = t.get("preset") or "?"
@@ -47,7 +50,7 @@ def run_summary(meta: CheckpointMetadata, path: str | Path,
         size += f" on {_plural(int(train_images), 'training image')}"
     best = m.get("best_epoch", m.get("epoch", "?"))
     lines = [f"deqguard train: run {meta.name!r} done: {size} (preset {preset})",
-             f"  checkpoint  {path} (epoch {best}), named {meta.name!r}"]
+             f"  checkpoint  {path} (best epoch {best} of {epochs}), named {meta.name!r}"]
     clean = m.get("val_clean_accuracy")
     if clean is not None:
         pgd, attack = m.get("val_pgd_accuracy"), m.get("val_pgd") or {}
