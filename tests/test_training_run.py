@@ -243,7 +243,7 @@ def test_train_cli_threads_name_limit_and_summary(pattern_idx_dir, tmp_path, cap
     summary = " ".join(err[err.index("deqguard train: run 'my-smoke'"):].split())
     for part in ("validation clean accuracy", "PGD accuracy", "on 48 images",
                  "chance level for 10 classes is 10%", f"deqguard serve {out / 'best.safetensors'}",
-                 "named 'my-smoke'"):
+                 "named 'my-smoke'", "done: 1 epoch on", "(best epoch 1 of 1)"):
         assert part in summary, part
 
     # A resumed run keeps the name it started with unless --name says otherwise.

@@ -115,8 +115,7 @@ def _train(args: argparse.Namespace) -> int:
 
         ema = result.out_dir / EMA_BEST
         average = (read_metadata(ema), ema) if ema.exists() and cfg.train.ema_decay > 0 else None
-        epochs_run = read_metadata(result.last).training.get("epochs_completed")
-        print(run_summary(read_metadata(result.best), result.best, average, epochs_run),
+        print(run_summary(read_metadata(result.best), result.best, average, result.epochs),
               file=sys.stderr)
     return 0
 

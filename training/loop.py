@@ -46,6 +46,7 @@ class RunResult:
     last: Path
     best: Path
     metrics: dict[str, Any]
+    epochs: int  # trained in all, resumed epochs included; `best` may be an earlier one's
     is_main: bool = True  # the process that wrote the checkpoints (rank 0 under torchrun)
 
 
@@ -158,7 +159,8 @@ class Trainer(EpochLoop, RunFiles, RunSelection):
             if self._overfitted():
                 break
         final = self._finish()
-        return RunResult(self.out, self.out / LAST, self.out / BEST, final, self.dist.is_main)
+        return RunResult(self.out, self.out / LAST, self.out / BEST, final, self.epoch,
+                         self.dist.is_main)
 
 
 def freeze_backbone(model: Classifier) -> None:
