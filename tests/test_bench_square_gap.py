@@ -1,0 +1,44 @@
+"""bench/square_gap.py: the margin it reads along a segment, and its cache of Square's points, which
+must be rebuilt when the checkpoint changes (a stale cache would attribute one model's gap to
+another)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def square_gap():
+    spec = importlib.util.spec_from_file_location("bench_square_gap",
+                                                  REPO / "bench" / "square_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_square_gap"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_margin_is_the_true_logit_minus_the_largest_other(square_gap):
+    logits = torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 1.0], [2.0, 2.0, -1.0]])
+    y = torch.tensor([0, 2, 1])
+    assert square_gap.margin(logits, y).tolist() == pytest.approx([0.5, -3.0, 0.0])
+
+
+def test_cache_is_rebuilt_for_another_checkpoint(square_gap, tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    path = tmp_path / "square.pt"
+    assert square_gap.cached(path, "sha-a", make)["value"] == 1
+    assert square_gap.cached(path, "sha-a", make)["value"] == 1  # read back, not recomputed
+    assert square_gap.cached(path, "sha-b", make)["value"] == 2
+    assert len(calls) == 2
