@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ class Logits(nn.Module):
 
 
 def served_logits(model: nn.Module, x: Tensor, batch: int = 250, **solve: object) -> Tensor:
+    """What the service answers (no graph: each sample stops on its own), unless `solve`
+    overrides the checkpoint's solver options. Every attack here is judged on this."""
     with torch.no_grad():
         return torch.cat([(model(x[i:i + batch], **solve) if solve else model(x[i:i + batch]))
                           for i in range(0, len(x), batch)])
@@ -64,7 +67,9 @@ def margin(logits: Tensor, y: Tensor) -> Tensor:
     return true - other
 
 
-def cached(path: Path, sha: str, make):
+def cached(path: Path, sha: str, make: Callable[[], dict]) -> dict:
+    """`make()`'s result, kept in `path` for the checkpoint `sha`: Square alone costs about 20
+    minutes on the default, and reruns of the diagnosis should not repeat it."""
     if path.exists():
         blob = torch.load(path)
         if blob.get("sha256") == sha:
