@@ -20,6 +20,14 @@ A missing report leaves its cells as "not run"; nothing is filled in from elsewh
 APGD-CE ran (`--aa-attacks apgd-ce --json DIR/aa-apgd-ce-n1000.json`), its number is shown as
 the upper bound it is.
 
+An optional fourth line adds Square (gradient-free, 5,000 queries) after APGD-CE and APGD-T, the
+check that the exact gradient did not leave adversarial points unfound (on the 100-epoch DEQ it
+does, docs/results.md); it costs about as much again as the third line on a DEQ, so `--square`
+asks for it:
+
+    deqguard eval CKPT --data fashion-mnist --threads 1 --n 1000 --attacks clean,aa \
+        --aa-attacks apgd-ce,apgd-t,square --batch-size 500 --json DIR/aa-square-n1000.json
+
 `--evaluate` first runs the three lines for every model whose reports are missing, so a new
 checkpoint gets its row from one command (RUN: a run folder, whose best.safetensors is
 evaluated, or a checkpoint file inside one). Each line's output goes to DIR/<report>.log under
@@ -89,12 +97,15 @@ class HeadlineError(Exception):
 def report_names(n_clean: int = 10000, n_attack: int = 1000) -> dict[str, str]:
     """The three reports' file stems (without .json) for these image counts."""
     return {"full": f"clean-budget-n{n_clean}", "white": f"whitebox-n{n_attack}",
-            "aa": f"aa-n{n_attack}", "ce_only": f"aa-apgd-ce-n{n_attack}"}
+            "aa": f"aa-n{n_attack}", "ce_only": f"aa-apgd-ce-n{n_attack}",
+            "square": f"aa-square-n{n_attack}"}
 
 
 def eval_lines(checkpoint: Path, folder: Path, n_clean: int = 10000, n_attack: int = 1000,
-               extra: list[str] | None = None) -> list[tuple[str, list[str]]]:
-    """The three `deqguard eval` lines of a headline row, as (report stem, argv)."""
+               extra: list[str] | None = None, square: bool = False
+               ) -> list[tuple[str, list[str]]]:
+    """The three `deqguard eval` lines of a headline row (four with `square`), as (report
+    stem, argv)."""
     names = report_names(n_clean, n_attack)
     common = ["--data", "fashion-mnist", "--threads", "1", "--no-progress"]
     parts = [
@@ -105,6 +116,10 @@ def eval_lines(checkpoint: Path, folder: Path, n_clean: int = 10000, n_attack: i
         (names["aa"], ["--n", str(n_attack), "--attacks", "clean,aa",
                        "--aa-attacks", "apgd-ce,apgd-t", "--batch-size", "500"]),
     ]
+    if square:
+        parts.append((names["square"], ["--n", str(n_attack), "--attacks", "clean,aa",
+                                        "--aa-attacks", "apgd-ce,apgd-t,square",
+                                        "--batch-size", "500"]))
     return [(stem, ["deqguard", "eval", str(checkpoint), *common, *args,
                     "--json", str(folder / f"{stem}.json"), "--report", str(folder / stem),
                     *(extra or [])])
@@ -124,7 +139,8 @@ def parse_spec(spec: str) -> tuple[str, Path, Path | None, Path | None]:
     return parts[0], Path(parts[1]), target, target / "best.safetensors"
 
 
-def evaluate(spec: str, n_clean: int, n_attack: int, extra: list[str]) -> None:
+def evaluate(spec: str, n_clean: int, n_attack: int, extra: list[str],
+             square: bool = False) -> None:
     """Run the lines whose report is missing, each teed to DIR/<report>.log."""
     name, folder, _, checkpoint = parse_spec(spec)
     if checkpoint is None:
@@ -135,7 +151,7 @@ def evaluate(spec: str, n_clean: int, n_attack: int, extra: list[str]) -> None:
     exe = Path(sys.executable).with_name("deqguard")
     # where the console script is not beside the interpreter (an install into another prefix)
     launcher = [str(exe)] if exe.is_file() else [sys.executable, "-m", "deqguard.cli"]
-    for stem, argv in eval_lines(checkpoint, folder, n_clean, n_attack, extra):
+    for stem, argv in eval_lines(checkpoint, folder, n_clean, n_attack, extra, square):
         if (folder / f"{stem}.json").is_file():
             print(f"[headline] {name}: {stem}.json is there, kept", file=sys.stderr, flush=True)
             continue
@@ -173,17 +189,21 @@ def row(spec: str, n_clean: int = 10000, n_attack: int = 1000) -> str:
         # APGD-CE alone can only overstate what APGD-CE + APGD-T would leave
         a = ce_only["autoattack"]
         auto = f"<= {pct(a['accuracy'], a['n'])} (APGD-CE only)"
+    sq = load(folder, names["square"])
+    with_square = (pct(sq["autoattack"]["accuracy"], sq["autoattack"]["n"])
+                   if sq and sq.get("autoattack") else NOT_RUN)
     budgets, converged = budget_cell(full)
     return (f"| {name} | {epochs} | {seconds} | {clean_full} | {clean_1k} | {worst} | {auto} | "
-            f"{budgets} | {converged} |")
+            f"{with_square} | {budgets} | {converged} |")
 
 
 def header(n_clean: int = 10000, n_attack: int = 1000) -> str:
     clean = "10,000 test" if n_clean == 10000 else f"first {n_clean:,}"
     return (f"| model | epochs | s / epoch | clean, {clean} | clean, first {n_attack:,} | "
             f"worst white-box, first {n_attack:,} | APGD-CE + APGD-T, first {n_attack:,} | "
+            f"then Square, first {n_attack:,} | "
             "clean at budget 10 / 30 / 60 | converged within 30 |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 HEADER = header()
@@ -202,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-attack", type=int, default=1000,
                         help="first test images the attacks run on (default: 1000); other "
                              "counts than the defaults are for timing and smoke runs")
+    parser.add_argument("--square", action="store_true",
+                        help="with --evaluate: also run the fourth line, APGD-CE + APGD-T + "
+                             "Square (about as long again as the third on a DEQ)")
     parser.add_argument("--eval-args", default="", metavar="ARGS",
                         help="extra deqguard eval options for every line, one string, e.g. "
                              "--eval-args='--data-dir DIR' (default: none)")
@@ -214,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     if ckpt is None:
                         raise HeadlineError(f"{spec!r}: --evaluate needs NAME=DIR=RUN")
-                    for _, line in eval_lines(ckpt, folder, args.n_clean, args.n_attack, extra):
+                    for _, line in eval_lines(ckpt, folder, args.n_clean, args.n_attack, extra,
+                                              args.square):
                         print(shlex.join(line))
                 else:
-                    evaluate(spec, args.n_clean, args.n_attack, extra)
+                    evaluate(spec, args.n_clean, args.n_attack, extra, args.square)
             if args.dry_run:
                 return 0
     except HeadlineError as exc:

@@ -47,6 +47,25 @@ def test_dry_run_prints_the_documented_lines(headline, capsys):
         "out/m/clean-budget-n10000.json", "out/m/whitebox-n1000.json", "out/m/aa-n1000.json"]
 
 
+def test_square_adds_a_fourth_line_and_its_column(headline, capsys, tmp_path):
+    assert headline.main(["--evaluate", "--dry-run", "--square", "m=out/m=runs/x"]) == 0
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4
+    square = lines[3]
+    assert square[square.index("--aa-attacks") + 1] == "apgd-ce,apgd-t,square"
+    assert square[square.index("--json") + 1] == "out/m/aa-square-n1000.json"
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cells = [c.strip() for c in headline.row(f"m={folder}").strip("|").split("|")]
+    assert cells[7] == headline.NOT_RUN  # no fourth report: said, not filled in
+    (folder / "aa-square-n1000.json").write_text(
+        json.dumps({"autoattack": {"accuracy": 0.75, "n": 1000}}))
+    cells = [c.strip() for c in headline.row(f"m={folder}").strip("|").split("|")]
+    assert cells[7] == headline.pct(0.75, 1000) and cells[6] == headline.NOT_RUN
+    assert len(cells) == headline.HEADER.splitlines()[0].count("|") - 1
+
+
 def test_evaluate_runs_missing_lines_and_prints_their_numbers(headline, tiny_checkpoint,
                                                               pattern_idx_dir, tmp_path, capsys):
     run = tmp_path / "run"
