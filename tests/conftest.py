@@ -6,8 +6,10 @@ intra-op threads have been seen to run 70x slower.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -15,6 +17,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -25,6 +28,19 @@ if TYPE_CHECKING:  # torch is imported where it is used, as in the fixtures belo
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = [f"shape{i}" for i in range(4)]
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(script: str, name: str | None = None) -> ModuleType:
+    """A bench/ script imported as a module (bench/ is no package). It is registered in
+    sys.modules under `name` (default bench_<stem>) before it runs: dataclasses and BentoML
+    resolve the module's type hints through it."""
+    name = name or f"bench_{Path(script).stem}"
+    spec = importlib.util.spec_from_file_location(name, BENCH / script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_pattern_images(n: int, num_classes: int = 4, size: int = 28, channels: int = 1,

@@ -4,27 +4,18 @@ naive solve at the same iterations. The CUDA-graph test runs where a GPU is."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 
 from deqguard.models import load_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cuda_serve():
-    spec = importlib.util.spec_from_file_location("bench_cuda_serve",
-                                                  REPO / "bench" / "cuda_serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_cuda_serve"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("cuda_serve.py")
 
 
 def _x(n: int, seed: int = 0) -> torch.Tensor:

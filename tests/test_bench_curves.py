@@ -3,26 +3,19 @@ runs still writing their log, and folders that are not runs (refused in one line
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def curves():
-    spec = importlib.util.spec_from_file_location("bench_curves", REPO / "bench" / "curves.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_curves"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("curves.py")
 
 
 def epoch_rows(n: int, seed: int, iterations: bool = True) -> list[dict]:

@@ -3,16 +3,14 @@ table row from one command; reports already there are kept; bad specs are refuse
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
-REPO = Path(__file__).resolve().parents[1]
 # keeps the tiny model's lines to seconds; the attacks and their images stay those of the table
 FAST = ["--pgd-steps", "2", "--steps-sweep", "1,2", "--eps-sweep", "1", "--large-eps", "0.5",
         "--budgets", "1,5", "--intermediate", "1:2", "--aa-n", "4", "--batch-size", "16"]
@@ -20,12 +18,7 @@ FAST = ["--pgd-steps", "2", "--steps-sweep", "1,2", "--eps-sweep", "1", "--large
 
 @pytest.fixture(scope="module")
 def headline():
-    spec = importlib.util.spec_from_file_location("bench_headline",
-                                                  REPO / "bench" / "headline.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_headline"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("headline.py")
 
 
 def test_dry_run_prints_the_documented_lines(headline, capsys):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_bench
 from pngs import png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,12 +23,7 @@ ROWS = ("floor", "deqguard+CNN", "deqguard+default", "in-process CNN", "in-proce
 
 
 def _floor_module():
-    spec = importlib.util.spec_from_file_location("floor_service",
-                                                  REPO / "bench" / "floor_service.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["floor_service"] = mod  # BentoML resolves the routes' type hints through it
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("floor_service.py", "floor_service")
 
 
 def test_floor_decodes_and_sends_the_given_answer_on_both_routes(tmp_path, monkeypatch):

@@ -4,24 +4,14 @@ another)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def square_gap():
-    spec = importlib.util.spec_from_file_location("bench_square_gap",
-                                                  REPO / "bench" / "square_gap.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_square_gap"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("square_gap.py")
 
 
 def test_margin_is_the_true_logit_minus_the_largest_other(square_gap):

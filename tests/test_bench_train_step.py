@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+from conftest import load_bench
 
 
 def test_count_ops_counts_more_operators_for_more_attack_steps(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("train_step.py")
     counts = {}
     for steps_set in ("objective.steps=1", "objective.steps=3"):
         monkeypatch.setattr(sys, "argv", [

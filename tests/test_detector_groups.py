@@ -4,14 +4,12 @@ served with exactly that group's features."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_bench
 
 from deqguard.evaluation.advsets import VAL_MIX, CraftSpec, block_plan, craft
 from deqguard.evaluation.choices import FEATURE_GROUPS
@@ -26,16 +24,11 @@ from deqguard.evaluation.detector_groups import (
 )
 from deqguard.models.dynamics import BASELINE_FEATURES, TRAJECTORY_FEATURES, DynamicsConfig
 
-REPO = Path(__file__).resolve().parents[1]
 FREE = [*BASELINE_FEATURES, *TRAJECTORY_FEATURES]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("detect_cost", REPO / "bench" / "detect_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["detect_cost"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("detect_cost.py", "detect_cost")
 
 
 def test_the_cli_choices_are_the_groups():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 from test_training_run import tiny_config
 
 from deqguard.models import load_checkpoint
@@ -146,12 +147,7 @@ def test_cuda_graphs_do_not_split_a_run():
 def test_the_benchmarks_graph_check_finds_no_difference_with_the_stand_in(batch, capsys):
     """bench/train_step.py's check of graphs against eager, here with the eager stand-in: it
     compares like with like (same depths and noise), so it must print a difference of 0."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_train_step", Path(__file__).resolve().parents[1] / "bench" / "train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("train_step.py")
     model = load_checkpoint(SHIPPED, device="cpu")[0].train()
     cfg = bench.build_config("fashion-wk-regulated", ["objective.steps=2"])
     graphs = DepthGraphs(model, capture=EagerCapture(model))
