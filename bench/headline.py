@@ -22,8 +22,8 @@ the upper bound it is.
 
 An optional fourth line adds Square (gradient-free, 5,000 queries) after APGD-CE and APGD-T, the
 check that the exact gradient did not leave adversarial points unfound (on the 100-epoch DEQ it
-does, docs/results.md); it costs about as much again as the third line on a DEQ, so `--square`
-asks for it:
+does, docs/results.md). It reruns the third line's attacks (the same points: the seed is fixed)
+before Square, so on that DEQ it took about twice the third line's time; `--square` asks for it:
 
     deqguard eval CKPT --data fashion-mnist --threads 1 --n 1000 --attacks clean,aa \
         --aa-attacks apgd-ce,apgd-t,square --batch-size 500 --json DIR/aa-square-n1000.json
@@ -95,7 +95,7 @@ class HeadlineError(Exception):
 
 
 def report_names(n_clean: int = 10000, n_attack: int = 1000) -> dict[str, str]:
-    """The three reports' file stems (without .json) for these image counts."""
+    """The reports' file stems (without .json) for these image counts."""
     return {"full": f"clean-budget-n{n_clean}", "white": f"whitebox-n{n_attack}",
             "aa": f"aa-n{n_attack}", "ce_only": f"aa-apgd-ce-n{n_attack}",
             "square": f"aa-square-n{n_attack}"}
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                              "counts than the defaults are for timing and smoke runs")
     parser.add_argument("--square", action="store_true",
                         help="with --evaluate: also run the fourth line, APGD-CE + APGD-T + "
-                             "Square (about as long again as the third on a DEQ)")
+                             "Square (about twice the third line's time on a DEQ)")
     parser.add_argument("--eval-args", default="", metavar="ARGS",
                         help="extra deqguard eval options for every line, one string, e.g. "
                              "--eval-args='--data-dir DIR' (default: none)")
