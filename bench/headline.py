@@ -22,8 +22,9 @@ the upper bound it is.
 
 An optional fourth line adds Square (gradient-free, 5,000 queries) after APGD-CE and APGD-T, the
 check that the gradient attacks did not leave adversarial points unfound (on every model
-measured they did, 0.5 to 2.4 points: docs/results.md). It reruns the third line's attacks (the same points: the seed is fixed)
-before Square, so on that DEQ it took about twice the third line's time; `--square` asks for it:
+measured they did, 0.5 to 2.4 points: docs/results.md). It reruns the third line's attacks (the
+same points: the seed is fixed) before Square, so on the 100-epoch DEQ it took about twice the
+third line's time; `--square` asks for it:
 
     deqguard eval CKPT --data fashion-mnist --threads 1 --n 1000 --attacks clean,aa \
         --aa-attacks apgd-ce,apgd-t,square --batch-size 500 --json DIR/aa-square-n1000.json
