@@ -3,23 +3,13 @@ here: the bench is run by hand, its log committed)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("slowdown_http",
-                                                  REPO / "bench" / "slowdown_http.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("slowdown_http.py", "slowdown_http")  # it puts bench/ on sys.path
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
