@@ -1,6 +1,6 @@
-"""bench/square_gap.py: the margin it reads along a segment, and its cache of Square's points, which
-must be rebuilt when the checkpoint changes (a stale cache would attribute one model's gap to
-another)."""
+"""bench/square_gap.py: the margin it reads along a segment, and its caches, which must be rebuilt
+when the checkpoint or the attacked images change (a stale cache would attribute one model's gap
+to another)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,9 @@ def test_cache_is_rebuilt_for_another_checkpoint(square_gap, tmp_path):
     assert square_gap.cached(path, "sha-a", make)["value"] == 1  # read back, not recomputed
     assert square_gap.cached(path, "sha-b", make)["value"] == 2
     assert len(calls) == 2
+
+    # The APGD stage's key also names the images it attacked: another set is not reused.
+    apgd = tmp_path / "apgd.pt"
+    assert square_gap.cached(apgd, ("sha-a", (3, 7)), make)["value"] == 3
+    assert square_gap.cached(apgd, ("sha-a", (3, 7)), make)["value"] == 3
+    assert square_gap.cached(apgd, ("sha-a", (3, 8)), make)["value"] == 4
