@@ -334,7 +334,8 @@ def test_resumed_run_records_each_invocation_as_a_segment(pattern_idx_dir, tmp_p
     let the last invocation's device and command stand for every epoch."""
     from deqguard.training.loop import Trainer
 
-    cfg = tiny_config(pattern_idx_dir, "train.epochs=2", "train.progress=false")
+    # amp pinned off: `auto` computes in bf16 on a CPU with AMX/AVX512-BF16, fp32 elsewhere
+    cfg = tiny_config(pattern_idx_dir, "train.epochs=2", "train.progress=false", "train.amp=off")
     out = tmp_path / "run"
     _interrupted_after_one_epoch(monkeypatch, cfg, out, ["deqguard", "train", "first"])
     first = read_metadata(out / "last.safetensors").training["segments"]
