@@ -10,6 +10,8 @@ an entry another runner is training is left to it, so two runners can share a gr
     python bench/recipes.py --grid deq-designs --epochs 10 --root runs/search/deq --threads 1
     python bench/recipes.py --grid anchor --root runs/search/anchor --table   # table only
     python bench/recipes.py --grid lr --epochs 10 --root runs/long/lr-search --threads 1
+    python bench/recipes.py --grid clean --epochs 4 --root runs/long/clean-search --threads 1 \
+        --only regulated-clean0.25,regulated-clean0.5
     python bench/recipes.py --grid long --epochs 60 --root runs/long/e60 --threads 1 \
         --only anchor-e60
 """
@@ -80,6 +82,29 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "jacobian": {
         "regulated-jac0.5": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "jacobian.weight=0.5"]),
         "regulated-jac2": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "jacobian.weight=2.0"]),
+    },
+    # clean mixing (the published PGD-AT models' half-clean batches), the lever for issue 30's
+    # 88% clean aim, at each model's searched rate and the lr grid's lengths (`--epochs 4` for
+    # the DEQ, `--epochs 10` for the anchor): the baselines are that grid's regulated-lr1.6e-2
+    # and anchor-lr1e-2. fp32 as they were (amp auto would pick bf16 on an AMX CPU)
+    "clean": {
+        "regulated-clean0.25": ("fashion-wk-regulated", [
+            "optim.lr=1.6e-2", "objective.clean_weight=0.25", "train.amp=off"]),
+        "regulated-clean0.5": ("fashion-wk-regulated", [
+            "optim.lr=1.6e-2", "objective.clean_weight=0.5", "train.amp=off"]),
+        "anchor-clean0.25": ("fashion-cnn-wk", [
+            "optim.lr=1.0e-2", "objective.clean_weight=0.25", "train.amp=off"]),
+        "anchor-clean0.5": ("fashion-cnn-wk", [
+            "optim.lr=1.0e-2", "objective.clean_weight=0.5", "train.amp=off"]),
+    },
+    # clean mixing as a fine-tune of the shipped default (`--epochs 8`, root
+    # runs/long/ft-clean): its weights, a tenth of its peak rate with a short rise, then down
+    "clean-finetune": {
+        f"regulated-cw{w}": ("fashion-wk-regulated", [
+            "train.init_from=models/weights/default.safetensors", f"objective.clean_weight={w}",
+            "optim.lr=1e-3", "optim.warmup_fraction=0.1", "train.amp=off",
+            "train.channels_last=true"])
+        for w in ("0.25", "0.5")
     },
     # the equal-budget runs (`--epochs 60`), each model at its own best rate from the lr grid;
     # the regulated DEQ has one entry per rate still in contention, and only the winner is run
