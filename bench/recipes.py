@@ -83,19 +83,15 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-jac0.5": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "jacobian.weight=0.5"]),
         "regulated-jac2": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "jacobian.weight=2.0"]),
     },
-    # clean mixing (the published PGD-AT models' half-clean batches), the lever for issue 30's
+    # clean mixing (the published PGD-AT models' half-clean batches), a lever for issue 30's
     # 88% clean aim, at each model's searched rate and the lr grid's lengths (`--epochs 4` for
     # the DEQ, `--epochs 10` for the anchor): the baselines are that grid's regulated-lr1.6e-2
     # and anchor-lr1e-2. fp32 as they were (amp auto would pick bf16 on an AMX CPU)
     "clean": {
-        "regulated-clean0.25": ("fashion-wk-regulated", [
-            "optim.lr=1.6e-2", "objective.clean_weight=0.25", "train.amp=off"]),
-        "regulated-clean0.5": ("fashion-wk-regulated", [
-            "optim.lr=1.6e-2", "objective.clean_weight=0.5", "train.amp=off"]),
-        "anchor-clean0.25": ("fashion-cnn-wk", [
-            "optim.lr=1.0e-2", "objective.clean_weight=0.25", "train.amp=off"]),
-        "anchor-clean0.5": ("fashion-cnn-wk", [
-            "optim.lr=1.0e-2", "objective.clean_weight=0.5", "train.amp=off"]),
+        f"{model}-clean{w}": (preset, [lr, f"objective.clean_weight={w}", "train.amp=off"])
+        for model, preset, lr in (("regulated", "fashion-wk-regulated", "optim.lr=1.6e-2"),
+                                  ("anchor", "fashion-cnn-wk", "optim.lr=1.0e-2"))
+        for w in ("0.25", "0.5")
     },
     # clean mixing as a fine-tune of the shipped default (`--epochs 8`, root
     # runs/long/ft-clean): its weights, a tenth of its peak rate with a short rise, then down

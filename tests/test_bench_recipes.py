@@ -15,21 +15,13 @@ from conftest import load_bench
 from deqguard.training.config import ConfigError, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
+GRIDS = load_bench("recipes.py").GRIDS
+ENTRIES = [(grid, name, preset, sets) for grid, table in GRIDS.items()
+           for name, (preset, sets) in table.items()]
 
 
-@pytest.fixture(scope="module")
-def recipes():
-    return load_bench("recipes.py")
-
-
-def entries():
-    grids = load_bench("recipes.py").GRIDS
-    return [(grid, name, preset, sets) for grid, table in grids.items()
-            for name, (preset, sets) in table.items()]
-
-
-@pytest.mark.parametrize(("grid", "name", "preset", "sets"), entries(),
-                         ids=[f"{g}/{n}" for g, n, _, _ in entries()])
+@pytest.mark.parametrize(("grid", "name", "preset", "sets"), ENTRIES,
+                         ids=[f"{g}/{n}" for g, n, _, _ in ENTRIES])
 def test_every_entry_builds_a_valid_config(grid, name, preset, sets):
     cfg = build_config(preset, sets)
     source = cfg.train.init_from
@@ -42,10 +34,12 @@ def test_a_misspelt_override_is_refused():
         build_config("fashion-wk-regulated", ["objective.clean_wieght=0.5"])
 
 
-def test_the_clean_grid_differs_from_its_baselines_only_by_the_clean_weight(recipes):
-    baselines = {"regulated": recipes.GRIDS["lr"]["regulated-lr1.6e-2"],
-                 "anchor": recipes.GRIDS["lr"]["anchor-lr1e-2"]}
-    for name, (preset, sets) in recipes.GRIDS["clean"].items():
+def test_the_clean_grid_differs_from_its_baselines_only_by_the_clean_weight():
+    baselines = {"regulated": GRIDS["lr"]["regulated-lr1.6e-2"],
+                 "anchor": GRIDS["lr"]["anchor-lr1e-2"]}
+    assert sorted(GRIDS["clean"]) == ["anchor-clean0.25", "anchor-clean0.5",
+                                      "regulated-clean0.25", "regulated-clean0.5"]
+    for name, (preset, sets) in GRIDS["clean"].items():
         base_preset, base_sets = baselines[name.split("-")[0]]
         assert preset == base_preset
         extra = sorted(set(sets) - set(base_sets))
