@@ -1,0 +1,183 @@
+"""Re-select among runs' saved checkpoints on the whole validation split.
+
+Training keeps `best.safetensors` by PGD accuracy on `eval.val_limit` validation images (1,000 by
+default, about 1.3 points of standard error) after every epoch: the largest of a hundred noisy
+scores, so the kept epoch's score is biased upwards and two runs' best scores compare within that
+noise. This scores each saved checkpoint of the runs given (best, last, and where the run kept a
+weight average, ema and ema_best) again on the whole validation split (5,000 images for the
+presets) with the runs' own validation attack (PGD-10 from a uniform start, `eval.eps` and
+`eval.step_size` from the checkpoint's training config, the model's default gradient path, full
+fp32) and one fixed attack seed for all. The first `eval.val_limit` images are the ones training
+chose by, so they are scored apart: the ranking is by the held-out rest (4,000 images for the
+presets), which no epoch was chosen on. The test split is never read: what this picks is then
+evaluated on the test set once, by `bench/headline.py`.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/reselect.py runs/long/e100/fashion-wk-regulated \\
+        runs/long/e100/fashion-wk-regulated-x2 --threads 2 --json docs/eval/wk/reselect/val.json
+
+A checkpoint file can be named instead of a run folder. The table is printed best first (by
+held-out PGD accuracy, then clean), with the binomial standard error of the held-out score, the
+score on the selection images with this seed, and the score training logged for that epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from deqguard.models import load_checkpoint
+from deqguard.models.checkpoint import read_metadata
+from deqguard.models.errors import DeqguardError
+from deqguard.training.data import load_dataset
+from deqguard.training.run_files import BEST, EMA_BEST, EMA_LAST, LAST
+from deqguard.training.validation import validate
+
+CANDIDATES = (BEST, LAST, EMA_LAST, EMA_BEST)
+
+
+def candidates(paths: list[str]) -> list[Path]:
+    """The checkpoint files named, and every saved checkpoint of each run folder named."""
+    found: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            files = [path / name for name in CANDIDATES if (path / name).is_file()]
+            if not files:
+                raise DeqguardError(f"{path}: no {', '.join(CANDIDATES)} in this folder")
+            found.extend(files)
+        else:
+            raise DeqguardError(f"{path}: no such checkpoint or run folder")
+    return found
+
+
+def recorded(meta: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(data config, eval config) the checkpoint was trained and validated with."""
+    config = meta.training.get("config") or {}
+    return dict(config.get("data") or {}), dict(config.get("eval") or {})
+
+
+def revalidate(path: Path, *, seed: int, device: torch.device, val_size: int | None = None,
+               data: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """One checkpoint scored on its whole validation split, as a table row."""
+    meta = read_metadata(path)
+    trained_data, trained_eval = recorded(meta)
+    dataset = data or trained_data.get("dataset")
+    if dataset is None:
+        raise DeqguardError(f"{path}: no dataset in its training config; name one with --data")
+    eps = trained_eval.get("eps")
+    if eps is None:
+        raise DeqguardError(f"{path}: no validation eps in its training config")
+    step_size = trained_eval.get("step_size") or eps / 4
+    steps = int(trained_eval.get("steps", 10))
+    size = val_size or int(trained_data.get("val_size", 5000))
+    split = load_dataset(dataset, "val", data_dir=data_dir or trained_data.get("data_dir"),
+                         val_size=size, seed=int(trained_data.get("split_seed", 0)),
+                         image_size=trained_data.get("image_size"))
+    model, meta = load_checkpoint(path, device=device)
+    seen = min(int(trained_eval.get("val_limit") or len(split)), len(split))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batch = int(trained_eval.get("batch_size", 256))
+    start = time.perf_counter()
+    parts = {}
+    for name, indices in (("selection", range(seen)), ("held_out", range(seen, len(split)))):
+        if len(indices):
+            parts[name] = score(validate(
+                model, DataLoader(Subset(split, indices), batch_size=batch), eps=eps,
+                step_size=step_size, steps=steps, device=device, generator=generator))
+    if "held_out" not in parts:
+        raise DeqguardError(f"{path}: all {len(split)} validation images chose the epoch "
+                            "(eval.val_limit covers the split): none is held out")
+    return {
+        "checkpoint": str(path), "epoch": meta.metrics.get("epoch"), **parts,
+        "trained_val_images": meta.metrics.get("val_images"),
+        "trained_val_clean_accuracy": meta.metrics.get("val_clean_accuracy"),
+        "trained_val_pgd_accuracy": meta.metrics.get("val_pgd_accuracy"),
+        "attack": {"eps": eps, "step_size": step_size, "steps": steps, "seed": seed,
+                   "start": "uniform", "gradient": "model default"},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def score(scores: dict[str, Any]) -> dict[str, Any]:
+    """validate()'s numbers with the standard error of the PGD accuracy."""
+    n, pgd = scores["images"], scores["pgd_accuracy"]
+    return {**scores, "pgd_stderr": math.sqrt(pgd * (1 - pgd) / max(n, 1))}
+
+
+def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (-r["held_out"]["pgd_accuracy"],
+                                       -r["held_out"]["clean_accuracy"], r["checkpoint"]))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    held = rows[0]["held_out"]["images"] if rows else 0
+    seen = rows[0].get("selection", {}).get("images", 0) if rows else 0
+    steps = rows[0]["attack"]["steps"] if rows else 10
+    lines = [f"| checkpoint | epoch | held-out clean, {held:,} | held-out PGD-{steps}, {held:,} | "
+             f"selection images' PGD-{steps}, {seen:,} | as trained: val clean / PGD | "
+             "iterations | converged | s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        h, s = r["held_out"], r.get("selection")
+        lines.append(
+            f"| {r['checkpoint']} | {r['epoch'] if r['epoch'] is not None else 'n/a'} | "
+            f"{_pct(h['clean_accuracy'])} | {_pct(h['pgd_accuracy'])} ± "
+            f"{100 * h['pgd_stderr']:.1f} | {_pct(s['pgd_accuracy'] if s else None)} | "
+            f"{_pct(r['trained_val_clean_accuracy'])} / {_pct(r['trained_val_pgd_accuracy'])} | "
+            f"{h['mean_iterations']:.1f} | {100 * h['converged_fraction']:.1f}% | "
+            f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run folders or checkpoint files")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the PGD random starts")
+    parser.add_argument("--val-size", type=int,
+                        help="images in the validation split (default: the training config's)")
+    parser.add_argument("--data", help="dataset (default: the training config's)")
+    parser.add_argument("--data-dir", help="data folder (default: the training config's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    try:
+        rows = []
+        for path in candidates(args.paths):
+            rows.append(revalidate(path, seed=args.seed, device=device, val_size=args.val_size,
+                                   data=args.data, data_dir=args.data_dir))
+            held = rows[-1]["held_out"]
+            print(f"[reselect] {path}: held-out clean {_pct(held['clean_accuracy'])}, PGD "
+                  f"{_pct(held['pgd_accuracy'])}, {rows[-1]['seconds']:.0f} s",
+                  file=sys.stderr, flush=True)
+    except DeqguardError as exc:
+        print(f"reselect: {exc}", file=sys.stderr)
+        return 2
+    rows = ranked(rows)
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(["python", "bench/reselect.py",
+                                                              *(argv or sys.argv[1:])]),
+                                         "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""bench/reselect.py: it scores every saved checkpoint of a run on the validation split its
+training config names, the images training chose by (the first `eval.val_limit`) apart from the
+held-out rest it ranks by, never the test split, with the config's own attack; and it ranks a
+useless checkpoint below a trained one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import load_bench
+
+from deqguard.models import load_checkpoint, save_checkpoint, update_metadata
+from deqguard.models.errors import DeqguardError
+from deqguard.training.data import load_dataset
+
+VAL_SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def reselect():
+    return load_bench("reselect.py")
+
+
+def _trained_config(data_dir) -> dict:
+    """The parts of a training config reselect reads, as `deqguard train` records them."""
+    return {"config": {
+        "data": {"dataset": "fashion-mnist", "data_dir": str(data_dir), "val_size": VAL_SIZE,
+                 "split_seed": 3, "image_size": None},
+        "eval": {"batch_size": 40, "val_limit": 16, "eps": 0.03, "steps": 2,
+                 "step_size": 0.01}}}
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory, tiny_checkpoint, pattern_idx_dir):
+    """A run folder as training leaves it: best (the trained fixture) and last (its weights
+    zeroed: one constant answer), both recording a training config over the pattern files."""
+    folder = tmp_path_factory.mktemp("run")
+    shutil.copyfile(tiny_checkpoint, folder / "best.safetensors")
+    update_metadata(folder / "best.safetensors", training=_trained_config(pattern_idx_dir),
+                    metrics={"epoch": 7, "val_images": 16, "val_pgd_accuracy": 0.5})
+    model, meta = load_checkpoint(tiny_checkpoint, device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    save_checkpoint(model, folder / "last.safetensors",
+                    {"name": "zeroed", "classes": meta.classes,
+                     "training": _trained_config(pattern_idx_dir), "metrics": {"epoch": 9}})
+    return folder
+
+
+def test_candidates_are_the_files_a_run_saved(reselect, run_folder, tmp_path):
+    assert reselect.candidates([str(run_folder)]) == [run_folder / "best.safetensors",
+                                                     run_folder / "last.safetensors"]
+    single = run_folder / "last.safetensors"
+    assert reselect.candidates([str(single)]) == [single]
+    with pytest.raises(DeqguardError, match="no best.safetensors"):
+        reselect.candidates([str(tmp_path)])
+    with pytest.raises(DeqguardError, match="no such checkpoint"):
+        reselect.candidates([str(tmp_path / "missing")])
+
+
+def test_scores_held_out_validation_images_apart_with_the_recorded_attack(reselect, run_folder,
+                                                                         pattern_idx_dir):
+    row = reselect.revalidate(run_folder / "best.safetensors", seed=0, device=torch.device("cpu"))
+    assert row["selection"]["images"] == 16  # eval.val_limit: what training chose the epoch by
+    assert row["held_out"]["images"] == VAL_SIZE - 16  # the rest of the split, ranked by
+    assert row["attack"] == {"eps": 0.03, "step_size": 0.01, "steps": 2, "seed": 0,
+                             "start": "uniform", "gradient": "model default"}
+    assert row["epoch"] == 7 and row["trained_val_pgd_accuracy"] == 0.5
+
+    # Clean accuracy counted independently on the held-out images (split seed and size as
+    # recorded): the split is rebuilt as training carved it, and cut after the selection images.
+    split = load_dataset("fashion-mnist", "val", data_dir=pattern_idx_dir, val_size=VAL_SIZE,
+                         seed=3)
+    x = torch.stack([split[i][0] for i in range(16, len(split))])
+    y = torch.tensor([int(split[i][1]) for i in range(16, len(split))])
+    model, _ = load_checkpoint(run_folder / "best.safetensors", device="cpu")
+    with torch.no_grad():
+        expected = (model(x).argmax(1) == y).float().mean().item()
+    held = row["held_out"]
+    assert held["clean_accuracy"] == pytest.approx(expected)
+    assert held["pgd_accuracy"] <= held["clean_accuracy"]
+
+
+def test_no_held_out_image_is_refused(reselect, run_folder, pattern_idx_dir, tmp_path):
+    path = tmp_path / "all-seen.safetensors"
+    shutil.copyfile(run_folder / "best.safetensors", path)
+    config = _trained_config(pattern_idx_dir)
+    config["config"]["eval"]["val_limit"] = VAL_SIZE
+    update_metadata(path, training=config)
+    with pytest.raises(DeqguardError, match="none is held out"):
+        reselect.revalidate(path, seed=0, device=torch.device("cpu"))
+
+
+def test_ranks_a_useless_checkpoint_last_and_writes_the_rows(reselect, run_folder, tmp_path,
+                                                              capsys):
+    out = tmp_path / "rows.json"
+    assert reselect.main([str(run_folder), "--json", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["checkpoint"].rsplit("/", 1)[1] for r in rows] == ["best.safetensors",
+                                                                 "last.safetensors"]
+    assert rows[0]["held_out"]["pgd_accuracy"] > rows[1]["held_out"]["pgd_accuracy"]
+    table = capsys.readouterr().out
+    assert table.index("best.safetensors") < table.index("last.safetensors")
+
+
+def test_a_checkpoint_without_a_training_config_is_refused_clearly(reselect, tiny_checkpoint,
+                                                                   capsys):
+    assert reselect.main([str(tiny_checkpoint)]) == 2
+    assert "no dataset in its training config" in capsys.readouterr().err
