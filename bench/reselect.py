@@ -34,7 +34,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from deqguard.models import load_checkpoint
-from deqguard.models.checkpoint import read_metadata
 from deqguard.models.errors import DeqguardError
 from deqguard.training.data import load_dataset
 from deqguard.training.run_files import BEST, EMA_BEST, EMA_LAST, LAST
@@ -66,24 +65,23 @@ def recorded(meta: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(config.get("data") or {}), dict(config.get("eval") or {})
 
 
-def revalidate(path: Path, *, seed: int, device: torch.device, val_size: int | None = None,
-               data: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """One checkpoint scored on its whole validation split, as a table row."""
-    meta = read_metadata(path)
+def revalidate(path: Path, *, seed: int, device: torch.device,
+               data_dir: str | None = None) -> dict[str, Any]:
+    """One checkpoint as a table row: the images its run chose epochs by, and the held-out rest,
+    scored apart. The split is rebuilt from the checkpoint's own training config (dataset, size,
+    seed), never from flags: another size or seed would carve training images into it."""
+    model, meta = load_checkpoint(path, device=device)
     trained_data, trained_eval = recorded(meta)
-    dataset = data or trained_data.get("dataset")
-    if dataset is None:
-        raise DeqguardError(f"{path}: no dataset in its training config; name one with --data")
-    eps = trained_eval.get("eps")
-    if eps is None:
-        raise DeqguardError(f"{path}: no validation eps in its training config")
+    dataset, eps = trained_data.get("dataset"), trained_eval.get("eps")
+    if dataset is None or eps is None:
+        raise DeqguardError(f"{path}: its metadata records no training config with a dataset and "
+                            "a validation eps (not made by `deqguard train`?)")
     step_size = trained_eval.get("step_size") or eps / 4
     steps = int(trained_eval.get("steps", 10))
-    size = val_size or int(trained_data.get("val_size", 5000))
     split = load_dataset(dataset, "val", data_dir=data_dir or trained_data.get("data_dir"),
-                         val_size=size, seed=int(trained_data.get("split_seed", 0)),
+                         val_size=int(trained_data.get("val_size", 5000)),
+                         seed=int(trained_data.get("split_seed", 0)),
                          image_size=trained_data.get("image_size"))
-    model, meta = load_checkpoint(path, device=device)
     seen = min(int(trained_eval.get("val_limit") or len(split)), len(split))
     generator = torch.Generator(device=device).manual_seed(seed)
     batch = int(trained_eval.get("batch_size", 256))
@@ -147,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders or checkpoint files")
     parser.add_argument("--seed", type=int, default=0, help="seed of the PGD random starts")
-    parser.add_argument("--val-size", type=int,
-                        help="images in the validation split (default: the training config's)")
-    parser.add_argument("--data", help="dataset (default: the training config's)")
-    parser.add_argument("--data-dir", help="data folder (default: the training config's)")
+    parser.add_argument("--data-dir", help="where the dataset's files are, if not where training "
+                        "read them (the split's size and seed always come from the checkpoint)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -160,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = []
         for path in candidates(args.paths):
-            rows.append(revalidate(path, seed=args.seed, device=device, val_size=args.val_size,
-                                   data=args.data, data_dir=args.data_dir))
+            rows.append(revalidate(path, seed=args.seed, device=device, data_dir=args.data_dir))
             held = rows[-1]["held_out"]
             print(f"[reselect] {path}: held-out clean {_pct(held['clean_accuracy'])}, PGD "
                   f"{_pct(held['pgd_accuracy'])}, {rows[-1]['seconds']:.0f} s",

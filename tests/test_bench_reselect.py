@@ -111,4 +111,4 @@ def test_ranks_a_useless_checkpoint_last_and_writes_the_rows(reselect, run_folde
 def test_a_checkpoint_without_a_training_config_is_refused_clearly(reselect, tiny_checkpoint,
                                                                    capsys):
     assert reselect.main([str(tiny_checkpoint)]) == 2
-    assert "no dataset in its training config" in capsys.readouterr().err
+    assert "records no training config" in capsys.readouterr().err
