@@ -14,6 +14,7 @@ from conftest import load_bench
 from deqguard.models import load_checkpoint, save_checkpoint, update_metadata
 from deqguard.models.errors import DeqguardError
 from deqguard.training.data import load_dataset
+from deqguard.training.validation import validate
 
 VAL_SIZE = 96
 
@@ -61,8 +62,17 @@ def test_candidates_are_the_files_a_run_saved(reselect, run_folder, tmp_path):
         reselect.candidates([str(tmp_path / "missing")])
 
 
-def test_scores_held_out_validation_images_apart_with_the_recorded_attack(reselect, run_folder,
-                                                                         pattern_idx_dir):
+def test_scores_held_out_validation_images_apart_with_the_recorded_attack(
+        reselect, run_folder, pattern_idx_dir, monkeypatch):
+    scored = []  # (indices, images) of each validate() call
+
+    def spy(model, loader, **kw):
+        subset = loader.dataset
+        scored.append((list(subset.indices), torch.stack([subset[i][0] for i in
+                                                          range(len(subset))])))
+        return validate(model, loader, **kw)
+
+    monkeypatch.setattr(reselect, "validate", spy)
     row = reselect.revalidate(run_folder / "best.safetensors", seed=0, device=torch.device("cpu"))
     assert row["selection"]["images"] == 16  # eval.val_limit: what training chose the epoch by
     assert row["held_out"]["images"] == VAL_SIZE - 16  # the rest of the split, ranked by
@@ -75,6 +85,9 @@ def test_scores_held_out_validation_images_apart_with_the_recorded_attack(resele
     split = load_dataset("fashion-mnist", "val", data_dir=pattern_idx_dir, val_size=VAL_SIZE,
                          seed=3)
     x = torch.stack([split[i][0] for i in range(16, len(split))])
+    # The two parts are the split's first 16 images and the other 80, in the split's order.
+    assert [indices for indices, _ in scored] == [list(range(16)), list(range(16, VAL_SIZE))]
+    assert torch.equal(scored[1][1], x)
     y = torch.tensor([int(split[i][1]) for i in range(16, len(split))])
     model, _ = load_checkpoint(run_folder / "best.safetensors", device="cpu")
     with torch.no_grad():
