@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from deqguard.evaluation.eval_command import recorded_data
 from deqguard.models import load_checkpoint
 from deqguard.models.errors import DeqguardError
 from deqguard.training.data import load_dataset
@@ -59,19 +60,14 @@ def candidates(paths: list[str]) -> list[Path]:
     return found
 
 
-def recorded(meta: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(data config, eval config) the checkpoint was trained and validated with."""
-    config = meta.training.get("config") or {}
-    return dict(config.get("data") or {}), dict(config.get("eval") or {})
-
-
 def revalidate(path: Path, *, seed: int, device: torch.device,
                data_dir: str | None = None) -> dict[str, Any]:
     """One checkpoint as a table row: the images its run chose epochs by, and the held-out rest,
     scored apart. The split is rebuilt from the checkpoint's own training config (dataset, size,
     seed), never from flags: another size or seed would carve training images into it."""
     model, meta = load_checkpoint(path, device=device)
-    trained_data, trained_eval = recorded(meta)
+    trained_data = recorded_data(meta)
+    trained_eval = dict(((meta.training or {}).get("config") or {}).get("eval") or {})
     dataset, eps = trained_data.get("dataset"), trained_eval.get("eps")
     if dataset is None or eps is None:
         raise DeqguardError(f"{path}: its metadata records no training config with a dataset and "
@@ -122,9 +118,10 @@ def _pct(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    held = rows[0]["held_out"]["images"] if rows else 0
-    seen = rows[0].get("selection", {}).get("images", 0) if rows else 0
-    steps = rows[0]["attack"]["steps"] if rows else 10
+    """The rows as Markdown; `candidates` refuses an empty list, so there is a first row."""
+    held = rows[0]["held_out"]["images"]
+    seen = rows[0].get("selection", {}).get("images", 0)
+    steps = rows[0]["attack"]["steps"]
     lines = [f"| checkpoint | epoch | held-out clean, {held:,} | held-out PGD-{steps}, {held:,} | "
              f"selection images' PGD-{steps}, {seen:,} | as trained: val clean / PGD | "
              "iterations | converged | s |",

@@ -151,9 +151,9 @@ def validation_images(meta, n: int, data_dir: str | None = None
     """
     from deqguard.training.data import load_dataset
 
-    from .eval_command import _recorded_data
+    from .eval_command import recorded_data
 
-    rec = _recorded_data(meta)
+    rec = recorded_data(meta)
     data = rec.get("dataset")
     if not data:
         raise DeqguardError("the checkpoint records no dataset (training.config.data): its "

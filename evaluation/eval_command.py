@@ -65,7 +65,7 @@ def _device(args: argparse.Namespace) -> str:
     return device
 
 
-def _recorded_data(meta) -> dict:
+def recorded_data(meta) -> dict:
     """The data section of the checkpoint's training config ({} when it records none).
 
     A checkpoint trained by `deqguard train` names its dataset there (and in training.data), so
@@ -86,7 +86,7 @@ def _resolve_data(args: argparse.Namespace, meta, path) -> tuple[str, str | None
 
     if args.data is not None:
         return args.data, args.data_dir
-    recorded = _recorded_data(meta)
+    recorded = recorded_data(meta)
     data = recorded.get("dataset")
     if not data:
         raise DeqguardError(f"{path} records no dataset in its metadata (training.config.data): "
@@ -134,7 +134,7 @@ def _validation_images(args: argparse.Namespace, meta, data: str, data_dir: str 
     calibration records where its images came from."""
     from deqguard.training.data import load_dataset
 
-    trained = _recorded_data(meta)
+    trained = recorded_data(meta)
     val_size = args.val_size or int(trained.get("val_size", 5000))
     split_seed = args.split_seed if args.split_seed is not None else int(
         trained.get("split_seed", 0))

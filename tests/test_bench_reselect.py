@@ -5,6 +5,7 @@ useless checkpoint below a trained one."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -111,8 +112,6 @@ def test_ranks_a_useless_checkpoint_last_and_writes_the_rows(reselect, run_folde
                                                               capsys):
     out = tmp_path / "rows.json"
     assert reselect.main([str(run_folder), "--json", str(out)]) == 0
-    import json
-
     rows = json.loads(out.read_text())["rows"]
     assert [r["checkpoint"].rsplit("/", 1)[1] for r in rows] == ["best.safetensors",
                                                                  "last.safetensors"]
