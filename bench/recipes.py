@@ -76,6 +76,15 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),  # 4e-3 led: the edge
         "regulated-lr1.6e-2": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),  # 8e-3 led again
         "regulated-lr3.2e-2": ("fashion-wk-regulated", ["optim.lr=3.2e-2"]),  # 1.6e-2 led again
+        # the two DEQs whose 100-epoch runs borrowed the regulated DEQ's 1.6e-2: the expansion-2
+        # cell and the plain DEQ, each bracketed around it (`--epochs 4`, fp32 as above, in
+        # channels_last as their long runs; only compared among themselves)
+        **{f"{model}-lr{lr}": (preset, [f"optim.lr={lr}", *sets, "train.amp=off",
+                                        "train.channels_last=true"])
+           for model, preset, sets in (
+               ("x2", "fashion-wk-regulated", ["model.overrides.expansion=2"]),
+               ("plain", "fashion-wk-plain", []))
+           for lr in ("1.6e-2", "8e-3", "3.2e-2")},
     },
     # the Jacobian weight at the regulated DEQ's searched rate (`--epochs 4`, as the lr grid);
     # weight 1.0, the preset's, is the lr grid's regulated-lr1.6e-2

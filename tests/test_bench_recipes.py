@@ -46,3 +46,16 @@ def test_the_clean_grid_differs_from_its_baselines_only_by_the_clean_weight():
         assert [s.split("=")[0] for s in extra] == ["objective.clean_weight", "train.amp"], name
         cfg = build_config(preset, sets)
         assert cfg.objective.clean_weight > 0 and cfg.train.amp == "off"
+
+
+def test_each_borrowed_rate_is_searched_on_its_own_model():
+    """The expansion-2 and plain DEQs' rate entries differ only in the rate, inside each model."""
+    for model, preset, expansion in (("x2", "fashion-wk-regulated", 2),
+                                     ("plain", "fashion-wk-plain", 1)):
+        entries = {n: v for n, v in GRIDS["lr"].items() if n.startswith(f"{model}-lr")}
+        configs = [build_config(preset_, sets) for preset_, sets in entries.values()]
+        assert {p for p, _ in entries.values()} == {preset}
+        assert sorted(c.optim.lr for c in configs) == [8e-3, 1.6e-2, 3.2e-2]
+        for cfg in configs:
+            assert cfg.model.overrides.get("expansion", 1) == expansion
+            assert cfg.train.amp == "off" and cfg.train.channels_last
