@@ -59,3 +59,18 @@ def test_each_borrowed_rate_is_searched_on_its_own_model():
         for cfg in configs:
             assert cfg.model.overrides.get("expansion", 1) == expansion
             assert cfg.train.amp == "off" and cfg.train.channels_last
+
+
+def test_the_trades_grid_differs_from_its_baseline_only_by_the_objective():
+    base_preset, base_sets = GRIDS["lr"]["regulated-lr1.6e-2"]
+    betas = []
+    for preset, sets in GRIDS["trades"].values():
+        assert preset == base_preset
+        extra = sorted(set(sets) - set(base_sets))
+        assert [s.split("=")[0] for s in extra] == ["objective.beta", "objective.kind",
+                                                    "train.amp"]
+        cfg = build_config(preset, sets)
+        assert cfg.objective.kind == "trades" and cfg.train.amp == "off"
+        assert cfg.objective.steps == build_config(base_preset, base_sets).objective.steps
+        betas.append(cfg.objective.beta)
+    assert sorted(betas) == [1.0, 3.0, 6.0]
