@@ -103,14 +103,17 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         for w in ("0.25", "0.5")
     },
     # TRADES (Zhang et al. 2019: CE on the clean batch + beta KL to the adversarial one), the
-    # other lever for the 88% clean aim, on the regulated DEQ at its searched rate, the lr grid's
-    # length and precision (`--epochs 4`; baseline: that grid's regulated-lr1.6e-2); beta 6 is
-    # the paper's, smaller betas weigh the clean term more
+    # other lever for the 88% clean aim, on each model at its searched rate and the lr grid's
+    # lengths and precision (`--epochs 4` for the DEQ, `--epochs 10` for the anchor; baselines:
+    # that grid's regulated-lr1.6e-2 and anchor-lr1e-2); beta 6 is the paper's, smaller betas
+    # weigh the clean term more
     "trades": {
-        f"regulated-trades{beta}": ("fashion-wk-regulated", [
-            "optim.lr=1.6e-2", "objective.kind=trades", f"objective.beta={beta}",
-            "train.amp=off"])
-        for beta in ("1", "3", "6")
+        f"{model}-trades{beta}": (preset, [
+            lr, "objective.kind=trades", f"objective.beta={beta}", "train.amp=off"])
+        for model, preset, lr, betas in (
+            ("regulated", "fashion-wk-regulated", "optim.lr=1.6e-2", ("1", "3", "6")),
+            ("anchor", "fashion-cnn-wk", "optim.lr=1.0e-2", ("3", "6")))
+        for beta in betas
     },
     # clean mixing as a fine-tune of the shipped default (`--epochs 8`, root
     # runs/long/ft-clean): its weights, a tenth of its peak rate with a short rise, then down

@@ -61,10 +61,12 @@ def test_each_borrowed_rate_is_searched_on_its_own_model():
             assert cfg.train.amp == "off" and cfg.train.channels_last
 
 
-def test_the_trades_grid_differs_from_its_baseline_only_by_the_objective():
-    base_preset, base_sets = GRIDS["lr"]["regulated-lr1.6e-2"]
+def test_the_trades_grid_differs_from_its_baselines_only_by_the_objective():
+    baselines = {"regulated": GRIDS["lr"]["regulated-lr1.6e-2"],
+                 "anchor": GRIDS["lr"]["anchor-lr1e-2"]}
     betas = []
-    for preset, sets in GRIDS["trades"].values():
+    for name, (preset, sets) in GRIDS["trades"].items():
+        base_preset, base_sets = baselines[name.split("-")[0]]
         assert preset == base_preset
         extra = sorted(set(sets) - set(base_sets))
         assert [s.split("=")[0] for s in extra] == ["objective.beta", "objective.kind",
@@ -73,4 +75,4 @@ def test_the_trades_grid_differs_from_its_baseline_only_by_the_objective():
         assert cfg.objective.kind == "trades" and cfg.train.amp == "off"
         assert cfg.objective.steps == build_config(base_preset, base_sets).objective.steps
         betas.append(cfg.objective.beta)
-    assert sorted(betas) == [1.0, 3.0, 6.0]
+    assert sorted(betas) == [1.0, 3.0, 3.0, 6.0, 6.0]
