@@ -114,6 +114,10 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
             ("regulated", "fashion-wk-regulated", "optim.lr=1.6e-2", ("1", "3", "6")),
             ("anchor", "fashion-cnn-wk", "optim.lr=1.0e-2", ("3", "6")))
         for beta in betas
+    } | {
+        # the PGD-AT control for longer screens (`--epochs 10`, root runs/long/trades-e10): at 4
+        # epochs it is the lr grid's regulated-lr1.6e-2, which ran in fp32 without the flag
+        "regulated-pgd-at": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "train.amp=off"]),
     },
     # clean mixing as a fine-tune of the shipped default (`--epochs 8`, root
     # runs/long/ft-clean): its weights, a tenth of its peak rate with a short rise, then down

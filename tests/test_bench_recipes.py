@@ -65,7 +65,11 @@ def test_the_trades_grid_differs_from_its_baselines_only_by_the_objective():
     baselines = {"regulated": GRIDS["lr"]["regulated-lr1.6e-2"],
                  "anchor": GRIDS["lr"]["anchor-lr1e-2"]}
     betas = []
-    for name, (preset, sets) in GRIDS["trades"].items():
+    trades = {n: v for n, v in GRIDS["trades"].items() if n != "regulated-pgd-at"}
+    control_preset, control_sets = GRIDS["trades"]["regulated-pgd-at"]
+    assert control_preset == baselines["regulated"][0]
+    assert sorted(set(control_sets) - set(baselines["regulated"][1])) == ["train.amp=off"]
+    for name, (preset, sets) in trades.items():
         base_preset, base_sets = baselines[name.split("-")[0]]
         assert preset == base_preset
         extra = sorted(set(sets) - set(base_sets))
