@@ -108,13 +108,12 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
     # that grid's regulated-lr1.6e-2 and anchor-lr1e-2); beta 6 is the paper's, smaller betas
     # weigh the clean term more
     "trades": {
-        f"{model}-trades{beta}": (preset, [
+        **{f"{model}-trades{beta}": (preset, [
             lr, "objective.kind=trades", f"objective.beta={beta}", "train.amp=off"])
-        for model, preset, lr, betas in (
-            ("regulated", "fashion-wk-regulated", "optim.lr=1.6e-2", ("1", "3", "6")),
-            ("anchor", "fashion-cnn-wk", "optim.lr=1.0e-2", ("3", "6")))
-        for beta in betas
-    } | {
+           for model, preset, lr, betas in (
+               ("regulated", "fashion-wk-regulated", "optim.lr=1.6e-2", ("1", "3", "6")),
+               ("anchor", "fashion-cnn-wk", "optim.lr=1.0e-2", ("3", "6")))
+           for beta in betas},
         # the PGD-AT control for longer screens (`--epochs 10`, root runs/long/trades-e10): at 4
         # epochs it is the lr grid's regulated-lr1.6e-2, which ran in fp32 without the flag
         "regulated-pgd-at": ("fashion-wk-regulated", ["optim.lr=1.6e-2", "train.amp=off"]),

@@ -55,6 +55,8 @@ def test_each_borrowed_rate_is_searched_on_its_own_model():
         entries = {n: v for n, v in GRIDS["lr"].items() if n.startswith(f"{model}-lr")}
         configs = [build_config(preset_, sets) for preset_, sets in entries.values()]
         assert {p for p, _ in entries.values()} == {preset}
+        assert len({tuple(s for s in sets if not s.startswith("optim.lr="))
+                    for _, sets in entries.values()}) == 1
         assert sorted(c.optim.lr for c in configs) == [8e-3, 1.6e-2, 3.2e-2]
         for cfg in configs:
             assert cfg.model.overrides.get("expansion", 1) == expansion
