@@ -89,11 +89,11 @@ def run_metadata(folder: Path) -> tuple[str | None, float | None]:
         from deqguard.models.checkpoint import CheckpointError
 
         try:
-            training = read_metadata(path).training
+            meta = read_metadata(path)
         except CheckpointError:
             continue
-        lr = (training.get("config") or {}).get("optim", {}).get("lr")
-        return training.get("preset"), (float(lr) if lr is not None else None)
+        lr = meta.trained_config("optim").get("lr")
+        return meta.training.get("preset"), (float(lr) if lr is not None else None)
     return None, None
 
 

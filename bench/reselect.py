@@ -67,7 +67,7 @@ def revalidate(path: Path, *, seed: int, device: torch.device,
     seed), never from flags: another size or seed would carve training images into it."""
     model, meta = load_checkpoint(path, device=device)
     trained_data = recorded_data(meta)
-    trained_eval = dict(((meta.training or {}).get("config") or {}).get("eval") or {})
+    trained_eval = meta.trained_config("eval")
     dataset, eps = trained_data.get("dataset"), trained_eval.get("eps")
     if dataset is None or eps is None:
         raise DeqguardError(f"{path}: its metadata records no training config with a dataset and "

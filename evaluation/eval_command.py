@@ -71,10 +71,9 @@ def recorded_data(meta) -> dict:
     A checkpoint trained by `deqguard train` names its dataset there (and in training.data), so
     evaluating it on the data it was made for needs no --data.
     """
-    training = meta.training or {}
-    data = dict((training.get("config") or {}).get("data") or {})
+    data = meta.trained_config("data")
     if not data.get("dataset"):
-        named = (training.get("data") or {}).get("dataset")
+        named = ((meta.training or {}).get("data") or {}).get("dataset")
         if named:
             data["dataset"] = named
     return data

@@ -64,6 +64,12 @@ class CheckpointMetadata(BaseModel):
     detection: dict[str, Any] | None = None
     sha256: str = ""
 
+    def trained_config(self, section: str) -> dict[str, Any]:
+        """A copy of one section (`data`, `eval`, `optim`, ...) of the training config the
+        trainer recorded; {} for a checkpoint that records none, so callers need no guards."""
+        config = (self.training or {}).get("config") or {}
+        return dict(config.get(section) or {})
+
 
 def tensor_sha256(tensors: dict[str, Tensor]) -> str:
     """Hash over names, dtypes, shapes and bytes in name order: independent of file layout."""

@@ -45,7 +45,7 @@ def store_labels(meta: CheckpointMetadata) -> dict[str, str]:
     labels = {"project": "deqguard", "checkpoint": meta.name or "unnamed",
               "arch": str(meta.model.get("arch", "")), "classes": str(len(meta.classes)),
               "detection": "calibrated" if meta.detection else "none"}
-    dataset = ((meta.training.get("config") or {}).get("data") or {}).get("dataset")
+    dataset = meta.trained_config("data").get("dataset")
     if dataset:
         labels["dataset"] = str(dataset)
     return labels

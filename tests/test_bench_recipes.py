@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 GRIDS = load_bench("recipes.py").GRIDS
 ENTRIES = [(grid, name, preset, sets) for grid, table in GRIDS.items()
            for name, (preset, sets) in table.items()]
+# the PGD-AT runs of the lr grid that the recipe grids are compared with
+BASELINES = {"regulated": GRIDS["lr"]["regulated-lr1.6e-2"],
+             "anchor": GRIDS["lr"]["anchor-lr1e-2"]}
+
+
+def added_keys(sets: list[str], base_sets: list[str]) -> list[str]:
+    """The config keys an entry sets beyond its baseline, sorted."""
+    return sorted(s.split("=")[0] for s in set(sets) - set(base_sets))
 
 
 @pytest.mark.parametrize(("grid", "name", "preset", "sets"), ENTRIES,
@@ -35,15 +43,12 @@ def test_a_misspelt_override_is_refused():
 
 
 def test_the_clean_grid_differs_from_its_baselines_only_by_the_clean_weight():
-    baselines = {"regulated": GRIDS["lr"]["regulated-lr1.6e-2"],
-                 "anchor": GRIDS["lr"]["anchor-lr1e-2"]}
     assert sorted(GRIDS["clean"]) == ["anchor-clean0.25", "anchor-clean0.5",
                                       "regulated-clean0.25", "regulated-clean0.5"]
     for name, (preset, sets) in GRIDS["clean"].items():
-        base_preset, base_sets = baselines[name.split("-")[0]]
+        base_preset, base_sets = BASELINES[name.split("-")[0]]
         assert preset == base_preset
-        extra = sorted(set(sets) - set(base_sets))
-        assert [s.split("=")[0] for s in extra] == ["objective.clean_weight", "train.amp"], name
+        assert added_keys(sets, base_sets) == ["objective.clean_weight", "train.amp"], name
         cfg = build_config(preset, sets)
         assert cfg.objective.clean_weight > 0 and cfg.train.amp == "off"
 
@@ -64,19 +69,15 @@ def test_each_borrowed_rate_is_searched_on_its_own_model():
 
 
 def test_the_trades_grid_differs_from_its_baselines_only_by_the_objective():
-    baselines = {"regulated": GRIDS["lr"]["regulated-lr1.6e-2"],
-                 "anchor": GRIDS["lr"]["anchor-lr1e-2"]}
     betas = []
     trades = {n: v for n, v in GRIDS["trades"].items() if n != "regulated-pgd-at"}
     control_preset, control_sets = GRIDS["trades"]["regulated-pgd-at"]
-    assert control_preset == baselines["regulated"][0]
-    assert sorted(set(control_sets) - set(baselines["regulated"][1])) == ["train.amp=off"]
+    assert control_preset == BASELINES["regulated"][0]
+    assert sorted(set(control_sets) - set(BASELINES["regulated"][1])) == ["train.amp=off"]
     for name, (preset, sets) in trades.items():
-        base_preset, base_sets = baselines[name.split("-")[0]]
+        base_preset, base_sets = BASELINES[name.split("-")[0]]
         assert preset == base_preset
-        extra = sorted(set(sets) - set(base_sets))
-        assert [s.split("=")[0] for s in extra] == ["objective.beta", "objective.kind",
-                                                    "train.amp"]
+        assert added_keys(sets, base_sets) == ["objective.beta", "objective.kind", "train.amp"]
         cfg = build_config(preset, sets)
         assert cfg.objective.kind == "trades" and cfg.train.amp == "off"
         assert cfg.objective.steps == build_config(base_preset, base_sets).objective.steps

@@ -321,3 +321,16 @@ def test_failed_write_keeps_the_old_checkpoint(model, saved, monkeypatch, stage)
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
     load_checkpoint(saved, device="cpu")
+
+
+def test_trained_config_reads_a_recorded_section_as_a_copy():
+    meta = ckpt_mod.CheckpointMetadata(
+        model={}, input={"channels": 1, "height": 28, "width": 28}, classes=["a", "b"],
+        training={"config": {"eval": {"eps": 0.1}, "data": None}})
+    section = meta.trained_config("eval")
+    assert section == {"eps": 0.1}
+    section["eps"] = 0.3
+    assert meta.training["config"]["eval"] == {"eps": 0.1}
+    assert meta.trained_config("data") == {} and meta.trained_config("optim") == {}
+    assert ckpt_mod.CheckpointMetadata(model={}, input=meta.input, classes=["a"]
+                                       ).trained_config("eval") == {}
