@@ -9,6 +9,11 @@ same colour, and the table a column for its best epoch:
 
     python bench/curves.py runs/long/fashion-cnn-wk runs/long/fashion-wk-regulated --out c.svg
     python bench/curves.py --root 'runs/long/lr-search/*' --root 'runs/long/e60/*' --out c.svg
+    python bench/curves.py runs/long/trades-e100/regulated-trades3 \
+        runs/long/e100/fashion-wk-regulated --blocks 10
+
+`--blocks N` adds the runs' validation means over blocks of N epochs, side by side: two runs'
+single epochs differ by more than their trends do.
 
 A run still training is read as far as it got: no final line is needed, and a last line cut by
 a write in progress is left out. A folder given by name without a log is refused; folders a
@@ -26,6 +31,7 @@ import json
 import statistics
 import sys
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 LOG = "train_log.jsonl"
@@ -171,6 +177,42 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+BLOCK_KEYS = (("val_clean_accuracy", "clean", True), ("val_pgd_accuracy", "PGD-10", True),
+              ("val_mean_iterations", "iterations", False))
+
+
+def _block_mean(values: list[float], percent: bool) -> str:
+    """The mean rounded half up to one decimal: float formatting rounds a tie such as 84.95 either
+    way, and two pages quoting the same block must agree."""
+    mean = sum(Decimal(repr(v)) for v in values) / len(values) * (100 if percent else 1)
+    cell = str(mean.quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+    return cell + "%" if percent else cell
+
+
+def block_table(runs: list[Run], size: int) -> str:
+    """Validation means over blocks of `size` epochs (1 to size, size + 1 to 2 size, ...), the
+    runs side by side: single epochs of two runs differ by more than a run's trend, blocks less.
+    A run with fewer logged epochs in a block shows how many its cells average, and n/a where
+    it has none."""
+    header = ["epochs"] + [f"{r.name}: {label}" for r in runs for _, label, _ in BLOCK_KEYS]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    last = max(r.epochs[-1]["epoch"] for r in runs)
+    for lo in range(1, last + 1, size):
+        hi = lo + size - 1
+        cells = [f"{lo}-{hi}"]
+        for r in runs:
+            rows = [e for e in r.epochs if lo <= e["epoch"] <= hi]
+            for key, _, percent in BLOCK_KEYS:
+                values = [e[key] for e in rows if e.get(key) is not None]
+                if not values:
+                    cells.append("n/a")
+                    continue
+                note = "" if len(values) == size else f" ({len(values)} epochs)"
+                cells.append(_block_mean(values, percent) + note)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[Run], out: Path, title: str | None = None) -> None:
     import matplotlib
 
@@ -225,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="a glob of run folders, e.g. 'runs/long/lr-search/*' (repeatable)")
     ap.add_argument("--out", type=Path, help="the figure: .svg or .png (default: no figure)")
     ap.add_argument("--title", help="a title above the two panels")
+    ap.add_argument("--blocks", type=int, metavar="N",
+                    help="also print validation means over blocks of N epochs, runs side by side")
     args = ap.parse_args(argv)
     try:
         if args.out is not None and args.out.suffix not in (".svg", ".png"):
             raise CurvesError(f"--out {args.out}: the figure must be a .svg or .png file")
+        if args.blocks is not None and args.blocks < 1:
+            raise CurvesError(f"--blocks {args.blocks}: a block holds at least one epoch")
         runs = collect(args.runs, args.root)
     except CurvesError as exc:
         print(f"bench/curves.py: error: {exc}", file=sys.stderr)
@@ -236,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         plot(runs, args.out, args.title)
     print(table(runs))
+    if args.blocks is not None:
+        print()
+        print(block_table(runs, args.blocks))
     return 0
 
 

@@ -157,3 +157,37 @@ def test_label_has_the_preset_and_peak_lr_from_the_checkpoint(curves, tiny_check
     row = table_rows(capsys.readouterr().out)["regulated-x"]
     assert row[1:3] == ["fashion-wk-regulated", "0.004"]
     assert "regulated-x (fashion-wk-regulated, lr 0.004)" in (tmp_path / "c.svg").read_text()
+
+
+def test_block_means_sit_side_by_side_and_round_a_tie_up(curves, tmp_path, capsys):
+    """Blocks of 2 epochs: the long run's second block holds the tie 84.9 / 85.0 (mean 84.95,
+    which float arithmetic prints as 84.9), the short run has half a block, then none."""
+    long_rows = epoch_rows(5, 11)
+    long_rows[2]["val_clean_accuracy"], long_rows[3]["val_clean_accuracy"] = 0.849, 0.85
+    short_rows = epoch_rows(3, 12)
+    long_run = write_run(tmp_path / "long", long_rows, final=True)
+    short_run = write_run(tmp_path / "short", short_rows, final=False)
+    assert curves.main([str(long_run), str(short_run), "--blocks", "2"]) == 0
+    blocks = {k: v for k, v in table_rows(capsys.readouterr().out).items() if k[0].isdigit()}
+    assert list(blocks) == ["1-2", "3-4", "5-6"]
+    def pct(rows: list[dict], key: str) -> str:
+        # the logs hold three decimals: the mean in tenths of a percent, half up, in integers
+        total, n = sum(round(1000 * r[key]) for r in rows), len(rows)
+        tenths = (2 * total + n) // (2 * n)
+        return f"{tenths // 10}.{tenths % 10}%"
+
+    def cells(rows: list[dict]) -> list[str]:
+        iters = statistics.fmean(r["val_mean_iterations"] for r in rows)
+        return [pct(rows, "val_clean_accuracy"), pct(rows, "val_pgd_accuracy"), f"{iters:.1f}"]
+
+    assert blocks["1-2"][1:] == cells(long_rows[:2]) + cells(short_rows[:2])
+    assert blocks["3-4"][1] == "85.0%"
+    assert blocks["3-4"][1:4] == cells(long_rows[2:4])
+    assert blocks["3-4"][4:] == [c + " (1 epochs)" for c in cells(short_rows[2:])]
+    assert blocks["5-6"][1:] == [c + " (1 epochs)" for c in cells(long_rows[4:])] + ["n/a"] * 3
+
+
+def test_blocks_of_no_epochs_are_refused(curves, tmp_path, capsys):
+    run = write_run(tmp_path / "r", epoch_rows(2, 0), final=True)
+    assert curves.main([str(run), "--blocks", "0"]) == 2
+    assert "--blocks 0" in capsys.readouterr().err
