@@ -35,6 +35,7 @@ _COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "deqguard.training.device_window": ("torch",),
     "deqguard.evaluation.cli": ("torch",),
     "deqguard.evaluation.detector_cli": ("torch",),
+    "deqguard.evaluation.compare_cli": (),
     "deqguard.serving.cli": ("torch",),
     "deqguard.clients.cli": (),
 }

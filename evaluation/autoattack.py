@@ -26,6 +26,7 @@ class AutoAttackResult:
     correct: Tensor  # [N] bool: survived every attack that ran
     x_adv: Tensor
     accuracy_after: dict[str, float]  # cumulative robust accuracy after each attack
+    correct_after: dict[str, Tensor]  # [N] bool per stage of accuracy_after: which images
     seconds: dict[str, float]
     attacks: list[str]
     warnings: list[str] = field(default_factory=list)
@@ -67,6 +68,7 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_cl
                              for i in range(0, len(x), batch_size)])
     x_adv = x.clone()
     after: dict[str, float] = {"clean": correct.float().mean().item()}
+    correct_after: dict[str, Tensor] = {"clean": correct.clone()}
     seconds: dict[str, float] = {}
     try:
         for attack in chosen:
@@ -83,9 +85,11 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_cl
                 correct[idx[fooled]] = False
             seconds[attack] = time.perf_counter() - t0
             after[attack] = correct.float().mean().item()
+            correct_after[attack] = correct.clone()
             if on_attack is not None:
                 on_attack(attack)
     finally:
         aa.logger.removeHandler(handler)
-    return AutoAttackResult(correct=correct, x_adv=x_adv, accuracy_after=after, seconds=seconds,
-                            attacks=chosen, warnings=handler.messages)
+    return AutoAttackResult(correct=correct, x_adv=x_adv, accuracy_after=after,
+                            correct_after=correct_after, seconds=seconds, attacks=chosen,
+                            warnings=handler.messages)

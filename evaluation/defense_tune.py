@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
@@ -40,6 +39,7 @@ from deqguard.shipped import SHIPPED_NAMES
 
 from .attacks import AttackSpec, default_step_size, run_attack
 from .bootstrap import bootstrap_many
+from .per_sample import bits, unbits
 
 DEFAULT_GRID = "rounds=2,4 solver_steps_per_round=2,4,8 input_steps=3,10"
 PATHS = ("exact", FULL_GRADIENT)
@@ -167,14 +167,6 @@ def validation_images(meta, n: int, data_dir: str | None = None
     return torch.stack(list(xs)), torch.tensor(ys, dtype=torch.long), where
 
 
-def _bits(t: Tensor) -> str:
-    return "".join("1" if v else "0" for v in t.tolist())
-
-
-def _unbits(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode(), dtype=np.uint8) == ord("1")
-
-
 def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, bs: int) -> Tensor:
     with torch.no_grad():
         return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
@@ -200,7 +192,7 @@ def score_undefended(model: Classifier, x: Tensor, y: Tensor, s: TuneSettings) -
     robust = clean & ok
     return Reference(clean_accuracy=float(clean.float().mean()),
                      robust_accuracy=float(robust.float().mean()),
-                     clean_correct=_bits(clean), robust_correct=_bits(robust))
+                     clean_correct=bits(clean), robust_correct=bits(robust))
 
 
 def cost_ratio(model: Classifier, cfg: EntropyReductionConfig, x: Tensor, bs: int,
@@ -237,14 +229,14 @@ def score_config(model: Classifier, cfg: EntropyReductionConfig, x: Tensor, y: T
     return TunePoint(config=cfg, clean_accuracy=float(clean.float().mean()),
                      robust_accuracy=float(robust.float().mean()), per_path=per_path,
                      seconds_per_sample=t_def, seconds_per_sample_undefended=t_undef,
-                     overhead_ratio=t_def / t_undef, clean_correct=_bits(clean),
-                     robust_correct=_bits(robust))
+                     overhead_ratio=t_def / t_undef, clean_correct=bits(clean),
+                     robust_correct=bits(robust))
 
 
 def compare(point: TunePoint, ref: Reference, max_clean_drop: float, reps: int = 1000) -> None:
     """Fill in the paired gains over the undefended model and eligibility (in place)."""
-    pc, pr = _unbits(point.clean_correct), _unbits(point.robust_correct)
-    rc, rr = _unbits(ref.clean_correct), _unbits(ref.robust_correct)
+    pc, pr = unbits(point.clean_correct), unbits(point.robust_correct)
+    rc, rr = unbits(ref.clean_correct), unbits(ref.robust_correct)
 
     def gains(pc, rc, pr, rr) -> dict[str, float]:
         return {"clean": float(pc.mean() - rc.mean()), "robust": float(pr.mean() - rr.mean())}

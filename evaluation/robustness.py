@@ -16,6 +16,7 @@ from deqguard.models.defense import DefendedClassifier
 
 from .attacks import gradient_paths, path_logits, worst_case
 from .detection import solve_all
+from .per_sample import bits
 from .schema import (
     AutoAttackSection,
     BudgetPoint,
@@ -75,7 +76,7 @@ def clean(ev: EvalState) -> None:
         converged_fraction=mean(main.converged),
         mean_iterations=float(main.iterations.float().mean()),
         seconds_per_sample=t_main / n, seconds_per_sample_undefended=t_undef / n,
-        overhead_ratio=t_main / t_undef if t_undef > 0 else 1.0)
+        overhead_ratio=t_main / t_undef if t_undef > 0 else 1.0, correct=bits(ev.clean_correct))
 
 
 def budget(ev: EvalState) -> None:
@@ -180,6 +181,7 @@ def autoattack(ev: EvalState) -> None:
         forward="defended (BPDA gradient)" if ev.defended else "deterministic",
         gradient=grad if ev.model.is_deq else "direct",
         accuracy=mean(res.correct), accuracy_after=res.accuracy_after,
+        correct_after={k: bits(v) for k, v in res.correct_after.items()},
         seconds=res.seconds, warnings=res.warnings)
     for w in res.warnings:
         ev.warn(f"AutoAttack: {w}")
@@ -205,7 +207,7 @@ def combine(ev: EvalState) -> None:
     if not flags:
         return
     wc = worst_case(flags)
-    ev.report.worst_case = WorstCase(accuracy=mean(wc), attacks=names, n=m)
+    ev.report.worst_case = WorstCase(accuracy=mean(wc), attacks=names, n=m, correct=bits(wc))
     if ev.report.autoattack is not None and len(flags) > 1:
         pgd_wc = mean(worst_case({k: v for k, v in flags.items() if k != "autoattack"}))
         if ev.report.autoattack.accuracy < pgd_wc - slack(m):

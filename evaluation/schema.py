@@ -18,7 +18,7 @@ from deqguard.solve_rules import DEFENSES
 
 from .adaptive_selective_schema import AdaptiveSelectiveSection, AdaptiveSelectiveSettings
 from .rectifier_eval_schema import RectifierEvalSection, RectifierEvalSettings
-from .schema_fields import BootstrapReps, DoubtScores, SetsCache
+from .schema_fields import BootstrapReps, DoubtScores, PerImage, SetsCache
 from .schema_fields import StrictModel as _Model
 from .slowdown_schema import SlowdownSection, SlowdownSettings
 
@@ -132,6 +132,7 @@ class CleanResult(_Model):
     seconds_per_sample: float
     seconds_per_sample_undefended: float
     overhead_ratio: float = Field(description="inference time with / without the defense")
+    correct: PerImage
 
 
 class BudgetPoint(_Model):
@@ -157,6 +158,7 @@ class WorstCase(_Model):
     accuracy: float
     attacks: list[str] = Field(description="attacks combined per sample")
     n: int
+    correct: PerImage
 
 
 class SweepPoint(_Model):
@@ -184,6 +186,9 @@ class AutoAttackSection(_Model):
     n: int
     accuracy: float
     accuracy_after: dict[str, float] = Field(description="cumulative, in run order")
+    correct_after: dict[str, str] | None = Field(
+        None, description="per stage of accuracy_after, per image: '1' still right (paired "
+        "comparisons); None in reports written before it was recorded")
     seconds: dict[str, float]
     warnings: list[str]
 

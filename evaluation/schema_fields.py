@@ -26,3 +26,8 @@ DoubtScores = Annotated[list[str], Field(default_factory=lambda: list(SCORE_NAME
 # The folder both selective parts cache their crafted sets in (--selective-cache).
 SetsCache = Annotated[str | None, Field(description="folder of the crafted attacked sets "
                                         "(resumable); None: not cached")]
+# Per image of the evaluated ones, in order, '1' where the model was right (evaluation.per_sample):
+# what lets two reports on the same images be compared pairwise (`deqguard compare`). None in
+# reports written before it was recorded.
+PerImage = Annotated[str | None, Field(None, pattern="^[01]*$", description="per image, in "
+                                       "order: '1' right, '0' wrong (paired comparisons)")]

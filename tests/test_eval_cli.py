@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from deqguard.cli import main
+from deqguard.evaluation.per_sample import unbits
 from deqguard.evaluation.schema import EvalReport
 from deqguard.models import read_metadata
 from deqguard.models.detection_scores import DetectionCalibration
@@ -64,6 +65,15 @@ def test_eval_json_report_and_calibration(ckpt_copy, pattern_idx_dir, tmp_path, 
     assert wc.n == report.autoattack.n
     assert wc.accuracy <= report.autoattack.accuracy + 1e-9
     assert all(wc.accuracy * wc.n <= a.accuracy * a.n + 1e-9 for a in report.attacks)
+    # per-image outcomes (what `deqguard compare` pairs) agree with the rates beside them
+    kept = {"clean": (report.clean.correct, report.clean.accuracy, report.clean.n),
+            "worst case": (wc.correct, wc.accuracy, wc.n)}
+    kept |= {f"aa {k}": (s, report.autoattack.accuracy_after[k], report.autoattack.n)
+             for k, s in report.autoattack.correct_after.items()}
+    assert set(kept) == {"clean", "worst case", "aa clean", "aa apgd-ce"}
+    for name, (bits, rate, n) in kept.items():
+        assert len(bits) == n and unbits(bits).mean() == pytest.approx(rate), name
+    assert not (unbits(wc.correct) & ~unbits(report.autoattack.correct_after["apgd-ce"])).any()
     assert [p.max_iter for p in report.budget] == [1, 5, 30]
     assert report.sweeps is not None and report.sweeps.eps[-1].value == 0.5
     assert report.sweeps.attack == "pgd2-exact"  # not the phantom path it trained with

@@ -1,0 +1,127 @@
+"""Two models scored on the same images, compared image by image.
+
+Accuracies of two models on the same 1,000 images are not independent: both get the easy images
+right and the hard ones wrong, and they differ only where one is right and the other wrong. Their
+difference's error is computed from those discordant images (the paired standard error, a
+bootstrap interval over images, and McNemar's exact test); the unpaired error, which treats the two
+accuracies as independent samples, overstates it, and with it "within the noise".
+
+Only numpy: a comparison reads two `deqguard eval` JSON reports and loads no model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bootstrap import interval
+from .per_sample import unbits
+
+AA_PREFIX = "aa:"
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    n: int
+    accuracy_a: float
+    accuracy_b: float
+    difference: float  # accuracy_a - accuracy_b
+    only_a: int  # images A gets right and B wrong
+    only_b: int
+    paired_se: float  # standard error of the per-image difference's mean
+    unpaired_se: float  # as if the two accuracies came from different images
+    interval: list[float]  # bootstrap 95% percentile interval of the difference, over images
+    p_value: float  # McNemar's exact two-sided test of only_a against only_b
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact p-value: under no difference each discordant image is a fair coin."""
+    m, k = only_a + only_b, min(only_a, only_b)
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**m)  # Python ints: exact until the one rounding division
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, *, reps: int = 10_000,
+                      seed: int = 0) -> PairedDifference:
+    """A minus B on the same images; `a` and `b` are per-image booleans, in the same order."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need two equal, non-empty 1-d outcome arrays, got {a.shape} and "
+                         f"{b.shape}")
+    n = a.size
+    cells = np.array([(a & b).sum(), (a & ~b).sum(), (~a & b).sum(), (~a & ~b).sum()])
+    only_a, only_b = int(cells[1]), int(cells[2])
+    d = (only_a - only_b) / n
+    pa, pb = a.mean(), b.mean()
+    # Resampling images with replacement is a multinomial draw of the four cells' counts.
+    draws = np.random.default_rng(seed).multinomial(n, cells / n, size=reps)
+    diffs = (draws[:, 1] - draws[:, 2]) / n
+    return PairedDifference(
+        n=n, accuracy_a=float(pa), accuracy_b=float(pb), difference=d, only_a=only_a,
+        only_b=only_b, paired_se=math.sqrt(max((only_a + only_b) / n - d * d, 0.0) / n),
+        unpaired_se=math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n),
+        interval=interval(diffs) or [d, d], p_value=mcnemar_exact(only_a, only_b))
+
+
+def measures(report: dict[str, Any]) -> dict[str, str]:
+    """Every per-image outcome a report keeps, by name: `clean`, `worst-case`, and `aa:STAGE`
+    for each attack stage of AutoAttack (`aa:apgd-ce`, `aa:apgd-t`, ... cumulative, in run
+    order; its clean stage is the clean part's again)."""
+    out: dict[str, str] = {}
+    if (report.get("clean") or {}).get("correct") is not None:
+        out["clean"] = report["clean"]["correct"]
+    if (report.get("worst_case") or {}).get("correct") is not None:
+        out["worst-case"] = report["worst_case"]["correct"]
+    for stage, s in ((report.get("autoattack") or {}).get("correct_after") or {}).items():
+        if stage != "clean":
+            out[AA_PREFIX + stage] = s
+    return out
+
+
+def images_differ(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Why two reports were not scored on the same images (None when they were, up to the
+    shorter one's count: every report scores the first N images of its split)."""
+    sa, sb = a.get("settings", {}), b.get("settings", {})
+    for key in ("data", "split"):
+        if sa.get(key) != sb.get(key):
+            return f"{key} differs: {sa.get(key)!r} against {sb.get(key)!r}"
+    if sa.get("split") != "test":
+        # the validation split is carved per checkpoint (its recorded size and seed), which
+        # the report does not keep: the same settings need not mean the same images
+        return "only reports on the test split can be paired"
+    return None
+
+
+def attack_settings_differ(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Why two reports' attacked measures are not the same threat (None when they are)."""
+    ea, eb = a.get("settings", {}).get("eps"), b.get("settings", {}).get("eps")
+    return None if ea == eb else f"eps differs: {ea} against {eb}"
+
+
+def compare_reports(a: dict[str, Any], b: dict[str, Any], *, reps: int = 10_000,
+                    seed: int = 0) -> tuple[dict[str, PairedDifference], list[str]]:
+    """Every measure both reports keep, paired on their common first images, and notes on what
+    was left out or cut (measures one report lacks, a shorter count)."""
+    why = images_differ(a, b)
+    if why:
+        raise ValueError(f"not the same images: {why}")
+    ma, mb = measures(a), measures(b)
+    notes = [f"{name}: only in the {side} report" for side, mine, other in
+             (("first", ma, mb), ("second", mb, ma)) for name in mine if name not in other]
+    attack_why = attack_settings_differ(a, b)
+    out: dict[str, PairedDifference] = {}
+    for name in (k for k in ma if k in mb):
+        if name != "clean" and attack_why:
+            notes.append(f"{name}: left out, {attack_why}")
+            continue
+        xa, xb = unbits(ma[name]), unbits(mb[name])
+        m = min(xa.size, xb.size)
+        if xa.size != xb.size:
+            notes.append(f"{name}: on the first {m} images ({xa.size} and {xb.size} scored)")
+        out[name] = paired_difference(xa[:m], xb[:m], reps=reps, seed=seed)
+    return out, notes
