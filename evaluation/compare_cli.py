@@ -19,9 +19,12 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deqguard.errors import DeqguardError
+
+if TYPE_CHECKING:
+    from .paired import PairedDifference
 
 # numpy is imported inside the handler: `deqguard compare --help` loads nothing heavy.
 
@@ -51,6 +54,19 @@ def _pairs(a: Path, b: Path) -> list[tuple[str, Path, Path]]:
     return [(Path(n).stem, a / n, b / n) for n in names]
 
 
+CELLS = ("A", "B", "A - B (points)", "95% interval", "only A right", "only B right", "McNemar p",
+         "paired SE", "unpaired SE")
+
+
+def cells(d: PairedDifference) -> list[str]:
+    """One comparison as table cells, in the order of CELLS (accuracies in %, the rest in
+    points)."""
+    p = f"{d.p_value:.3f}" if d.p_value >= 0.001 else f"{d.p_value:.1e}"
+    return [_pct(d.accuracy_a), _pct(d.accuracy_b), _pts(d.difference),
+            f"[{_pts(d.interval[0])}, {_pts(d.interval[1])}]", str(d.only_a), str(d.only_b), p,
+            f"{100 * d.paired_se:.2f}", f"{100 * d.unpaired_se:.2f}"]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -72,12 +88,7 @@ def _run(args: argparse.Namespace) -> int:
             raise DeqguardError(f"{pa} and {pb}: {exc}") from exc
         notes += [f"{label}: {w}" for w in why]
         for measure, d in diffs.items():
-            p = f"{d.p_value:.3f}" if d.p_value >= 0.001 else f"{d.p_value:.1e}"
-            rows.append(f"| {label} | {measure} | {d.n} | {_pct(d.accuracy_a)} | "
-                        f"{_pct(d.accuracy_b)} | {_pts(d.difference)} | "
-                        f"[{_pts(d.interval[0])}, {_pts(d.interval[1])}] | {d.only_a} | "
-                        f"{d.only_b} | {p} | {100 * d.paired_se:.2f} | "
-                        f"{100 * d.unpaired_se:.2f} |")
+            rows.append("| " + " | ".join([label, measure, str(d.n), *cells(d)]) + " |")
             records.append({"report": label, "a": str(pa), "b": str(pb), "measure": measure,
                             **asdict(d)})
     if not rows:
@@ -85,9 +96,8 @@ def _run(args: argparse.Namespace) -> int:
                             "per-image outcomes were kept need their deqguard eval line rerun"
                             + ("; " + "; ".join(notes) if notes else ""))
     print(f"A: {a}\nB: {b}\n")
-    print("| report | measure | images | A | B | A - B (points) | 95% interval | only A right "
-          "| only B right | McNemar p | paired SE | unpaired SE |")
-    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("| report | measure | images | " + " | ".join(CELLS) + " |")
+    print("|---|---|---:|" + "---:|" * len(CELLS))
     print("\n".join(rows))
     for note in notes:
         print(f"note: {note}")
