@@ -195,10 +195,15 @@ def test_the_models_package_loads_its_names_on_first_use():
 
 # -- partial installs ---------------------------------------------------------------------------
 
-def test_a_client_only_install_offers_only_the_client_commands():
+def test_a_client_only_install_offers_only_the_client_commands(tmp_path):
     """Without torch (the base install) the commands that need it are not offered, so the
-    client's `score` works and `--help` lists nothing that could only fail."""
-    proc = _python("""
+    client's `score` works and `--help` lists nothing that could only fail; `compare`, which
+    reads two eval reports with numpy alone, is offered and runs."""
+    report = {"settings": {"data": "fashion-mnist", "split": "test", "eps": 0.1},
+              "clean": {"correct": "1101"}}
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps(report))
+    proc = _python(f"""
         import argparse, contextlib, io, json, sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         from deqguard.cli import build_parser, main
@@ -210,11 +215,18 @@ def test_a_client_only_install_offers_only_the_client_commands():
                 main(["score", "--help"])
             except SystemExit as exc:
                 code = exc.code
-        print(json.dumps({"commands": sorted(sub.choices), "code": code,
-                          "usage": buf.getvalue().startswith("usage: deqguard score")}))
+        usage = buf.getvalue().startswith("usage: deqguard score")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            compared = main(["compare", {str(tmp_path / "a.json")!r},
+                             {str(tmp_path / "b.json")!r}])
+        row = "| a / b | clean | 4 | 75.0% | 75.0% | +0.0 |" in buf.getvalue()
+        print(json.dumps({{"commands": sorted(sub.choices), "code": code, "usage": usage,
+                          "compared": compared, "row": row}}))
     """)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"commands": ["score"], "code": 0, "usage": True}
+    assert json.loads(proc.stdout) == {"commands": ["compare", "score"], "code": 0, "usage": True,
+                                       "compared": 0, "row": True}
 
 
 def test_a_missing_optional_dependency_is_a_one_line_error(monkeypatch, capsys, tmp_path):
