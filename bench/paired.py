@@ -18,17 +18,19 @@ per-image outcomes were kept (before 2026-12-06) are refused: rerun their headli
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from deqguard.evaluation.compare_cli import CELLS, cells
 from deqguard.evaluation.paired import compare_reports
 
-# (row label, report name, measure): the three numbers of README's headline table
-HEADLINE = (("clean, 10,000", "clean-budget-n10000", "clean"),
-            ("worst white-box, 1,000", "whitebox-n1000", "worst-case"),
-            ("APGD-CE + APGD-T, 1,000", "aa-n1000", "aa:apgd-t"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from headline import load, report_names  # noqa: E402  (the reports headline.py writes)
+
+# (row label, report in headline.report_names, measure): README's headline numbers
+HEADLINE = (("clean, 10,000", "full", "clean"),
+            ("worst white-box, 1,000", "white", "worst-case"),
+            ("APGD-CE + APGD-T, 1,000", "aa", "aa:apgd-t"))
 
 
 class PairedError(Exception):
@@ -36,10 +38,11 @@ class PairedError(Exception):
 
 
 def _report(folder: Path, name: str) -> dict:
-    path = folder / f"{name}.json"
-    if not path.is_file():
-        raise PairedError(f"{path}: missing (run bench/headline.py --evaluate for it)")
-    return json.loads(path.read_text())
+    report = load(folder, name)
+    if report is None:
+        raise PairedError(f"{folder / name}.json: missing (run bench/headline.py --evaluate "
+                          "for it)")
+    return report
 
 
 def rows(root: Path, pair: str, reps: int = 10_000) -> list[str]:
@@ -47,8 +50,9 @@ def rows(root: Path, pair: str, reps: int = 10_000) -> list[str]:
     a, sep, b = pair.partition(":")
     if not (sep and a and b):
         raise PairedError(f"{pair!r}: name a pair as A:B, two folders under {root}")
-    out = []
-    for label, name, measure in HEADLINE:
+    out, names = [], report_names()
+    for label, key, measure in HEADLINE:
+        name = names[key]
         diffs, _ = compare_reports(_report(root / a, name), _report(root / b, name), reps=reps)
         if measure not in diffs:
             raise PairedError(f"{a}:{b}: {name} keeps no per-image {measure} in both reports "
