@@ -18,6 +18,12 @@ evaluated on the test set once, by `bench/headline.py`.
 A checkpoint file can be named instead of a run folder. The table is printed best first (by
 held-out PGD accuracy, then clean), with the binomial standard error of the held-out score, the
 score on the selection images with this seed, and the score training logged for that epoch.
+
+`--train N` also scores the first N images of the training split (as they are, without the run's
+augmentation), the images its gradient steps fitted, with the same attack. Their gap to the
+held-out images tells a model that overfits (far better on its own images: regularisers such as
+augmentation or a weight average may help) from one that underfits (level: only more capacity or
+training can); it never enters the ranking.
 """
 
 from __future__ import annotations
@@ -60,11 +66,12 @@ def candidates(paths: list[str]) -> list[Path]:
     return found
 
 
-def revalidate(path: Path, *, seed: int, device: torch.device,
-               data_dir: str | None = None) -> dict[str, Any]:
+def revalidate(path: Path, *, seed: int, device: torch.device, data_dir: str | None = None,
+               train_images: int = 0) -> dict[str, Any]:
     """One checkpoint as a table row: the images its run chose epochs by, and the held-out rest,
-    scored apart. The split is rebuilt from the checkpoint's own training config (dataset, size,
-    seed), never from flags: another size or seed would carve training images into it."""
+    scored apart (then, with `train_images`, that many training images). The split is rebuilt
+    from the checkpoint's own training config (dataset, size, seed), never from flags: another
+    size or seed would carve training images into it."""
     model, meta = load_checkpoint(path, device=device)
     trained_data = recorded_data(meta)
     trained_eval = meta.trained_config("eval")
@@ -74,23 +81,28 @@ def revalidate(path: Path, *, seed: int, device: torch.device,
                             "a validation eps (not made by `deqguard train`?)")
     step_size = trained_eval.get("step_size") or eps / 4
     steps = int(trained_eval.get("steps", 10))
-    split = load_dataset(dataset, "val", data_dir=data_dir or trained_data.get("data_dir"),
-                         val_size=int(trained_data.get("val_size", 5000)),
-                         seed=int(trained_data.get("split_seed", 0)),
-                         image_size=trained_data.get("image_size"))
+    carved = {"data_dir": data_dir or trained_data.get("data_dir"),
+              "val_size": int(trained_data.get("val_size", 5000)),
+              "seed": int(trained_data.get("split_seed", 0)),
+              "image_size": trained_data.get("image_size")}
+    split = load_dataset(dataset, "val", **carved)
     seen = min(int(trained_eval.get("val_limit") or len(split)), len(split))
     generator = torch.Generator(device=device).manual_seed(seed)
     batch = int(trained_eval.get("batch_size", 256))
     start = time.perf_counter()
     parts = {}
-    for name, indices in (("selection", range(seen)), ("held_out", range(seen, len(split)))):
-        if len(indices):
-            parts[name] = score(validate(
-                model, DataLoader(Subset(split, indices), batch_size=batch), eps=eps,
-                step_size=step_size, steps=steps, device=device, generator=generator))
-    if "held_out" not in parts:
+    if seen >= len(split):
         raise DeqguardError(f"{path}: all {len(split)} validation images chose the epoch "
                             "(eval.val_limit covers the split): none is held out")
+    # scored last, so that the validation parts' attack draws are the same with and without it
+    train = load_dataset(dataset, "train", **carved) if train_images else None
+    for name, images, indices in (
+            ("selection", split, range(seen)), ("held_out", split, range(seen, len(split))),
+            ("train", train, range(min(train_images, len(train or ()))))):
+        if len(indices):
+            parts[name] = score(validate(
+                model, DataLoader(Subset(images, indices), batch_size=batch), eps=eps,
+                step_size=step_size, steps=steps, device=device, generator=generator))
     return {
         "checkpoint": str(path), "epoch": meta.metrics.get("epoch"), **parts,
         "trained_val_images": meta.metrics.get("val_images"),
@@ -118,23 +130,28 @@ def _pct(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The rows as Markdown; `candidates` refuses an empty list, so there is a first row."""
+    """The rows as Markdown; `candidates` refuses an empty list, so there is a first row. With
+    training images scored, a column gives their clean / PGD accuracy beside the held-out one."""
     held = rows[0]["held_out"]["images"]
     seen = rows[0].get("selection", {}).get("images", 0)
     steps = rows[0]["attack"]["steps"]
-    lines = [f"| checkpoint | epoch | held-out clean, {held:,} | held-out PGD-{steps}, {held:,} | "
-             f"selection images' PGD-{steps}, {seen:,} | as trained: val clean / PGD | "
-             "iterations | converged | s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    trained = rows[0].get("train", {}).get("images", 0)
+    fitted = [f"training images' clean / PGD-{steps}, {trained:,}"] if trained else []
+    lines = ["| " + " | ".join([
+        "checkpoint", "epoch", f"held-out clean, {held:,}", f"held-out PGD-{steps}, {held:,}",
+        *fitted, f"selection images' PGD-{steps}, {seen:,}", "as trained: val clean / PGD",
+        "iterations", "converged", "s"]) + " |",
+        "|---|" + "---:|" * (8 + len(fitted))]
     for r in rows:
-        h, s = r["held_out"], r.get("selection")
-        lines.append(
-            f"| {r['checkpoint']} | {r['epoch'] if r['epoch'] is not None else 'n/a'} | "
-            f"{_pct(h['clean_accuracy'])} | {_pct(h['pgd_accuracy'])} ± "
-            f"{100 * h['pgd_stderr']:.1f} | {_pct(s['pgd_accuracy'] if s else None)} | "
-            f"{_pct(r['trained_val_clean_accuracy'])} / {_pct(r['trained_val_pgd_accuracy'])} | "
-            f"{h['mean_iterations']:.1f} | {100 * h['converged_fraction']:.1f}% | "
-            f"{r['seconds']:.0f} |")
+        h, s, t = r["held_out"], r.get("selection"), r.get("train")
+        fit = [f"{_pct(t['clean_accuracy'])} / {_pct(t['pgd_accuracy'])}" if t else "n/a"]
+        lines.append("| " + " | ".join([
+            r["checkpoint"], str(r["epoch"]) if r["epoch"] is not None else "n/a",
+            _pct(h["clean_accuracy"]), f"{_pct(h['pgd_accuracy'])} ± {100 * h['pgd_stderr']:.1f}",
+            *(fit if fitted else []), _pct(s["pgd_accuracy"] if s else None),
+            f"{_pct(r['trained_val_clean_accuracy'])} / {_pct(r['trained_val_pgd_accuracy'])}",
+            f"{h['mean_iterations']:.1f}", f"{100 * h['converged_fraction']:.1f}%",
+            f"{r['seconds']:.0f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -146,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                         "read them (the split's size and seed always come from the checkpoint)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--train", type=int, default=0, metavar="N",
+                        help="also score the first N training images (unaugmented), to set the "
+                             "fit on them beside the held-out score (default: 0, none)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = []
         for path in candidates(args.paths):
-            rows.append(revalidate(path, seed=args.seed, device=device, data_dir=args.data_dir))
+            rows.append(revalidate(path, seed=args.seed, device=device, data_dir=args.data_dir,
+                                   train_images=args.train))
             held = rows[-1]["held_out"]
             print(f"[reselect] {path}: held-out clean {_pct(held['clean_accuracy'])}, PGD "
                   f"{_pct(held['pgd_accuracy'])}, {rows[-1]['seconds']:.0f} s",

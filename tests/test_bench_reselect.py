@@ -124,3 +124,37 @@ def test_a_checkpoint_without_a_training_config_is_refused_clearly(reselect, tin
                                                                    capsys):
     assert reselect.main([str(tiny_checkpoint)]) == 2
     assert "records no training config" in capsys.readouterr().err
+
+
+def test_training_images_are_scored_after_validation_and_change_nothing_else(
+        reselect, run_folder, pattern_idx_dir, monkeypatch):
+    """`--train N` adds the first N images of the training split, the ones gradient steps
+    fitted (unaugmented), scored last so the validation parts' attack draws are unchanged."""
+    path = run_folder / "best.safetensors"
+    plain = reselect.revalidate(path, seed=0, device=torch.device("cpu"))
+    scored = []
+
+    def spy(model, loader, **kw):
+        subset = loader.dataset
+        scored.append(torch.stack([subset[i][0] for i in range(len(subset))]))
+        return validate(model, loader, **kw)
+
+    monkeypatch.setattr(reselect, "validate", spy)
+    row = reselect.revalidate(path, seed=0, device=torch.device("cpu"), train_images=24)
+    train = load_dataset("fashion-mnist", "train", data_dir=pattern_idx_dir, val_size=VAL_SIZE,
+                         seed=3)
+    assert len(scored) == 3 and torch.equal(scored[2],
+                                            torch.stack([train[i][0] for i in range(24)]))
+    assert row["train"]["images"] == 24
+    for part in ("selection", "held_out"):
+        assert row[part] == plain[part]
+    table = reselect.table([row])
+    assert "training images' clean / PGD-2, 24" in table.splitlines()[0]
+    cells = table.splitlines()[2].split(" | ")
+    expected = (f"{100 * row['train']['clean_accuracy']:.1f}% / "
+                f"{100 * row['train']['pgd_accuracy']:.1f}%")
+    assert cells[4] == expected
+    assert table.splitlines()[1].count("---:") == 9
+    # without it the table keeps its columns as before
+    assert "training images" not in reselect.table([plain])
+    assert reselect.table([plain]).splitlines()[1] == "|---|" + "---:|" * 8
