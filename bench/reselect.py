@@ -94,8 +94,10 @@ def revalidate(path: Path, *, seed: int, device: torch.device, data_dir: str | N
     if seen >= len(split):
         raise DeqguardError(f"{path}: all {len(split)} validation images chose the epoch "
                             "(eval.val_limit covers the split): none is held out")
-    # scored last, so that the validation parts' attack draws are the same with and without it
-    train = load_dataset(dataset, "train", **carved) if train_images else None
+    # only the images the run trained on (its data.limit, if any); scored last, so that the
+    # validation parts' attack draws are the same with and without them
+    train = (load_dataset(dataset, "train", limit=trained_data.get("limit"), **carved)
+             if train_images else None)
     for name, images, indices in (
             ("selection", split, range(seen)), ("held_out", split, range(seen, len(split))),
             ("train", train, range(min(train_images, len(train or ()))))):
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                              "fit on them beside the held-out score (default: 0, none)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    if args.train < 0:
+        parser.error(f"--train takes a count of images, not {args.train}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:

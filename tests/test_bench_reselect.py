@@ -158,3 +158,21 @@ def test_training_images_are_scored_after_validation_and_change_nothing_else(
     # without it the table keeps its columns as before
     assert "training images" not in reselect.table([plain])
     assert reselect.table([plain]).splitlines()[1] == "|---|" + "---:|" * 8
+
+
+def test_training_images_are_only_those_the_run_trained_on(reselect, run_folder, tmp_path,
+                                                            pattern_idx_dir):
+    """A run trained on the first `data.limit` images: --train never scores beyond them."""
+    path = tmp_path / "limited.safetensors"
+    shutil.copyfile(run_folder / "best.safetensors", path)
+    config = _trained_config(pattern_idx_dir)
+    config["config"]["data"]["limit"] = 10
+    update_metadata(path, training=config)
+    row = reselect.revalidate(path, seed=0, device=torch.device("cpu"), train_images=24)
+    assert row["train"]["images"] == 10
+
+
+def test_a_negative_training_count_is_refused(reselect, run_folder, capsys):
+    with pytest.raises(SystemExit):
+        reselect.main([str(run_folder), "--train", "-1"])
+    assert "count of images" in capsys.readouterr().err
