@@ -87,20 +87,20 @@ def revalidate(path: Path, *, seed: int, device: torch.device, data_dir: str | N
               "image_size": trained_data.get("image_size")}
     split = load_dataset(dataset, "val", **carved)
     seen = min(int(trained_eval.get("val_limit") or len(split)), len(split))
+    if seen >= len(split):
+        raise DeqguardError(f"{path}: all {len(split)} validation images chose the epoch "
+                            "(eval.val_limit covers the split): none is held out")
+    to_score = [("selection", split, range(seen)), ("held_out", split, range(seen, len(split)))]
+    if train_images:
+        # only the images the run trained on (its data.limit, if any); scored last, so that the
+        # validation parts' attack draws are the same with and without them
+        train = load_dataset(dataset, "train", limit=trained_data.get("limit"), **carved)
+        to_score.append(("train", train, range(min(train_images, len(train)))))
     generator = torch.Generator(device=device).manual_seed(seed)
     batch = int(trained_eval.get("batch_size", 256))
     start = time.perf_counter()
     parts = {}
-    if seen >= len(split):
-        raise DeqguardError(f"{path}: all {len(split)} validation images chose the epoch "
-                            "(eval.val_limit covers the split): none is held out")
-    # only the images the run trained on (its data.limit, if any); scored last, so that the
-    # validation parts' attack draws are the same with and without them
-    train = (load_dataset(dataset, "train", limit=trained_data.get("limit"), **carved)
-             if train_images else None)
-    for name, images, indices in (
-            ("selection", split, range(seen)), ("held_out", split, range(seen, len(split))),
-            ("train", train, range(min(train_images, len(train or ()))))):
+    for name, images, indices in to_score:
         if len(indices):
             parts[name] = score(validate(
                 model, DataLoader(Subset(images, indices), batch_size=batch), eps=eps,
@@ -146,11 +146,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|" + "---:|" * (8 + len(fitted))]
     for r in rows:
         h, s, t = r["held_out"], r.get("selection"), r.get("train")
-        fit = [f"{_pct(t['clean_accuracy'])} / {_pct(t['pgd_accuracy'])}" if t else "n/a"]
+        fit = ([f"{_pct(t['clean_accuracy'])} / {_pct(t['pgd_accuracy'])}" if t else "n/a"]
+               if fitted else [])
         lines.append("| " + " | ".join([
             r["checkpoint"], str(r["epoch"]) if r["epoch"] is not None else "n/a",
             _pct(h["clean_accuracy"]), f"{_pct(h['pgd_accuracy'])} ± {100 * h['pgd_stderr']:.1f}",
-            *(fit if fitted else []), _pct(s["pgd_accuracy"] if s else None),
+            *fit, _pct(s["pgd_accuracy"] if s else None),
             f"{_pct(r['trained_val_clean_accuracy'])} / {_pct(r['trained_val_pgd_accuracy'])}",
             f"{h['mean_iterations']:.1f}", f"{100 * h['converged_fraction']:.1f}%",
             f"{r['seconds']:.0f}"]) + " |")
