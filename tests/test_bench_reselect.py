@@ -52,6 +52,20 @@ def run_folder(tmp_path_factory, tiny_checkpoint, pattern_idx_dir):
     return folder
 
 
+def _spy_on_validate(reselect, monkeypatch) -> list:
+    """(indices, images) of each validate() call reselect makes from now on, in order."""
+    scored = []
+
+    def spy(model, loader, **kw):
+        subset = loader.dataset
+        scored.append((list(subset.indices), torch.stack([subset[i][0] for i in
+                                                          range(len(subset))])))
+        return validate(model, loader, **kw)
+
+    monkeypatch.setattr(reselect, "validate", spy)
+    return scored
+
+
 def test_candidates_are_the_files_a_run_saved(reselect, run_folder, tmp_path):
     assert reselect.candidates([str(run_folder)]) == [run_folder / "best.safetensors",
                                                      run_folder / "last.safetensors"]
@@ -65,15 +79,7 @@ def test_candidates_are_the_files_a_run_saved(reselect, run_folder, tmp_path):
 
 def test_scores_held_out_validation_images_apart_with_the_recorded_attack(
         reselect, run_folder, pattern_idx_dir, monkeypatch):
-    scored = []  # (indices, images) of each validate() call
-
-    def spy(model, loader, **kw):
-        subset = loader.dataset
-        scored.append((list(subset.indices), torch.stack([subset[i][0] for i in
-                                                          range(len(subset))])))
-        return validate(model, loader, **kw)
-
-    monkeypatch.setattr(reselect, "validate", spy)
+    scored = _spy_on_validate(reselect, monkeypatch)
     row = reselect.revalidate(run_folder / "best.safetensors", seed=0, device=torch.device("cpu"))
     assert row["selection"]["images"] == 16  # eval.val_limit: what training chose the epoch by
     assert row["held_out"]["images"] == VAL_SIZE - 16  # the rest of the split, ranked by
@@ -132,18 +138,11 @@ def test_training_images_are_scored_after_validation_and_change_nothing_else(
     fitted (unaugmented), scored last so the validation parts' attack draws are unchanged."""
     path = run_folder / "best.safetensors"
     plain = reselect.revalidate(path, seed=0, device=torch.device("cpu"))
-    scored = []
-
-    def spy(model, loader, **kw):
-        subset = loader.dataset
-        scored.append(torch.stack([subset[i][0] for i in range(len(subset))]))
-        return validate(model, loader, **kw)
-
-    monkeypatch.setattr(reselect, "validate", spy)
+    scored = _spy_on_validate(reselect, monkeypatch)
     row = reselect.revalidate(path, seed=0, device=torch.device("cpu"), train_images=24)
     train = load_dataset("fashion-mnist", "train", data_dir=pattern_idx_dir, val_size=VAL_SIZE,
                          seed=3)
-    assert len(scored) == 3 and torch.equal(scored[2],
+    assert len(scored) == 3 and torch.equal(scored[2][1],
                                             torch.stack([train[i][0] for i in range(24)]))
     assert row["train"]["images"] == 24
     for part in ("selection", "held_out"):
