@@ -13,6 +13,8 @@ import pytest
 from conftest import load_bench
 
 from deqguard.training.config import ConfigError, build_config
+from deqguard.training.data import DatasetInfo
+from deqguard.training.run_setup import model_config_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = load_bench("recipes.py").GRIDS
@@ -83,3 +85,21 @@ def test_the_trades_grid_differs_from_its_baselines_only_by_the_objective():
         assert cfg.objective.steps == build_config(base_preset, base_sets).objective.steps
         betas.append(cfg.objective.beta)
     assert sorted(betas) == [1.0, 3.0, 3.0, 6.0, 6.0]
+
+
+def test_the_width_grid_doubles_each_model_and_changes_nothing_else():
+    """The capacity probe is read against the lr grid's runs: only the width may differ."""
+    shape = DatasetInfo([str(i) for i in range(10)], 1, 28)  # Fashion-MNIST's
+    assert sorted(GRIDS["width"]) == ["anchor-w2", "regulated-w2"]
+    for name, (preset, sets) in GRIDS["width"].items():
+        base_preset, base_sets = BASELINES[name.split("-")[0]]
+        assert preset == base_preset
+        assert added_keys(sets, base_sets) == [
+            "model.overrides.channels", "model.overrides.hidden", "train.amp",
+            "train.channels_last"], name
+        wide, base = build_config(preset, sets), build_config(base_preset, base_sets)
+        assert wide.optim.lr == base.optim.lr and wide.train.amp == "off"
+        net, base_net = (model_config_for(c, shape) for c in (wide, base))
+        assert type(net) is type(base_net)
+        assert tuple(net.channels) == tuple(2 * c for c in base_net.channels)
+        assert net.hidden == 2 * base_net.hidden
