@@ -24,6 +24,11 @@ augmentation), the images its gradient steps fitted, with the same attack. Their
 held-out images tells a model that overfits (far better on its own images: regularisers such as
 augmentation or a weight average may help) from one that underfits (level: only more capacity or
 training can); it never enters the ranking.
+
+`--paired` then compares every checkpoint with the first one found (a run folder's best) image
+by image (evaluation/paired.py: the paired difference, its bootstrap interval and McNemar's
+test), on the held-out images and, with `--train`, on the training images: runs whose recorded
+splits agree were scored on the same images, and the rows keep each image's outcome.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from deqguard.evaluation.eval_command import recorded_data
+from deqguard.evaluation.paired import paired_difference
+from deqguard.evaluation.per_sample import bits, unbits
 from deqguard.models import load_checkpoint
 from deqguard.models.errors import DeqguardError
 from deqguard.training.data import load_dataset
@@ -47,6 +54,7 @@ from deqguard.training.run_files import BEST, EMA_BEST, EMA_LAST, LAST
 from deqguard.training.validation import validate
 
 CANDIDATES = (BEST, LAST, EMA_LAST, EMA_BEST)
+PER_IMAGE = ("clean_correct", "pgd_correct")  # validate()'s per-image outcomes
 
 
 def candidates(paths: list[str]) -> list[Path]:
@@ -104,9 +112,13 @@ def revalidate(path: Path, *, seed: int, device: torch.device, data_dir: str | N
         if len(indices):
             parts[name] = score(validate(
                 model, DataLoader(Subset(images, indices), batch_size=batch), eps=eps,
-                step_size=step_size, steps=steps, device=device, generator=generator))
+                step_size=step_size, steps=steps, device=device, generator=generator,
+                per_image=True))
     return {
         "checkpoint": str(path), "epoch": meta.metrics.get("epoch"), **parts,
+        # what decides which images were scored: rows that agree on it can be paired
+        "split": {"dataset": dataset, "selection": seen, **carved, "data_dir": None,
+                   "train_limit": trained_data.get("limit") if train_images else None},
         "trained_val_images": meta.metrics.get("val_images"),
         "trained_val_clean_accuracy": meta.metrics.get("val_clean_accuracy"),
         "trained_val_pgd_accuracy": meta.metrics.get("val_pgd_accuracy"),
@@ -117,9 +129,34 @@ def revalidate(path: Path, *, seed: int, device: torch.device, data_dir: str | N
 
 
 def score(scores: dict[str, Any]) -> dict[str, Any]:
-    """validate()'s numbers with the standard error of the PGD accuracy."""
+    """validate()'s numbers with the standard error of the PGD accuracy, and its per-image
+    outcomes as the strings reports keep them in."""
     n, pgd = scores["images"], scores["pgd_accuracy"]
-    return {**scores, "pgd_stderr": math.sqrt(pgd * (1 - pgd) / max(n, 1))}
+    outcomes = {k: bits(scores[k]) for k in PER_IMAGE}
+    return {**scores, **outcomes, "pgd_stderr": math.sqrt(pgd * (1 - pgd) / max(n, 1))}
+
+
+def paired_rows(rows: list[dict[str, Any]], part: str = "held_out") -> str:
+    """Each row after the first against the first, image by image on `part` (clean and PGD):
+    two checkpoints' scores on the same images share most right and wrong answers, so their
+    difference is far better known than their two standard errors suggest."""
+    ref = rows[0]
+    lines = [f"Paired against {ref['checkpoint']} on the {part.replace('_', '-')} images "
+             "(A - B, 95% bootstrap interval, McNemar's exact p):", "",
+             "| checkpoint (A) | measure | A | B | A - B | 95% interval | only A / only B | p |",
+             "|---|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows[1:]:
+        if r["split"] != ref["split"] or part not in r or part not in ref:
+            lines.append(f"| {r['checkpoint']} | not the same images | | | | | | |")
+            continue
+        for label, key in (("clean", "clean_correct"), ("PGD", "pgd_correct")):
+            d = paired_difference(unbits(r[part][key]), unbits(ref[part][key]))
+            lo, hi = d.interval
+            lines.append(
+                f"| {r['checkpoint']} | {label} | {_pct(d.accuracy_a)} | {_pct(d.accuracy_b)} "
+                f"| {100 * d.difference:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                f"| {d.only_a} / {d.only_b} | {d.p_value:.2g} |")
+    return "\n".join(lines)
 
 
 def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -169,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=0, metavar="N",
                         help="also score the first N training images (unaugmented), to set the "
                              "fit on them beside the held-out score (default: 0, none)")
+    parser.add_argument("--paired", action="store_true",
+                        help="also compare every checkpoint with the first one found, image by "
+                             "image on the held-out images (and on the training images with "
+                             "--train)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.train < 0:
@@ -187,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeqguardError as exc:
         print(f"reselect: {exc}", file=sys.stderr)
         return 2
+    named = rows
     rows = ranked(rows)
     print(table(rows))
+    if args.paired and len(named) > 1:
+        for part in ("held_out", "train") if args.train else ("held_out",):
+            print("\n" + paired_rows(named, part))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(["python", "bench/reselect.py",

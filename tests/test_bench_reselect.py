@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import load_bench
 
+from deqguard.evaluation.paired import paired_difference
+from deqguard.evaluation.per_sample import bits, unbits
 from deqguard.models import load_checkpoint, save_checkpoint, update_metadata
 from deqguard.models.errors import DeqguardError
 from deqguard.training.data import load_dataset
@@ -102,6 +104,11 @@ def test_scores_held_out_validation_images_apart_with_the_recorded_attack(
     held = row["held_out"]
     assert held["clean_accuracy"] == pytest.approx(expected)
     assert held["pgd_accuracy"] <= held["clean_accuracy"]
+    # and image by image, in the split's order, as the strings reports keep
+    with torch.no_grad():
+        assert held["clean_correct"] == bits(model(x).argmax(1) == y)
+    pgd = unbits(held["pgd_correct"])
+    assert pgd.size == len(y) and pgd.mean() == pytest.approx(held["pgd_accuracy"])
 
 
 def test_no_held_out_image_is_refused(reselect, run_folder, pattern_idx_dir, tmp_path):
@@ -175,3 +182,32 @@ def test_a_negative_training_count_is_refused(reselect, run_folder, capsys):
     with pytest.raises(SystemExit):
         reselect.main([str(run_folder), "--train", "-1"])
     assert "count of images" in capsys.readouterr().err
+
+
+def test_paired_rows_compare_each_checkpoint_with_the_first_image_by_image(
+        reselect, run_folder, pattern_idx_dir, tmp_path, capsys):
+    """--paired: best (the first found) against last on the held-out images, the counts taken
+    from the rows' outcomes; a checkpoint whose recorded split differs is not paired."""
+    other = tmp_path / "other-split.safetensors"
+    shutil.copyfile(run_folder / "best.safetensors", other)
+    config = _trained_config(pattern_idx_dir)
+    config["config"]["data"]["split_seed"] = 4  # other images in its validation split
+    update_metadata(other, training=config)
+    out = tmp_path / "rows.json"
+    assert reselect.main([str(run_folder), str(other), "--paired", "--json", str(out)]) == 0
+    rows = {r["checkpoint"].rsplit("/", 1)[1]: r for r in json.loads(out.read_text())["rows"]}
+    best, last = rows["best.safetensors"]["held_out"], rows["last.safetensors"]["held_out"]
+    text = capsys.readouterr().out
+    paired = text[text.index("Paired against"):].splitlines()
+    assert str(run_folder / "best.safetensors") in paired[0]
+    lines = [line for line in paired if line.startswith(f"| {run_folder / 'last.safetensors'}")]
+    assert [line.split(" | ")[1] for line in lines] == ["clean", "PGD"]
+    for line, key in zip(lines, ("clean_correct", "pgd_correct"), strict=True):
+        d = paired_difference(unbits(last[key]), unbits(best[key]))
+        cells = line.split(" | ")
+        assert cells[4] == f"{100 * d.difference:+.1f}"
+        assert cells[6] == f"{d.only_a} / {d.only_b}"
+    # the zeroed weights answer one class: they lose images the trained fixture gets right
+    assert paired_difference(unbits(last["clean_correct"]),
+                             unbits(best["clean_correct"])).only_b > 0
+    assert f"| {other} | not the same images |" in text

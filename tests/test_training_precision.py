@@ -251,3 +251,21 @@ def test_validation_runs_without_tf32_and_restores_it(tiny_checkpoint):
             True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_validation_keeps_per_image_outcomes_only_when_asked(tiny_checkpoint):
+    """`per_image`: which images were right, in the loaders' order across batches, and the same
+    counts as without it; without it the numbers carry no outcome (training logs stay small)."""
+    model, meta = load_checkpoint(tiny_checkpoint, device="cpu")
+    x, y = torch.rand(10, 1, 28, 28), torch.arange(10) % len(meta.classes)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    kw = {"eps": 0.1, "step_size": 0.05, "steps": 2, "device": torch.device("cpu")}
+    plain = validate(model, batches, **kw, generator=torch.Generator().manual_seed(0))
+    kept = validate(model, batches, **kw, generator=torch.Generator().manual_seed(0),
+                    per_image=True)
+    assert "clean_correct" not in plain and "pgd_correct" not in plain
+    assert {k: v for k, v in kept.items() if not k.endswith("_correct")} == plain
+    with torch.no_grad():
+        assert torch.equal(kept["clean_correct"], model(x).argmax(1) == y)
+    assert kept["pgd_correct"].shape == (10,)
+    assert kept["pgd_correct"].float().mean().item() == pytest.approx(plain["pgd_accuracy"])

@@ -9,6 +9,7 @@ evaluation modules.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sized
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from torch import Tensor
 from ..models.classifier import Classifier
 from ..models.device import full_fp32
 from .attacks import pgd_ce
-from .distributed import all_reduce_sum
+from .distributed import active, all_reduce_sum
 from .objectives import eval_mode
 
 
@@ -39,34 +40,50 @@ def _batches(loader: Iterable, device: torch.device,
 
 def validate(model: Classifier, loader: Iterable, *, eps: float, step_size: float, steps: int,
              device: torch.device, generator: torch.Generator | None = None,
-             progress: str | None = None) -> dict[str, float]:
+             progress: str | None = None, per_image: bool = False) -> dict[str, Any]:
     """Clean accuracy, PGD accuracy (the model's default solver and gradient path), and mean
     solver iterations / converged fraction on the clean inputs. Counts are summed over
     processes when running distributed. `progress`: a progress bar with this label.
+    `per_image` adds which images were right, clean and attacked (`clean_correct`,
+    `pgd_correct`: boolean CPU tensors in the loader's order), so that two models scored on the
+    same images can be compared image by image; one process only (a distributed run's shards
+    would need gathering in order).
 
     Always full fp32 (no bf16 autocast, no TF32 on a GPU), also for a run whose steps use bf16:
     a bf16 solve cannot reach the solver's 1e-3 tolerance, and TF32 comes close to it."""
+    if per_image and active():
+        raise ValueError("per-image outcomes are kept by one process only")
     stats = torch.zeros(5, dtype=torch.float64, device=device)
+    flags: dict[str, list[Tensor]] = {"clean_correct": [], "pgd_correct": []}
     with eval_mode(model), full_fp32():
         for x, y in _batches(loader, device, progress):
             with torch.no_grad():
                 res = model.solve(x, trajectory=False)
-            stats[0] += (res.logits.argmax(1) == y).sum()
+            clean = res.logits.argmax(1) == y
+            stats[0] += clean.sum()
             stats[2] += len(y)
             stats[3] += res.iterations.float().sum()
             stats[4] += res.converged.float().sum()
+            attacked = clean
             if steps > 0 and eps > 0:
                 x_adv = pgd_ce(model, x, y, eps=eps, step_size=step_size, steps=steps,
                                generator=generator)
                 with torch.no_grad():
-                    stats[1] += (model(x_adv).argmax(1) == y).sum()
-            else:
-                stats[1] += (res.logits.argmax(1) == y).sum()
+                    attacked = model(x_adv).argmax(1) == y
+            stats[1] += attacked.sum()
+            if per_image:
+                flags["clean_correct"].append(clean.cpu())
+                flags["pgd_correct"].append(attacked.cpu())
     stats = all_reduce_sum(stats)
     n = max(float(stats[2]), 1.0)
-    return {"clean_accuracy": float(stats[0]) / n, "pgd_accuracy": float(stats[1]) / n,
-            "mean_iterations": float(stats[3]) / n, "converged_fraction": float(stats[4]) / n,
-            "images": int(stats[2])}
+    out: dict[str, Any] = {
+        "clean_accuracy": float(stats[0]) / n, "pgd_accuracy": float(stats[1]) / n,
+        "mean_iterations": float(stats[3]) / n, "converged_fraction": float(stats[4]) / n,
+        "images": int(stats[2])}
+    if per_image:
+        out.update({k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool)
+                    for k, v in flags.items()})
+    return out
 
 
 def clean_accuracy(model: Classifier, loader: Iterable, device: torch.device,
