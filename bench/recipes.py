@@ -130,13 +130,16 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
     # capacity: the 100-epoch runs fit their own training images no better than they generalise
     # (docs/eval/wk/fit-gap.md), so both models twice as wide everywhere (stem channels and fc
     # hidden), at the lr grid's rates and lengths (`--epochs 4` for the DEQ, `--epochs 10` for
-    # the anchor; baselines: that grid's regulated-lr1.6e-2, x2-lr1.6e-2 and anchor-lr1e-2)
+    # the anchor; baselines: that grid's regulated-lr1.6e-2, x2-lr1.6e-2 and anchor-lr1e-2).
+    # `MODEL-w2` takes the narrow model's rate; `MODEL-w2-lrX` bracket it for the wide one
     "width": {
-        f"{model}-w2": (preset, [lr, "model.overrides.channels=[32,64]",
-                                 "model.overrides.hidden=200", "train.amp=off",
-                                 "train.channels_last=true"])
-        for model, preset, lr in (("regulated", "fashion-wk-regulated", "optim.lr=1.6e-2"),
-                                  ("anchor", "fashion-cnn-wk", "optim.lr=1.0e-2"))
+        f"{model}-w2{'' if lr == rates[1] else f'-lr{lr}'}": (preset, [
+            f"optim.lr={lr}", "model.overrides.channels=[32,64]", "model.overrides.hidden=200",
+            "train.amp=off", "train.channels_last=true"])
+        for model, preset, rates in (
+            ("regulated", "fashion-wk-regulated", ("8e-3", "1.6e-2", "3.2e-2")),
+            ("anchor", "fashion-cnn-wk", ("5e-3", "1.0e-2", "2e-2")))
+        for lr in rates
     },
     # the equal-budget runs (`--epochs 60`), each model at its own best rate from the lr grid;
     # the regulated DEQ has one entry per rate still in contention, and only the winner is run

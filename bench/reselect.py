@@ -55,6 +55,7 @@ from deqguard.training.validation import validate
 
 CANDIDATES = (BEST, LAST, EMA_LAST, EMA_BEST)
 PER_IMAGE = ("clean_correct", "pgd_correct")  # validate()'s per-image outcomes
+PART_NAMES = {"selection": "selection", "held_out": "held-out", "train": "training"}
 
 
 def candidates(paths: list[str]) -> list[Path]:
@@ -141,7 +142,7 @@ def paired_rows(rows: list[dict[str, Any]], part: str = "held_out") -> str:
     two checkpoints' scores on the same images share most right and wrong answers, so their
     difference is far better known than their two standard errors suggest."""
     ref = rows[0]
-    lines = [f"Paired against {ref['checkpoint']} on the {part.replace('_', '-')} images "
+    lines = [f"Paired against {ref['checkpoint']} on the {PART_NAMES[part]} images "
              "(A - B, 95% bootstrap interval, McNemar's exact p):", "",
              "| checkpoint (A) | measure | A | B | A - B | 95% interval | only A / only B | p |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
