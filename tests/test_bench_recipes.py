@@ -92,7 +92,7 @@ def test_the_width_grid_doubles_each_model_and_changes_nothing_else():
     the rate in the entries that bracket the narrow model's rate for the wide one."""
     shape = DatasetInfo([str(i) for i in range(10)], 1, 28)  # Fashion-MNIST's
     assert sorted(GRIDS["width"]) == [
-        "anchor-w2", "anchor-w2-lr2e-2", "anchor-w2-lr5e-3",
+        "anchor-w2", "anchor-w2-lr2.5e-3", "anchor-w2-lr2e-2", "anchor-w2-lr5e-3",
         "regulated-w2", "regulated-w2-lr3.2e-2", "regulated-w2-lr8e-3"]
     width_keys = ["model.overrides.channels", "model.overrides.hidden", "train.amp",
                   "train.channels_last"]
@@ -103,8 +103,9 @@ def test_the_width_grid_doubles_each_model_and_changes_nothing_else():
         assert added_keys(sets, base_sets) == sorted(
             width_keys + (["optim.lr"] if bracket else [])), name
         wide, base = build_config(preset, sets), build_config(base_preset, base_sets)
-        assert (wide.optim.lr / base.optim.lr) == (
-            (0.5 if name.endswith(("8e-3", "5e-3")) else 2.0) if bracket else 1.0)
+        ratio = {"2.5e-3": 0.25, "8e-3": 0.5, "5e-3": 0.5, "2e-2": 2.0, "3.2e-2": 2.0}
+        assert wide.optim.lr / base.optim.lr == (ratio[name.rsplit("-lr", 1)[1]] if bracket
+                                                 else 1.0)
         assert wide.train.amp == "off"
         net, base_net = (model_config_for(c, shape) for c in (wide, base))
         assert type(net) is type(base_net)
