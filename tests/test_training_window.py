@@ -82,6 +82,22 @@ def test_equal_budget_plan_builds_each_runs_own_command_longest_first(tmp_path, 
     assert f"--json {out}/serve/serve.json --data-dir d" in serve
 
 
+def test_capacity_plan_trains_both_models_twice_as_wide_at_their_rates(tmp_path, capsys):
+    out = tmp_path / "window"
+    assert main(["window", "--out", str(out), "--plan", "capacity", "--device", "cpu",
+                 "--dry-run"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert list(train) == ["fashion-wk-regulated-w2", "fashion-cnn-wk-w2"]  # the DEQ first
+    for name, preset, lr in (("fashion-wk-regulated-w2", "fashion-wk-regulated", "1.6e-2"),
+                             ("fashion-cnn-wk-w2", "fashion-cnn-wk", "5e-3")):
+        cmd = train[name]
+        assert cmd.startswith(f"deqguard train --preset {preset} --out {out}/runs/{name} ")
+        for s in ("--epochs 100 ", f"--set optim.lr={lr} ",
+                  "--set 'model.overrides.channels=[32,64]' ", "--set model.overrides.hidden=200 ",
+                  "--set train.ema_decay=0.999"):
+            assert s in cmd + " ", (name, s)
+
+
 def test_window_refuses_a_plan_with_presets(tmp_path, capsys):
     rc = main(["window", "--out", str(tmp_path), "--plan", "equal-budget",
                "--presets", "fashion-cnn-wk", "--dry-run"])

@@ -11,7 +11,8 @@ Without a GPU the same command runs on the CPU with fewer epochs (tests do, on t
         --data-dir .devdata/fashion-mnist --pack $OUT/window.tar.gz
 
 `--plan equal-budget` trains the equal-budget study instead (each model at its own learning
-rate, 100 epochs, the longest runs first); `--serve-bench` ends the window with the serving
+rate, 100 epochs, the longest runs first), `--plan capacity` the same study for both models twice
+as wide; `--serve-bench` ends the window with the serving
 benchmark (bench/cuda_serve.py) on the device. docs/gpu-window.md has the device command.
 
 Every command it ran is in summary.json, next to what it measured.
@@ -44,6 +45,7 @@ EVAL_PARTS = "clean,budget,pgd,aa"
 # DEQs' began mid-run, on the CPU; the anchor's 100 epochs had finished without one, so the
 # anchor trains again beside them with it from the start.
 EMA = "train.ema_decay=0.999"
+WIDE = ["model.overrides.channels=[32,64]", "model.overrides.hidden=200"]
 PLANS: dict[str, dict[str, Any]] = {
     "equal-budget": {
         "epochs": 100,
@@ -54,6 +56,15 @@ PLANS: dict[str, dict[str, Any]] = {
             "fashion-wk-plain": ("fashion-wk-plain", ["optim.lr=1.6e-2", EMA]),
             "fashion-cnn-wk": ("fashion-cnn-wk", ["optim.lr=1.0e-2"]),
             "fashion-cnn-wk-ema": ("fashion-cnn-wk", ["optim.lr=1.0e-2", EMA]),
+        },
+    },
+    # capacity (docs/eval/wk/width.md): the regulated DEQ and the anchor CNN twice as wide
+    # everywhere (stem channels and fc hidden), each at its rate from the width grid's bracket
+    "capacity": {
+        "epochs": 100,
+        "runs": {
+            "fashion-wk-regulated-w2": ("fashion-wk-regulated", ["optim.lr=1.6e-2", *WIDE, EMA]),
+            "fashion-cnn-wk-w2": ("fashion-cnn-wk", ["optim.lr=5e-3", *WIDE, EMA]),
         },
     },
 }
@@ -340,7 +351,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train a named set of runs instead of --presets, each with its own "
                         "overrides; equal-budget: the regulated DEQ at expansion 2, the regulated "
                         "and plain DEQs at lr 1.6e-2, the anchor CNN at 1e-2, 100 epochs each, "
-                        "longest first")
+                        "longest first; capacity: the regulated DEQ and the anchor CNN twice as "
+                        "wide, 100 epochs each")
     p.add_argument("--epochs", type=int,
                    help=f"train.epochs of every run (default: the plan's, else {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=int, help="train.batch_size (default: each preset's)")
