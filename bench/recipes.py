@@ -31,6 +31,9 @@ N_FGSM = ["objective.kind=n-fgsm", "objective.step_size=0.1", "objective.noise=2
 PGD7 = ["objective.kind=pgd-at", "objective.steps=7", "objective.step_size=0.025"]
 CLEAN = ["objective.clean_weight=0.5"]  # the published PGD-AT models' half-clean batches
 AUG = ["data.augment=true"]
+# twice as wide everywhere (stem channels and fc hidden), fp32 in channels_last: the width grid
+WIDE = ["model.overrides.channels=[32,64]", "model.overrides.hidden=200", "train.amp=off",
+        "train.channels_last=true"]
 
 # name -> (preset, overrides)
 GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
@@ -134,9 +137,7 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
     # `MODEL-w2` takes the narrow model's rate; `MODEL-w2-lrX` bracket it for the wide one (the
     # wide anchor led at 5e-3, the bracket's edge, on held-out images: 2.5e-3 is one further)
     "width": {
-        f"{model}-w2{'' if lr == narrow else f'-lr{lr}'}": (preset, [
-            f"optim.lr={lr}", "model.overrides.channels=[32,64]", "model.overrides.hidden=200",
-            "train.amp=off", "train.channels_last=true"])
+        f"{model}-w2{'' if lr == narrow else f'-lr{lr}'}": (preset, [f"optim.lr={lr}", *WIDE])
         for model, preset, narrow, rates in (
             ("regulated", "fashion-wk-regulated", "1.6e-2", ("8e-3", "1.6e-2", "3.2e-2")),
             ("anchor", "fashion-cnn-wk", "1.0e-2", ("2.5e-3", "5e-3", "1.0e-2", "2e-2")))
@@ -150,6 +151,11 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-e60-lr8e-3": ("fashion-wk-regulated", ["optim.lr=8.0e-3"]),
         "regulated-e60-lr1.6e-2": ("fashion-wk-regulated", ["optim.lr=1.6e-2"]),
         "regulated-e60-lr3.2e-2": ("fashion-wk-regulated", ["optim.lr=3.2e-2"]),
+        # both models twice as wide at their rates from the width grid's brackets, with a
+        # weight average beside each (docs/eval/wk/width.md)
+        "regulated-w2-e60": ("fashion-wk-regulated", ["optim.lr=1.6e-2", *WIDE,
+                                                      "train.ema_decay=0.999"]),
+        "anchor-w2-e60": ("fashion-cnn-wk", ["optim.lr=5e-3", *WIDE, "train.ema_decay=0.999"]),
     },
 }
 
