@@ -26,14 +26,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deqguard.training.device_window import WIDE as WINDOW_WIDE
+
 FGSM_RS = ["objective.kind=fgsm-rs", "objective.step_size=0.125"]
 N_FGSM = ["objective.kind=n-fgsm", "objective.step_size=0.1", "objective.noise=2.0"]
 PGD7 = ["objective.kind=pgd-at", "objective.steps=7", "objective.step_size=0.025"]
 CLEAN = ["objective.clean_weight=0.5"]  # the published PGD-AT models' half-clean batches
 AUG = ["data.augment=true"]
-# twice as wide everywhere (stem channels and fc hidden), fp32 in channels_last: the width grid
-WIDE = ["model.overrides.channels=[32,64]", "model.overrides.hidden=200", "train.amp=off",
-        "train.channels_last=true"]
+# twice as wide everywhere (stem channels and fc hidden; the overrides `deqguard window --plan
+# capacity` trains with, so the GPU runs are the model searched here), fp32 in channels_last
+WIDE = [*WINDOW_WIDE, "train.amp=off", "train.channels_last=true"]
 
 # name -> (preset, overrides)
 GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
