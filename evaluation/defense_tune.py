@@ -38,7 +38,7 @@ from deqguard.models.defense import FULL_GRADIENT, EntropyReductionConfig, entro
 from deqguard.shipped import SHIPPED_NAMES
 
 from .attacks import AttackSpec, default_step_size, run_attack
-from .bootstrap import bootstrap_many
+from .paired import paired_difference
 from .per_sample import bits, unbits
 
 DEFAULT_GRID = "rounds=2,4 solver_steps_per_round=2,4,8 input_steps=3,10"
@@ -234,17 +234,13 @@ def score_config(model: Classifier, cfg: EntropyReductionConfig, x: Tensor, y: T
 
 
 def compare(point: TunePoint, ref: Reference, max_clean_drop: float, reps: int = 1000) -> None:
-    """Fill in the paired gains over the undefended model and eligibility (in place)."""
-    pc, pr = unbits(point.clean_correct), unbits(point.robust_correct)
-    rc, rr = unbits(ref.clean_correct), unbits(ref.robust_correct)
-
-    def gains(pc, rc, pr, rr) -> dict[str, float]:
-        return {"clean": float(pc.mean() - rc.mean()), "robust": float(pr.mean() - rr.mean())}
-
-    ci = bootstrap_many(gains, [[pc, rc, pr, rr]], reps=reps, seed=0)
-    g = gains(pc, rc, pr, rr)
-    point.clean_gain, point.robust_gain = g["clean"], g["robust"]
-    point.clean_gain_interval, point.robust_gain_interval = ci["clean"], ci["robust"]
+    """Fill in the paired gains over the undefended model and eligibility (in place); the gains
+    and their intervals are `deqguard compare`'s paired differences on the same images."""
+    clean = paired_difference(unbits(point.clean_correct), unbits(ref.clean_correct), reps=reps)
+    robust = paired_difference(unbits(point.robust_correct), unbits(ref.robust_correct),
+                               reps=reps)
+    point.clean_gain, point.robust_gain = clean.difference, robust.difference
+    point.clean_gain_interval, point.robust_gain_interval = clean.interval, robust.interval
     point.eligible = point.clean_gain >= -max_clean_drop - 1e-9
 
 

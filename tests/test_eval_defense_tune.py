@@ -45,6 +45,9 @@ def test_choice_is_the_most_robust_setting_that_keeps_clean_accuracy():
     assert points[2].robust_gain == pytest.approx(0.1)
     lo, hi = points[2].robust_gain_interval
     assert lo <= 0.1 <= hi
+    # Paired over images: the same outcomes on every image leave no doubt about the difference,
+    # where two independent resamples of the accuracies would give a wide interval.
+    assert points[0].clean_gain_interval == [0.0, 0.0]
     assert dt.choose([points[1]]) is None
 
 
