@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deqguard.training.device_window import PLANS
 from deqguard.training.device_window import WIDE as WINDOW_WIDE
 
 FGSM_RS = ["objective.kind=fgsm-rs", "objective.step_size=0.125"]
@@ -35,7 +36,16 @@ CLEAN = ["objective.clean_weight=0.5"]  # the published PGD-AT models' half-clea
 AUG = ["data.augment=true"]
 # twice as wide everywhere (stem channels and fc hidden; the overrides `deqguard window --plan
 # capacity` trains with, so the GPU runs are the model searched here), fp32 in channels_last
-WIDE = [*WINDOW_WIDE, "train.amp=off", "train.channels_last=true"]
+CPU_FP32 = ["train.amp=off", "train.channels_last=true"]
+WIDE = [*WINDOW_WIDE, *CPU_FP32]
+
+
+def capacity_run(name: str) -> tuple[str, list[str]]:
+    """A run of `deqguard window --plan capacity` on the CPU: the same preset, rate, width and
+    weight average, so the 60-epoch runs here and the plan's 100-epoch ones train one recipe."""
+    preset, sets = PLANS["capacity"]["runs"][name]
+    return preset, [*sets, *CPU_FP32]
+
 
 # name -> (preset, overrides)
 GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
@@ -155,9 +165,8 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "regulated-e60-lr3.2e-2": ("fashion-wk-regulated", ["optim.lr=3.2e-2"]),
         # both models twice as wide at their rates from the width grid's brackets, with a
         # weight average beside each (docs/eval/wk/width.md)
-        "regulated-w2-e60": ("fashion-wk-regulated", ["optim.lr=1.6e-2", *WIDE,
-                                                      "train.ema_decay=0.999"]),
-        "anchor-w2-e60": ("fashion-cnn-wk", ["optim.lr=5e-3", *WIDE, "train.ema_decay=0.999"]),
+        "regulated-w2-e60": capacity_run("fashion-wk-regulated-w2"),
+        "anchor-w2-e60": capacity_run("fashion-cnn-wk-w2"),
     },
 }
 
