@@ -13,7 +13,9 @@ same colour, and the table a column for its best epoch:
         runs/long/e100/fashion-wk-regulated --blocks 10
 
 `--blocks N` adds the runs' validation means over blocks of N epochs, side by side: two runs'
-single epochs differ by more than their trends do.
+single epochs differ by more than their trends do. `--by-epoch` adds every epoch the runs all
+reached, side by side (a run still training limits it), so an epoch-by-epoch comparison on a
+page is a command's output rather than a hand-copied table.
 
 A run still training is read as far as it got: no final line is needed, and a last line cut by
 a write in progress is left out. A folder given by name without a log is refused; folders a
@@ -213,6 +215,49 @@ def block_table(runs: list[Run], size: int) -> str:
     return "\n".join(lines)
 
 
+def _has_dynamics(run: Run) -> bool:
+    """A feed-forward net logs one iteration an image; only a DEQ's count says anything."""
+    return any((e.get("val_mean_iterations") or 1.0) != 1.0 for e in run.epochs)
+
+
+def _pair(row: dict | None, first: str, second: str, *, percent: bool = True) -> str:
+    """The cell "first / second%": the first in percent (accuracies) or as logged (iterations)."""
+    if row is None or row.get(first) is None or row.get(second) is None:
+        return "n/a"
+    lead = 100 * row[first] if percent else row[first]
+    return f"{lead:.1f} / {_pct(row[second])}"
+
+
+def epoch_table(runs: list[Run]) -> str:
+    """The runs' validation at every epoch they all reached, side by side: clean / PGD-10 for
+    each, its weight average's where it keeps one, and a DEQ's mean solver iterations and
+    converged fraction (whether it still behaves as an equilibrium model as it trains)."""
+    columns: list[tuple[str, dict[int, dict], str]] = []
+    for r in runs:
+        by_epoch = {e["epoch"]: e for e in r.epochs}
+        columns.append((f"{r.name}: clean / PGD-10", by_epoch, "plain"))
+        if any(e.get(EMA_PGD) is not None for e in r.epochs):
+            columns.append((f"{r.name}: weight average", by_epoch, "ema"))
+        if _has_dynamics(r):
+            columns.append((f"{r.name}: iterations / converged", by_epoch, "solver"))
+    lines = ["| epoch | " + " | ".join(c[0] for c in columns) + " |",
+             "|---:|" + "---|" * len(columns)]
+    shared = min(r.epochs[-1]["epoch"] for r in runs)
+    for epoch in range(1, shared + 1):
+        cells = [str(epoch)]
+        for _, by_epoch, kind in columns:
+            row = by_epoch.get(epoch)
+            if kind == "plain":
+                cells.append(_pair(row, "val_clean_accuracy", "val_pgd_accuracy"))
+            elif kind == "ema":
+                cells.append(_pair(row, "val_ema_clean_accuracy", "val_ema_pgd_accuracy"))
+            else:
+                cells.append(_pair(row, "val_mean_iterations", "val_converged_fraction",
+                                   percent=False))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[Run], out: Path, title: str | None = None) -> None:
     import matplotlib
 
@@ -269,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--title", help="a title above the two panels")
     ap.add_argument("--blocks", type=int, metavar="N",
                     help="also print validation means over blocks of N epochs, runs side by side")
+    ap.add_argument("--by-epoch", action="store_true",
+                    help="also print every epoch the runs all reached, runs side by side")
     args = ap.parse_args(argv)
     try:
         if args.out is not None and args.out.suffix not in (".svg", ".png"):
@@ -285,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.blocks is not None:
         print()
         print(block_table(runs, args.blocks))
+    if args.by_epoch:
+        print()
+        print(epoch_table(runs))
     return 0
 
 

@@ -191,3 +191,38 @@ def test_blocks_of_no_epochs_are_refused(curves, tmp_path, capsys):
     run = write_run(tmp_path / "r", epoch_rows(2, 0), final=True)
     assert curves.main([str(run), "--blocks", "0"]) == 2
     assert "--blocks 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_by_epoch_sets_the_runs_side_by_side_over_the_epochs_they_share(curves, tmp_path, capsys,
+                                                                        seed):
+    """A DEQ with a weight average gets three columns, a feed-forward net (one iteration an
+    image) one; the rows stop at the shorter run's last epoch, and an epoch a run never logged
+    reads n/a rather than a neighbour's number."""
+    deq_rows = epoch_rows(9, seed)
+    for r in deq_rows:
+        r["val_ema_clean_accuracy"] = round(r["val_clean_accuracy"] - 0.01, 3)
+        r["val_ema_pgd_accuracy"] = round(r["val_pgd_accuracy"] + 0.02, 3)
+        r["val_converged_fraction"] = 0.997
+    cnn_rows = [r for r in epoch_rows(6, seed + 50, iterations=False) if r["epoch"] != 4]
+    deq = write_run(tmp_path / "deq", deq_rows, final=False)
+    cnn = write_run(tmp_path / "cnn", cnn_rows, final=True)
+    assert curves.main([str(deq), str(cnn), "--by-epoch"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("| epoch |"):].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["epoch", "deq: clean / PGD-10", "deq: weight average",
+                      "deq: iterations / converged", "cnn: clean / PGD-10"]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [row[0] for row in body] == [str(e) for e in range(1, 7)]
+
+    def pair(row: dict, prefix: str = "val_") -> str:
+        return (f"{100 * row[prefix + 'clean_accuracy']:.1f} / "
+                f"{100 * row[prefix + 'pgd_accuracy']:.1f}%")
+
+    cnn_by_epoch = {r["epoch"]: r for r in cnn_rows}
+    for cells, d in zip(body, deq_rows, strict=False):
+        iterations = f"{d['val_mean_iterations']:.1f} / 99.7%"
+        assert cells[1:4] == [pair(d), pair(d, "val_ema_"), iterations]
+        c = cnn_by_epoch.get(d["epoch"])
+        assert cells[4] == ("n/a" if c is None else pair(c))
