@@ -209,7 +209,8 @@ def block_table(runs: list[Run], size: int) -> str:
                 if not values:
                     cells.append("n/a")
                     continue
-                note = "" if len(values) == size else f" ({len(values)} epochs)"
+                n = len(values)
+                note = "" if n == size else f" ({n} epoch{'s' if n > 1 else ''})"
                 cells.append(_block_mean(values, percent) + note)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

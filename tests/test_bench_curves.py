@@ -183,8 +183,8 @@ def test_block_means_sit_side_by_side_and_round_a_tie_up(curves, tmp_path, capsy
     assert blocks["1-2"][1:] == cells(long_rows[:2]) + cells(short_rows[:2])
     assert blocks["3-4"][1] == "85.0%"
     assert blocks["3-4"][1:4] == cells(long_rows[2:4])
-    assert blocks["3-4"][4:] == [c + " (1 epochs)" for c in cells(short_rows[2:])]
-    assert blocks["5-6"][1:] == [c + " (1 epochs)" for c in cells(long_rows[4:])] + ["n/a"] * 3
+    assert blocks["3-4"][4:] == [c + " (1 epoch)" for c in cells(short_rows[2:])]
+    assert blocks["5-6"][1:] == [c + " (1 epoch)" for c in cells(long_rows[4:])] + ["n/a"] * 3
 
 
 def test_blocks_of_no_epochs_are_refused(curves, tmp_path, capsys):
