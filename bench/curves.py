@@ -233,28 +233,24 @@ def epoch_table(runs: list[Run]) -> str:
     """The runs' validation at every epoch they all reached, side by side: clean / PGD-10 for
     each, its weight average's where it keeps one, and a DEQ's mean solver iterations and
     converged fraction (whether it still behaves as an equilibrium model as it trains)."""
-    columns: list[tuple[str, dict[int, dict], str]] = []
+    # (header, the run's rows by epoch, first key, second key, first key in percent)
+    columns: list[tuple[str, dict[int, dict], str, str, bool]] = []
     for r in runs:
         by_epoch = {e["epoch"]: e for e in r.epochs}
-        columns.append((f"{r.name}: clean / PGD-10", by_epoch, "plain"))
+        columns.append((f"{r.name}: clean / PGD-10", by_epoch,
+                        "val_clean_accuracy", "val_pgd_accuracy", True))
         if any(e.get(EMA_PGD) is not None for e in r.epochs):
-            columns.append((f"{r.name}: weight average", by_epoch, "ema"))
+            columns.append((f"{r.name}: weight average", by_epoch,
+                            "val_ema_clean_accuracy", EMA_PGD, True))
         if _has_dynamics(r):
-            columns.append((f"{r.name}: iterations / converged", by_epoch, "solver"))
+            columns.append((f"{r.name}: iterations / converged", by_epoch,
+                            "val_mean_iterations", "val_converged_fraction", False))
     lines = ["| epoch | " + " | ".join(c[0] for c in columns) + " |",
              "|---:|" + "---|" * len(columns)]
     shared = min(r.epochs[-1]["epoch"] for r in runs)
     for epoch in range(1, shared + 1):
-        cells = [str(epoch)]
-        for _, by_epoch, kind in columns:
-            row = by_epoch.get(epoch)
-            if kind == "plain":
-                cells.append(_pair(row, "val_clean_accuracy", "val_pgd_accuracy"))
-            elif kind == "ema":
-                cells.append(_pair(row, "val_ema_clean_accuracy", "val_ema_pgd_accuracy"))
-            else:
-                cells.append(_pair(row, "val_mean_iterations", "val_converged_fraction",
-                                   percent=False))
+        cells = [str(epoch)] + [_pair(by_epoch.get(epoch), first, second, percent=percent)
+                                for _, by_epoch, first, second, percent in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
