@@ -83,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     for label, pa, pb in _pairs(a, b):
         ra, rb = _load(pa), _load(pb)
         try:
-            diffs, why = compare_reports(ra, rb, reps=args.reps, seed=args.seed)
+            diffs, why = compare_reports(ra, rb, reps=args.reps, seed=args.seed,
+                                         skip=args.skip)
         except ValueError as exc:
             raise DeqguardError(f"{pa} and {pb}: {exc}") from exc
         notes += [f"{label}: {w}" for w in why]
@@ -95,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DeqguardError("no measure both reports keep per image: reports written before "
                             "per-image outcomes were kept need their deqguard eval line rerun"
                             + ("; " + "; ".join(notes) if notes else ""))
-    print(f"A: {a}\nB: {b}\n")
+    print(f"A: {a}\nB: {b}\n" + (f"images after the first {args.skip}\n" if args.skip else ""))
     print("| report | measure | images | " + " | ".join(CELLS) + " |")
     print("|---|---|---:|" + "---:|" * len(CELLS))
     print("\n".join(rows))
@@ -103,8 +104,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if args.json:
         Path(args.json).write_text(json.dumps({"a": str(a), "b": str(b), "reps": args.reps,
-                                               "seed": args.seed, "rows": records,
-                                               "notes": notes}, indent=1) + "\n")
+                                               "seed": args.seed, "skip": args.skip,
+                                               "rows": records, "notes": notes}, indent=1) + "\n")
     return 0
 
 
@@ -120,4 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples of the images (default: 10000)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the bootstrap, so a rerun prints the same interval (default: 0)")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="leave out the first N images: check a difference seen on them on the "
+                        "images after them (default: 0)")
     p.set_defaults(func=_run)

@@ -83,6 +83,20 @@ def test_compare_reports_pairs_each_kept_measure_on_the_common_images():
     assert any("clean: on the first 4 images (8 and 4 scored)" in n for n in notes)
 
 
+def test_compare_reports_skips_the_first_images():
+    a = _report("11110000", "11000000")
+    b = _report("00001111", "11000011")
+    diffs, notes = compare_reports(a, b, reps=200, skip=4)
+    assert (diffs["clean"].n, diffs["clean"].only_a, diffs["clean"].only_b) == (4, 0, 4)
+    assert (diffs["worst-case"].n, diffs["worst-case"].only_b) == (4, 2)
+    assert diffs["worst-case"].accuracy_a == 0.0  # A's first four right answers were skipped
+    short = _report("1111")
+    diffs, notes = compare_reports(a, short, reps=100, skip=4)
+    assert diffs == {} and "clean: left out, 4 images scored and the first 4 skipped" in notes
+    with pytest.raises(ValueError, match="skip must be >= 0"):
+        compare_reports(a, b, skip=-1)
+
+
 def test_compare_reports_refuses_other_images_and_leaves_out_another_threat():
     a = _report("1111", "1100")
     for other, why in ((_report("1111", data="cifar10"), "data differs"),
@@ -114,6 +128,11 @@ def test_compare_command_on_two_folders(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["measure"], r["only_a"], r["only_b"]) for r in rows] == [("clean", 2, 0),
                                                                         ("worst-case", 2, 0)]
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--skip", "6",
+                 "--reps", "100"]) == 0
+    table = capsys.readouterr().out
+    assert "images after the first 6" in table
+    assert "| whitebox | clean | 4 | 50.0% | 0.0% | +50.0 |" in table
 
 
 def test_compare_command_explains_what_it_cannot_pair(tmp_path, capsys):
