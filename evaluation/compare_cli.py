@@ -75,6 +75,13 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _images(skip: int, first: int | None) -> str:
+    """The header line naming the image range, empty when every common image is paired."""
+    if first is not None:
+        return f"images {skip + 1} to {first}\n"
+    return f"images after the first {skip}\n" if skip else ""
+
+
 def _run(args: argparse.Namespace) -> int:
     from .paired import compare_reports
 
@@ -84,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         ra, rb = _load(pa), _load(pb)
         try:
             diffs, why = compare_reports(ra, rb, reps=args.reps, seed=args.seed,
-                                         skip=args.skip)
+                                         skip=args.skip, first=args.first)
         except ValueError as exc:
             raise DeqguardError(f"{pa} and {pb}: {exc}") from exc
         notes += [f"{label}: {w}" for w in why]
@@ -96,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DeqguardError("no measure both reports keep per image: reports written before "
                             "per-image outcomes were kept need their deqguard eval line rerun"
                             + ("; " + "; ".join(notes) if notes else ""))
-    print(f"A: {a}\nB: {b}\n" + (f"images after the first {args.skip}\n" if args.skip else ""))
+    print(f"A: {a}\nB: {b}\n" + _images(args.skip, args.first))
     print("| report | measure | images | " + " | ".join(CELLS) + " |")
     print("|---|---|---:|" + "---:|" * len(CELLS))
     print("\n".join(rows))
@@ -105,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"a": str(a), "b": str(b), "reps": args.reps,
                                                "seed": args.seed, "skip": args.skip,
-                                               "rows": records, "notes": notes}, indent=1) + "\n")
+                                               "first": args.first, "rows": records,
+                                               "notes": notes}, indent=1) + "\n")
     return 0
 
 
@@ -124,4 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip", type=int, default=0, metavar="N",
                    help="leave out the first N images: check a difference seen on them on the "
                         "images after them (default: 0)")
+    p.add_argument("--first", type=int, default=None, metavar="N",
+                   help="pair only the first N images (with --skip: images skip+1 to N) "
+                        "(default: every image both reports scored)")
     p.set_defaults(func=_run)

@@ -104,15 +104,19 @@ def attack_settings_differ(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 
 
 def compare_reports(a: dict[str, Any], b: dict[str, Any], *, reps: int = 10_000,
-                    seed: int = 0, skip: int = 0) -> tuple[dict[str, PairedDifference], list[str]]:
+                    seed: int = 0, skip: int = 0, first: int | None = None,
+                    ) -> tuple[dict[str, PairedDifference], list[str]]:
     """Every measure both reports keep, paired on their common first images, and notes on what
     was left out or cut (measures one report lacks, a shorter count).
 
     `skip` leaves out the first images: a difference first seen on the first 1,000 is checked
     on images that played no part in noticing it (reports of 5,000 against the headline's
-    1,000), where chance and the choice of what to look at cannot have flattered it."""
+    1,000), where chance and the choice of what to look at cannot have flattered it. `first`
+    keeps only the first images, so the same two reports also give the gap on those 1,000."""
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
+    if first is not None and first <= skip:
+        raise ValueError(f"first must be more than skip ({skip}), got {first}")
     why = images_differ(a, b)
     if why:
         raise ValueError(f"not the same images: {why}")
@@ -129,6 +133,8 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], *, reps: int = 10_000,
         m = min(xa.size, xb.size)
         if xa.size != xb.size:
             notes.append(f"{name}: on the first {m} images ({xa.size} and {xb.size} scored)")
+        if first is not None:
+            m = min(m, first)
         if skip >= m:
             notes.append(f"{name}: left out, {m} images scored and the first {skip} skipped")
             continue

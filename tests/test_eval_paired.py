@@ -95,6 +95,12 @@ def test_compare_reports_skips_the_first_images():
     assert diffs == {} and "clean: left out, 4 images scored and the first 4 skipped" in notes
     with pytest.raises(ValueError, match="skip must be >= 0"):
         compare_reports(a, b, skip=-1)
+    diffs, _ = compare_reports(a, b, reps=100, first=4)  # the images skip=4 left out
+    assert (diffs["clean"].n, diffs["clean"].only_a, diffs["clean"].only_b) == (4, 4, 0)
+    diffs, _ = compare_reports(a, b, reps=100, skip=2, first=6)
+    assert (diffs["clean"].n, diffs["clean"].only_a, diffs["clean"].only_b) == (4, 2, 2)
+    with pytest.raises(ValueError, match="first must be more than skip"):
+        compare_reports(a, b, skip=4, first=4)
 
 
 def test_compare_reports_refuses_other_images_and_leaves_out_another_threat():
@@ -133,6 +139,11 @@ def test_compare_command_on_two_folders(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "images after the first 6" in table
     assert "| whitebox | clean | 4 | 50.0% | 0.0% | +50.0 |" in table
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--first", "6",
+                 "--reps", "100"]) == 0
+    table = capsys.readouterr().out
+    assert "images 1 to 6" in table
+    assert "| whitebox | clean | 6 | 100.0% | 100.0% | +0.0 |" in table
 
 
 def test_compare_command_explains_what_it_cannot_pair(tmp_path, capsys):
