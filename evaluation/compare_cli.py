@@ -75,18 +75,22 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _images(skip: int, first: int | None) -> str:
-    """The header line naming the image range, empty when every common image is paired."""
-    if first is not None:
-        return f"images {skip + 1} to {first}\n"
-    return f"images after the first {skip}\n" if skip else ""
+def _images(skip: int, first: int | None, counts: set[int]) -> str:
+    """The header line naming the image range, empty when every common image is paired. The
+    range comes from the images actually paired, not from --first, which may ask for more than
+    the reports scored."""
+    if first is None and not skip:
+        return ""
+    if len(counts) == 1:
+        return f"images {skip + 1} to {skip + counts.pop()}\n"
+    return f"images from {skip + 1} on, as many as each row's images column says\n"
 
 
 def _run(args: argparse.Namespace) -> int:
     from .paired import compare_reports
 
     a, b = Path(args.a), Path(args.b)
-    rows, notes, records = [], [], []
+    rows, notes, records, counts = [], [], [], set()
     for label, pa, pb in _pairs(a, b):
         ra, rb = _load(pa), _load(pb)
         try:
@@ -96,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             raise DeqguardError(f"{pa} and {pb}: {exc}") from exc
         notes += [f"{label}: {w}" for w in why]
         for measure, d in diffs.items():
+            counts.add(d.n)
             rows.append("| " + " | ".join([label, measure, str(d.n), *cells(d)]) + " |")
             records.append({"report": label, "a": str(pa), "b": str(pb), "measure": measure,
                             **asdict(d)})
@@ -103,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DeqguardError("no measure both reports keep per image: reports written before "
                             "per-image outcomes were kept need their deqguard eval line rerun"
                             + ("; " + "; ".join(notes) if notes else ""))
-    print(f"A: {a}\nB: {b}\n" + _images(args.skip, args.first))
+    print(f"A: {a}\nB: {b}\n" + _images(args.skip, args.first, counts))
     print("| report | measure | images | " + " | ".join(CELLS) + " |")
     print("|---|---|---:|" + "---:|" * len(CELLS))
     print("\n".join(rows))

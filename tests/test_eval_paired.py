@@ -137,13 +137,27 @@ def test_compare_command_on_two_folders(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--skip", "6",
                  "--reps", "100"]) == 0
     table = capsys.readouterr().out
-    assert "images after the first 6" in table
+    assert "images 7 to 10" in table
     assert "| whitebox | clean | 4 | 50.0% | 0.0% | +50.0 |" in table
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--first", "6",
                  "--reps", "100"]) == 0
     table = capsys.readouterr().out
     assert "images 1 to 6" in table
     assert "| whitebox | clean | 6 | 100.0% | 100.0% | +0.0 |" in table
+    # --first beyond what the reports scored: the header names the images paired, not the ask
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--skip", "2",
+                 "--first", "50", "--reps", "100"]) == 0
+    table = capsys.readouterr().out
+    assert "images 3 to 10" in table and "to 50" not in table
+    # measures scored on different counts (clean on 10 images, the worst case on 8): no one range
+    for name, worst in (("a", "11110000"), ("b", "11000000")):
+        (tmp_path / name / "whitebox.json").write_text(
+            json.dumps(_report("1111111100", worst)))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--skip", "2",
+                 "--reps", "100"]) == 0
+    table = capsys.readouterr().out
+    assert "images from 3 on, as many as each row's images column says" in table
+    assert "| whitebox | clean | 8 |" in table and "| whitebox | worst-case | 6 |" in table
 
 
 def test_compare_command_explains_what_it_cannot_pair(tmp_path, capsys):
