@@ -82,7 +82,8 @@ def _images(skip: int, first: int | None, counts: set[int]) -> str:
     if first is None and not skip:
         return ""
     if len(counts) == 1:
-        return f"images {skip + 1} to {skip + counts.pop()}\n"
+        (n,) = counts
+        return f"images {skip + 1} to {skip + n}\n"
     return f"images from {skip + 1} on, as many as each row's images column says\n"
 
 
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     from .paired import compare_reports
 
     a, b = Path(args.a), Path(args.b)
-    rows, notes, records, counts = [], [], [], set()
+    rows, notes, records = [], [], []
     for label, pa, pb in _pairs(a, b):
         ra, rb = _load(pa), _load(pb)
         try:
@@ -100,7 +101,6 @@ def _run(args: argparse.Namespace) -> int:
             raise DeqguardError(f"{pa} and {pb}: {exc}") from exc
         notes += [f"{label}: {w}" for w in why]
         for measure, d in diffs.items():
-            counts.add(d.n)
             rows.append("| " + " | ".join([label, measure, str(d.n), *cells(d)]) + " |")
             records.append({"report": label, "a": str(pa), "b": str(pb), "measure": measure,
                             **asdict(d)})
@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DeqguardError("no measure both reports keep per image: reports written before "
                             "per-image outcomes were kept need their deqguard eval line rerun"
                             + ("; " + "; ".join(notes) if notes else ""))
-    print(f"A: {a}\nB: {b}\n" + _images(args.skip, args.first, counts))
+    print(f"A: {a}\nB: {b}\n" + _images(args.skip, args.first, {r["n"] for r in records}))
     print("| report | measure | images | " + " | ".join(CELLS) + " |")
     print("|---|---|---:|" + "---:|" * len(CELLS))
     print("\n".join(rows))
