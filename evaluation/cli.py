@@ -119,6 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images to evaluate: the test set, or the validation split carved "
                         "from train")
     p.add_argument("--n", type=int, default=1000, help="evaluate the first N images of --split")
+    p.add_argument("--start", type=int, default=0, metavar="K",
+                   help="leave out the first K images of --split: --start 1000 --n 1000 scores "
+                        "images 1,001-2,000, recorded in the report, where `deqguard compare` "
+                        "pairs them by image number with reports that scored from 1 (default: 0)")
     p.add_argument("--eps", type=float,
                    help="L-inf radius (default: 0.1 for 28px grey images, 8/255 otherwise)")
     p.add_argument("--attacks", default=DEFAULT_PARTS, metavar="PARTS",

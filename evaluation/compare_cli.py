@@ -75,16 +75,17 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _images(skip: int, first: int | None, counts: set[int]) -> str:
-    """The header line naming the image range, empty when every common image is paired. The
-    range comes from the images actually paired, not from --first, which may ask for more than
-    the reports scored."""
-    if first is None and not skip:
+def _images(skip: int, first: int | None, ranges: set[tuple[int, int]]) -> str:
+    """The header line naming the image range, empty when every row pairs the first images both
+    reports scored. The range comes from the images actually paired, not from --skip and
+    --first, which may ask for more than the reports scored."""
+    if first is None and not skip and all(lo == 0 for lo, _ in ranges):
         return ""
-    if len(counts) == 1:
-        (n,) = counts
-        return f"images {skip + 1} to {skip + n}\n"
-    return f"images from {skip + 1} on, as many as each row's images column says\n"
+    if len(ranges) == 1:
+        ((lo, hi),) = ranges
+        return f"images {lo + 1} to {hi}\n"
+    lo = min(lo for lo, _ in ranges)
+    return f"images from {lo + 1} on, as many as each row's images column says\n"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -108,7 +109,8 @@ def _run(args: argparse.Namespace) -> int:
         raise DeqguardError("no measure both reports keep per image: reports written before "
                             "per-image outcomes were kept need their deqguard eval line rerun"
                             + ("; " + "; ".join(notes) if notes else ""))
-    print(f"A: {a}\nB: {b}\n" + _images(args.skip, args.first, {r["n"] for r in records}))
+    print(f"A: {a}\nB: {b}\n" + _images(args.skip, args.first,
+                                              {(r["start"], r["start"] + r["n"]) for r in records}))
     print("| report | measure | images | " + " | ".join(CELLS) + " |")
     print("|---|---|---:|" + "---:|" * len(CELLS))
     print("\n".join(rows))

@@ -157,7 +157,7 @@ def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: 
 
     return EvalSettings(
         checkpoint=str(path), data=data, data_dir=data_dir, split=args.split,
-        n=n, eps=eps, parts=parts, defense=args.defense,
+        n=n, start=args.start, eps=eps, parts=parts, defense=args.defense,
         defense_config=_defense_settings(args),
         pgd_steps=args.pgd_steps, pgd_restarts=args.restarts, step_size=args.step_size,
         gradient_paths=names(args.paths) if args.paths else None,

@@ -27,6 +27,8 @@ def summary(report) -> dict:
     out = {"checkpoint": report.checkpoint.path, "data": report.settings.data,
            "n": report.settings.n, "eps": report.settings.eps,
            "defense": report.settings.defense}
+    if report.settings.start:
+        out["images"] = f"{report.settings.start + 1}-{report.settings.start + report.settings.n}"
     if report.clean:
         out["clean_accuracy"] = report.clean.accuracy
     for a in report.attacks:

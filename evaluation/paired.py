@@ -12,7 +12,7 @@ Only numpy: a comparison reads two `deqguard eval` JSON reports and loads no mod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ class PairedDifference:
     unpaired_se: float  # as if the two accuracies came from different images
     interval: list[float]  # bootstrap 95% percentile interval of the difference, over images
     p_value: float  # McNemar's exact two-sided test of only_a against only_b
+    start: int = 0  # images of the split before the n paired (compare_reports sets it)
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -84,8 +85,8 @@ def measures(report: dict[str, Any]) -> dict[str, str]:
 
 
 def images_differ(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """Why two reports were not scored on the same images (None when they were, up to the
-    shorter one's count: every report scores the first N images of its split)."""
+    """Why two reports were not scored from the same split (None when they were: each report
+    scores its n images after the first `start`, and the common ones are paired by number)."""
     sa, sb = a.get("settings", {}), b.get("settings", {})
     for key in ("data", "split"):
         if sa.get(key) != sb.get(key):
@@ -106,13 +107,15 @@ def attack_settings_differ(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 def compare_reports(a: dict[str, Any], b: dict[str, Any], *, reps: int = 10_000,
                     seed: int = 0, skip: int = 0, first: int | None = None,
                     ) -> tuple[dict[str, PairedDifference], list[str]]:
-    """Every measure both reports keep, paired on their common first images, and notes on what
-    was left out or cut (measures one report lacks, a shorter count).
+    """Every measure both reports keep, paired on the images both scored (by image number: a
+    report of images 1,001-2,000 pairs with one of 1-2,000 on the second thousand), and notes
+    on what was left out or cut (measures one report lacks, a shorter or shifted range).
 
-    `skip` leaves out the first images: a difference first seen on the first 1,000 is checked
-    on images that played no part in noticing it (reports of 5,000 against the headline's
-    1,000), where chance and the choice of what to look at cannot have flattered it. `first`
-    keeps only the first images, so the same two reports also give the gap on those 1,000."""
+    `skip` leaves out the first images of the split: a difference first seen on the first 1,000
+    is checked on images that played no part in noticing it (reports of 5,000 against the
+    headline's 1,000), where chance and the choice of what to look at cannot have flattered it.
+    `first` keeps only the first images, so the same two reports also give the gap on those
+    1,000."""
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
     if first is not None and first <= skip:
@@ -130,13 +133,31 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], *, reps: int = 10_000,
             notes.append(f"{name}: left out, {attack_why}")
             continue
         xa, xb = unbits(ma[name]), unbits(mb[name])
-        m = min(xa.size, xb.size)
-        if xa.size != xb.size:
-            notes.append(f"{name}: on the first {m} images ({xa.size} and {xb.size} scored)")
+        sa, sb = _start(a), _start(b)
+        lo, m = max(sa, sb), min(sa + xa.size, sb + xb.size)
+        if (sa, xa.size) != (sb, xb.size):
+            notes.append(_range_note(name, lo, m, (sa, xa.size), (sb, xb.size)))
         if first is not None:
             m = min(m, first)
-        if skip >= m:
-            notes.append(f"{name}: left out, {m} images scored and the first {skip} skipped")
+        lo = max(lo, skip)
+        if lo >= m:
+            notes.append(f"{name}: left out, {m} images scored and the first {skip} skipped"
+                         if sa == sb == 0 else f"{name}: left out, no image left to pair")
             continue
-        out[name] = paired_difference(xa[skip:m], xb[skip:m], reps=reps, seed=seed)
+        d = paired_difference(xa[lo - sa:m - sa], xb[lo - sb:m - sb], reps=reps, seed=seed)
+        out[name] = replace(d, start=lo)
     return out, notes
+
+
+def _start(report: dict[str, Any]) -> int:
+    """Images of the split the report left out before its first (0 before `--start` existed)."""
+    return int(report.get("settings", {}).get("start") or 0)
+
+
+def _range_note(name: str, lo: int, hi: int, a: tuple[int, int], b: tuple[int, int]) -> str:
+    if a[0] == b[0] == 0:
+        return f"{name}: on the first {hi} images ({a[1]} and {b[1]} scored)"
+    scored = " and ".join(f"{s + 1}-{s + k}" for s, k in (a, b))
+    if lo >= hi:
+        return f"{name}: no image in common (images {scored} scored)"
+    return f"{name}: on images {lo + 1}-{hi} (images {scored} scored)"

@@ -62,6 +62,8 @@ class EvalSettings(_Model):
     data_dir: str | None = None
     split: str = "test"
     n: int = Field(ge=1)
+    start: int = Field(0, ge=0, description="images of the split left out before the n scored: "
+                       "per-image outcomes start at image start + 1")
     eps: float = Field(gt=0)
     parts: list[EvalPart]
     defense: Literal[DEFENSES] = "none"

@@ -4,6 +4,7 @@ numbers, help on every option, and the server's printed fix running as printed."
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -211,6 +212,40 @@ def test_data_and_data_dir_override_the_recorded_dataset(recorded_copy, tmp_path
                  "--threads", "1"]) == 0
     settings = EvalReport.model_validate_json(out.read_text()).settings
     assert settings.data_dir == str(other) and settings.n == 10
+
+
+def test_start_scores_later_images_that_compare_pairs_by_number(recorded_copy, pattern_idx_dir,
+                                                                 tmp_path, capsys):
+    """--start 5 --n 6 scores test images 6-11: the same images, labels and per-image outcomes
+    as those of a run from image 1, and `deqguard compare` pairs the two on those six alone."""
+    from deqguard.evaluation.eval_command import _test_images
+    from deqguard.models import load_checkpoint
+    from deqguard.training.data import load_dataset
+
+    common = ["--attacks", "clean,aa", "--aa-attacks", "apgd-ce", "--batch-size", "16",
+              "--no-progress", "--threads", "1"]
+    full, later = tmp_path / "full.json", tmp_path / "later.json"
+    assert main(["eval", str(recorded_copy), "--n", "12", "--json", str(full), *common]) == 0
+    assert main(["eval", str(recorded_copy), "--start", "5", "--n", "6", "--json", str(later),
+                 *common]) == 0
+    a = EvalReport.model_validate_json(full.read_text())
+    b = EvalReport.model_validate_json(later.read_text())
+    assert (a.settings.start, b.settings.start, b.settings.n, b.clean.n) == (0, 5, 6, 6)
+    ds = load_dataset("fashion-mnist", "test", data_dir=pattern_idx_dir)
+    model, meta = load_checkpoint(recorded_copy, device="cpu")
+    args = argparse.Namespace(start=5, n=6, split="test")
+    x, y, _ = _test_images(args, model, meta, "fashion-mnist", str(pattern_idx_dir))
+    assert torch.equal(x, torch.stack([ds[i][0] for i in range(5, 11)]))
+    assert y.tolist() == [ds[i][1] for i in range(5, 11)] != [ds[i][1] for i in range(6)]
+    assert unbits(b.clean.correct).tolist() == unbits(a.clean.correct)[5:11].tolist()
+    assert capsys.readouterr().out.count('"images": "6-11"') == 1  # the second run's summary
+    assert main(["compare", str(full), str(later), "--reps", "100"]) == 0
+    table = capsys.readouterr().out
+    assert "images 6 to 11" in table and "| full / later | clean | 6 |" in table
+    assert "clean: on images 6-11 (images 1-12 and 6-11 scored)" in table
+    assert main(["eval", str(recorded_copy), "--start", str(len(ds)), "--attacks", "clean",
+                 "--no-progress"]) == 2
+    assert "leaves no image" in capsys.readouterr().err
 
 
 def test_a_checkpoint_without_a_recorded_dataset_asks_for_data(tiny_checkpoint, capsys):

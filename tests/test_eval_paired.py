@@ -62,8 +62,10 @@ def test_paired_difference_counts_errors_and_interval():
 
 
 def _report(clean: str, worst: str | None = None, stages: dict[str, str] | None = None, *,
-            data: str = "fashion-mnist", split: str = "test", eps: float = 0.1) -> dict:
-    r = {"settings": {"data": data, "split": split, "eps": eps},
+            data: str = "fashion-mnist", split: str = "test", eps: float = 0.1,
+            start: int | None = None) -> dict:
+    r = {"settings": {"data": data, "split": split, "eps": eps}
+         | ({} if start is None else {"start": start}),
          "clean": {"n": len(clean), "accuracy": unbits(clean).mean(), "correct": clean}}
     if worst is not None:
         r["worst_case"] = {"n": len(worst), "accuracy": unbits(worst).mean(), "correct": worst}
@@ -101,6 +103,24 @@ def test_compare_reports_skips_the_first_images():
     assert (diffs["clean"].n, diffs["clean"].only_a, diffs["clean"].only_b) == (4, 2, 2)
     with pytest.raises(ValueError, match="first must be more than skip"):
         compare_reports(a, b, skip=4, first=4)
+
+
+def test_compare_reports_pairs_shifted_ranges_by_image_number():
+    """A report of images 5-8 (`deqguard eval --start 4 --n 4`) against one of images 1-8: only
+    images 5-8 pair, each with itself; --skip and --first count from image 1 of the split."""
+    a = _report("00001111", "00001100")  # images 1-8, no start recorded (older reports)
+    b = _report("1010", "1000", start=4)
+    diffs, notes = compare_reports(a, b, reps=200)
+    assert (diffs["clean"].n, diffs["clean"].start) == (4, 4)
+    assert (diffs["clean"].only_a, diffs["clean"].only_b) == (2, 0)
+    assert (diffs["worst-case"].only_a, diffs["worst-case"].only_b) == (1, 0)
+    assert "clean: on images 5-8 (images 1-8 and 5-8 scored)" in notes
+    diffs, _ = compare_reports(a, b, reps=100, skip=6)  # images 7 and 8
+    assert (diffs["clean"].n, diffs["clean"].start, diffs["clean"].only_a) == (2, 6, 1)
+    diffs, _ = compare_reports(b, a, reps=100, first=6)  # images 5 and 6
+    assert (diffs["clean"].n, diffs["clean"].only_a, diffs["clean"].only_b) == (2, 0, 1)
+    diffs, notes = compare_reports(a, _report("11", start=8), reps=100)
+    assert diffs == {} and "clean: no image in common (images 1-8 and 9-10 scored)" in notes
 
 
 def test_compare_reports_refuses_other_images_and_leaves_out_another_threat():
