@@ -36,6 +36,7 @@ _COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "deqguard.evaluation.cli": ("torch",),
     "deqguard.evaluation.detector_cli": ("torch",),
     "deqguard.evaluation.compare_cli": (),
+    "deqguard.evaluation.merge_cli": ("torch",),
     "deqguard.serving.cli": ("torch",),
     "deqguard.clients.cli": (),
 }

@@ -296,6 +296,16 @@ class DefenseSummary(_Model):
     overhead_ratio: float
 
 
+class MergedPart(_Model):
+    """One report `deqguard eval-merge` joined: which images it scored, when, and how long."""
+
+    report: str
+    start: int
+    n: int
+    created: str
+    seconds_total: float
+
+
 class EvalReport(_Model):
     schema_version: int = SCHEMA_VERSION
     deqguard_version: str
@@ -317,3 +327,6 @@ class EvalReport(_Model):
     adaptive_selective: AdaptiveSelectiveSection | None = None
     rectifier: RectifierEvalSection | None = None
     warnings: list[str] = Field(default_factory=list)
+    merged_from: list[MergedPart] | None = Field(
+        None, description="the reports of consecutive image ranges this one joins "
+        "(`deqguard eval-merge`); None for a report one run wrote")
