@@ -128,12 +128,12 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], *, reps: int = 10_000,
              (("first", ma, mb), ("second", mb, ma)) for name in mine if name not in other]
     attack_why = attack_settings_differ(a, b)
     out: dict[str, PairedDifference] = {}
+    sa, sb = _start(a), _start(b)
     for name in (k for k in ma if k in mb):
         if name != "clean" and attack_why:
             notes.append(f"{name}: left out, {attack_why}")
             continue
         xa, xb = unbits(ma[name]), unbits(mb[name])
-        sa, sb = _start(a), _start(b)
         lo, m = max(sa, sb), min(sa + xa.size, sb + xb.size)
         if (sa, xa.size) != (sb, xb.size):
             notes.append(_range_note(name, lo, m, (sa, xa.size), (sb, xb.size)))
