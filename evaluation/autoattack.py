@@ -46,10 +46,18 @@ class _Collect(logging.Handler):
 def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_classes: int,
                    seed: int = 0, batch_size: int = 128, version: str = "standard",
                    attacks: list[str] | None = None, device: str | torch.device = "cpu",
-                   on_attack: Callable[[str], None] | None = None) -> AutoAttackResult:
+                   on_attack: Callable[[str], None] | None = None,
+                   done: dict[str, Tensor] | None = None,
+                   done_seconds: dict[str, float] | None = None) -> AutoAttackResult:
     """Robust accuracy under AutoAttack on `model` (a logits module, deterministic forward).
 
     `attacks` restricts the standard suite (same per-attack settings) for quick CPU runs.
+    `done` holds the per-image outcomes of the first stages of `attacks` from an earlier run on
+    these images ("clean", then each stage in run order; `done_seconds` their times): they are
+    taken as they are and only the later stages run, on the images the last one left, which is
+    what one run of every stage does (each stage starts from the clean images). An image this
+    model now gets wrong clean counts as broken whatever the earlier run said; `x_adv` keeps the
+    clean image where an earlier stage broke it (its adversarial image was not kept).
     """
     from pyautoattack import AutoAttack
 
@@ -70,8 +78,18 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_cl
     after: dict[str, float] = {"clean": correct.float().mean().item()}
     correct_after: dict[str, Tensor] = {"clean": correct.clone()}
     seconds: dict[str, float] = {}
+    earlier = [k for k in (done or {}) if k != "clean"]
+    if chosen[:len(earlier)] != earlier:
+        raise ValueError(f"the earlier stages {earlier} do not begin the attacks {chosen}")
+    for attack in earlier:
+        flags = done[attack].to(correct.device)
+        after[attack] = flags.float().mean().item()
+        correct_after[attack] = flags.clone()
+        seconds[attack] = (done_seconds or {}).get(attack, 0.0)
+    if earlier:
+        correct &= correct_after[earlier[-1]]
     try:
-        for attack in chosen:
+        for attack in chosen[len(earlier):]:
             idx = correct.nonzero().flatten()
             t0 = time.perf_counter()
             if idx.numel() > 0:

@@ -78,7 +78,8 @@ one CPU thread (from its measured reports in docs/eval/wk/):
              calibration on --val-n validation images (--calibrate)         ~30 s
   aa         standard AutoAttack (pyautoattack); not in the default: hours at
              --n 1000 (APGD-CE + APGD-T alone took 85 min); bound it with --aa-n
-             and --aa-attacks
+             and --aa-attacks; --aa-from adds later stages (square) to an
+             earlier report without rerunning its stages
   selective  risk-coverage of the doubt scores on clean, PGD-40 and detector-
              aware inputs; not in the default: several minutes
   slowdown   inputs crafted to stall the solver: iterations and ms per answer,
@@ -175,6 +176,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aa-attacks", metavar="ATTACKS",
                    help="part aa: a subset of apgd-ce,apgd-t,fab-t,square (default: all four, "
                         "standard AutoAttack)")
+    p.add_argument("--aa-from", metavar="REPORT",
+                   help="part aa: take the AutoAttack stages of an earlier --json report of "
+                        "this checkpoint and these images as they are, and run only the stages "
+                        "--aa-attacks adds after them (e.g. square after apgd-ce,apgd-t)")
     add_gradient_argument(p, "--aa-gradient",
                           "part aa: gradient path of AutoAttack's gradient attacks on a DEQ "
                           "(exact: backprop through the solver; phantom overstates robustness)")

@@ -45,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
                                                              meta.input.height)
     settings = eval_settings(args, path=path, data=data, data_dir=data_dir, n=len(x), eps=eps,
                              parts=parts, selective=selective, device=device)
+    aa_earlier = _aa_earlier(args, settings, meta, parts, len(x))
     torch.manual_seed(args.seed)
     detector = _learned_detector(meta, model, parts, selective)
     report = evaluate(model, x, y, settings, checkpoint=_checkpoint_info(path, meta, model),
                       x_val=x_val, y_val=y_val, progress=not args.no_progress,
-                      learned_detector=detector)
+                      learned_detector=detector, aa_earlier=aa_earlier)
     _write_calibrations(args, path, report)
     _write_outputs(args, report)
     print(json.dumps(for_people(summary(report)), indent=2))
@@ -163,6 +164,23 @@ def _checkpoint_info(path: Path, meta, model):
     return CheckpointInfo(path=str(path), name=meta.name, sha256=meta.sha256,
                           arch=str(meta.model.get("arch", "")), is_deq=model.is_deq,
                           solver=meta.model.get("solver"))
+
+
+def _aa_earlier(args: argparse.Namespace, settings, meta, parts: list[str], n: int) -> Any:
+    """--aa-from: the earlier report's AutoAttack stages, checked before anything is attacked."""
+    if not args.aa_from:
+        return None
+    from deqguard.models.errors import DeqguardError
+
+    from .aa_from import earlier_stages
+
+    if "aa" not in parts:
+        raise DeqguardError("--aa-from continues AutoAttack: add aa to --attacks")
+    if "detect" in parts:
+        raise DeqguardError("--aa-from cannot run with the detect part: detection scores the "
+                            "adversarial images of every AutoAttack stage, and the earlier "
+                            "report kept none")
+    return earlier_stages(args.aa_from, settings, meta.sha256, min(args.aa_n or n, n))
 
 
 def _learned_detector(meta, model, parts: list[str], selective: Any) -> Any:

@@ -166,7 +166,7 @@ def eval_settings(args: argparse.Namespace, *, path: Path, data: str, data_dir: 
         steps_sweep=ints(args.steps_sweep), eps_sweep=floats(args.eps_sweep),
         large_eps=args.large_eps, budgets=ints(args.budgets),
         aa_attacks=names(args.aa_attacks) if args.aa_attacks else None, aa_n=args.aa_n,
-        aa_gradient=args.aa_gradient,
+        aa_from=args.aa_from, aa_gradient=args.aa_gradient,
         sweep_n=args.sweep_n or None, sweep_gradient=args.sweep_gradient,
         detect_scores=names(args.scores), early_index=args.early_index,
         detector_lambda=args.detector_lambda, fpr=args.fpr, logistic=args.logistic,

@@ -214,8 +214,10 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
             aa = report.autoattack
             after = ", ".join(f"{k} {_pct(v)}" for k, v in aa.accuracy_after.items())
             forward = f"{aa.forward}, {aa.gradient} gradient" if aa.gradient else aa.forward
+            taken = (f"; {', '.join(aa.earlier.stages)} taken from {aa.earlier.report}"
+                     if aa.earlier else "")
             lines.append(f"| AutoAttack {aa.version} | {forward} | {_pct(aa.accuracy)} | | "
-                         f"n={aa.n}; after: {after} | {sum(aa.seconds.values()):.0f} |")
+                         f"n={aa.n}; after: {after}{taken} | {sum(aa.seconds.values()):.0f} |")
         if report.worst_case:
             w = report.worst_case
             lines.append(f"| **worst case per sample** | | **{_pct(w.accuracy)}** | | "

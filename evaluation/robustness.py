@@ -22,6 +22,7 @@ from .schema import (
     BudgetPoint,
     CleanResult,
     DefenseSummary,
+    EarlierAutoAttack,
     SweepPoint,
     Sweeps,
     WorstCase,
@@ -171,10 +172,22 @@ def autoattack(ev: EvalState) -> None:
     grad = ev.s.aa_gradient or "exact"
     module = (DefendedClassifier(ev.model, ev.defense_cfg, grad=grad) if ev.defended
               else _Logits(ev.model, grad))
+    earlier = ev.aa_earlier
     res = run_autoattack(module, ev.x[:m], ev.y[:m], eps=ev.s.eps,
                          num_classes=ev.model.config.num_classes, seed=ev.s.seed,
                          batch_size=ev.s.batch_size, attacks=ev.s.aa_attacks,
-                         device=ev.x.device)
+                         device=ev.x.device,
+                         done=earlier.correct_after if earlier else None,
+                         done_seconds=earlier.seconds if earlier else None)
+    source = None
+    if earlier is not None:
+        differs = int((earlier.correct_after["clean"].to(res.correct.device)
+                       != res.correct_after["clean"]).sum())
+        source = EarlierAutoAttack(report=earlier.report, created=earlier.created,
+                                   stages=earlier.stages, clean_differs=differs)
+        if differs:
+            ev.warn(f"--aa-from: {differs} images are classified otherwise clean than in "
+                    f"{earlier.report}; they count as broken where either run got them wrong")
     ev.aa_correct, ev.aa_x_adv = res.correct, res.x_adv
     ev.report.autoattack = AutoAttackSection(
         version=ev.s.aa_version, attacks=res.attacks, eps=ev.s.eps, n=m,
@@ -182,7 +195,9 @@ def autoattack(ev: EvalState) -> None:
         gradient=grad if ev.model.is_deq else "direct",
         accuracy=mean(res.correct), accuracy_after=res.accuracy_after,
         correct_after={k: bits(v) for k, v in res.correct_after.items()},
-        seconds=res.seconds, warnings=res.warnings)
+        seconds=res.seconds, warnings=list(dict.fromkeys([*(earlier.warnings if earlier else []),
+                                                     *res.warnings])),
+        earlier=source)
     for w in res.warnings:
         ev.warn(f"AutoAttack: {w}")
     order = [k for k in res.accuracy_after if k != "clean"]

@@ -79,14 +79,17 @@ class Evaluation(EvalState):
 def evaluate(model: Classifier, x: Tensor, y: Tensor, settings: EvalSettings, *,
              checkpoint: CheckpointInfo, x_val: Tensor | None = None,
              y_val: Tensor | None = None, progress: bool = True,
-             learned_detector: Any = None) -> EvalReport:
+             learned_detector: Any = None, aa_earlier: Any = None) -> EvalReport:
     """Run every part of `settings.parts` on (x, y) and return the report.
 
     `learned_detector` (the checkpoint's LogisticDetector) adds its score, "learned_detector",
     to the detect part next to the trajectory scores and baselines (undefended DEQs only), and
     the "detector" doubt score and the detector-aware attack to the selective part.
+    `aa_earlier` (aa_from.EarlierStages) holds AutoAttack stages an earlier report ran on these
+    images: the aa part takes them as they are and runs the rest.
     """
     ev = Evaluation(model, x, y, settings, checkpoint=checkpoint, x_val=x_val, y_val=y_val,
                     progress=progress)
     ev.learned_detector = learned_detector
+    ev.aa_earlier = aa_earlier
     return ev.run()

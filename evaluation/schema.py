@@ -86,6 +86,9 @@ class EvalSettings(_Model):
     aa_version: Literal["standard"] = "standard"
     aa_attacks: list[str] | None = Field(None, description="None: the full standard suite")
     aa_n: int | None = Field(None, description="samples for AutoAttack (None: all n)")
+    aa_from: str | None = Field(
+        None, description="an earlier report whose AutoAttack stages this run took as they were "
+        "and continued (`--aa-from`); None: every stage ran here")
     aa_gradient: GradMode | None = Field(
         None, description="gradient path of AutoAttack's gradient attacks on a DEQ. None: exact "
         "backprop through the solver iterations (the strongest); reports written before this "
@@ -177,6 +180,16 @@ class Sweeps(_Model):
     large_eps_accuracy: float | None
 
 
+class EarlierAutoAttack(_Model):
+    """Where the stages an `--aa-from` run did not rerun come from."""
+
+    report: str
+    created: str
+    stages: list[str]
+    clean_differs: int = Field(0, description="images whose clean outcome here differs from "
+                               "the earlier report's (another machine's arithmetic)")
+
+
 class AutoAttackSection(_Model):
     version: str
     attacks: list[str]
@@ -193,6 +206,9 @@ class AutoAttackSection(_Model):
         "comparisons); None in reports written before it was recorded")
     seconds: dict[str, float]
     warnings: list[str]
+    earlier: EarlierAutoAttack | None = Field(
+        None, description="the report whose first stages (outcomes and seconds) this section "
+        "took as they were (`--aa-from`); None: every stage ran in this run")
 
 
 class ScoreResult(_Model):

@@ -48,6 +48,7 @@ class EvalState:
         self.clean_correct: Tensor | None = None  # set by the clean part
         self.aa_correct: Tensor | None = None  # set by the AutoAttack part, with aa_x_adv
         self.aa_x_adv: Tensor | None = None
+        self.aa_earlier: Any = None  # aa_from.EarlierStages the AutoAttack part continues
         self._seed = settings.seed
         self.learned_detector: Any = None  # LogisticDetector from the checkpoint, if any
 
