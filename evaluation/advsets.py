@@ -163,8 +163,11 @@ def split_images(split: str, start: int, count: int) -> tuple[Tensor, Tensor]:
     """Fashion-MNIST images [start, start+count) of a split as tensors."""
     from deqguard.training.data import load_dataset
 
-    ds = load_dataset("fashion-mnist", split, limit=start + count)  # type: ignore[arg-type]
-    items = [ds[i] for i in range(start, start + count)]
+    ds = load_dataset("fashion-mnist", split, start=start, limit=count)  # type: ignore[arg-type]
+    if len(ds) < count:
+        raise ValueError(f"the {split} split holds {len(ds)} images after the first {start}, "
+                         f"not {count}")
+    items = [ds[i] for i in range(count)]
     return torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
 
 

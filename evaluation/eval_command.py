@@ -101,10 +101,10 @@ def _resolve_data(args: argparse.Namespace, meta, path) -> tuple[str, str | None
     return data, data_dir
 
 
-def _stack(ds, start: int = 0) -> tuple:
+def _stack(ds) -> tuple:
     import torch
 
-    xs, ys = zip(*(ds[i] for i in range(start, len(ds))), strict=True)
+    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
     return torch.stack(list(xs)), torch.tensor(ys, dtype=torch.long)
 
 
@@ -121,14 +121,8 @@ def _test_images(args: argparse.Namespace, model, meta, data: str, data_dir: str
         raise DeqguardError(f"{data} images are {info.in_channels}x{info.image_size}px, the "
                             f"checkpoint expects {c}x{s}px")
     size = s if data == "imagefolder" else None
-    if args.start < 0:
-        raise DeqguardError(f"--start must be >= 0, got {args.start}")
-    ds = load_dataset(data, args.split, data_dir=data_dir, limit=args.start + args.n,
-                      image_size=size)
-    if args.start >= len(ds):
-        raise DeqguardError(f"--start {args.start} leaves no image: --split {args.split} of "
-                            f"{data} has {len(ds)}")
-    x, y = _stack(ds, args.start)
+    x, y = _stack(load_dataset(data, args.split, data_dir=data_dir, start=args.start,
+                               limit=args.n, image_size=size))
     if len(y) and int(y.max()) >= model.config.num_classes:
         raise DeqguardError(f"{data} has label {int(y.max())}, the checkpoint only "
                             f"{model.config.num_classes} classes")

@@ -58,6 +58,24 @@ def test_limit_and_seeded_augmentation(pattern_idx_dir):
     assert torch.equal(plain[(3, 99)][0], plain[3][0])  # seed keys accepted without augmentation
 
 
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_start_leaves_out_the_first_images_of_the_split(pattern_idx_dir, split):
+    whole = load_dataset("fashion-mnist", split, data_dir=pattern_idx_dir, val_size=64)
+    later = load_dataset("fashion-mnist", split, data_dir=pattern_idx_dir, val_size=64,
+                         start=5, limit=6)
+    assert len(later) == 6
+    for i in range(6):
+        assert torch.equal(later[i][0], whole[5 + i][0]) and later[i][1] == whole[5 + i][1]
+    tail = load_dataset("fashion-mnist", split, data_dir=pattern_idx_dir, val_size=64,
+                        start=len(whole) - 2, limit=10)
+    assert len(tail) == 2  # the limit stops at the split's end
+    with pytest.raises(DataError, match=f"start {len(whole)} leaves no image"):
+        load_dataset("fashion-mnist", split, data_dir=pattern_idx_dir, val_size=64,
+                     start=len(whole))
+    with pytest.raises(DataError, match="start must be >= 0"):
+        load_dataset("fashion-mnist", split, data_dir=pattern_idx_dir, val_size=64, start=-1)
+
+
 def test_missing_data_names_path_and_fix(tmp_path):
     with pytest.raises(DeqguardError) as exc:
         load_dataset("fashion-mnist", "train", data_dir=tmp_path)

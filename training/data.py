@@ -314,15 +314,17 @@ def _check_name(name: str) -> None:
 def load_dataset(name: DatasetName, split: Split, *, data_dir: str | Path | None = None,
                  augment: bool = False, val_size: int = 5000, seed: int = 0,
                  limit: int | None = None, download: bool = False,
-                 image_size: int | None = None) -> Dataset:
+                 image_size: int | None = None, start: int = 0) -> Dataset:
     """A map-style dataset of (x float32 [C,H,W] in [0,1], y int) for one split.
 
     An image folder is either root/<class>/<image> (val carved, no test split), or has train/
     and test/ subfolders (val carved from train/), or train/, val/ and test/.
 
     `val_size` images of the training set (a permutation seeded by `seed`) form "val"; "train"
-    is the rest. `limit` keeps the first N images of the split (short runs, tests).
-    `image_size` resizes an imagefolder (other datasets have a fixed size).
+    is the rest. `start` leaves out the split's first images and `limit` keeps the first N of
+    the rest, so that an evaluation split into ranges (images 1,001-2,000) reads the images a
+    run from image 1 would have scored there. `image_size` resizes an imagefolder (other
+    datasets have a fixed size).
     """
     _check_name(name)
     if split not in ("train", "val", "test"):
@@ -345,14 +347,17 @@ def load_dataset(name: DatasetName, split: Split, *, data_dir: str | Path | None
             base = _load_imagefolder(src, image_size)
     if carve:
         train_idx, val_idx = split_indices(len(base), val_size, seed)
-        indices = train_idx if split == "train" else val_idx
-        if limit is not None:
-            indices = indices[:limit]
-        ds: Dataset = _Indexed(base, indices)
-    elif limit is not None and limit < len(base):
-        ds = _Indexed(base, list(range(limit)))
+        indices = list(train_idx if split == "train" else val_idx)
     else:
-        ds = base
+        indices = list(range(len(base)))
+    if start < 0:
+        raise DataError(f"start must be >= 0, got {start}")
+    if start and start >= len(indices):
+        raise DataError(f"start {start} leaves no image: the {split} split of {name} has "
+                        f"{len(indices)}")
+    end = len(indices) if limit is None else min(start + limit, len(indices))
+    ds: Dataset = (base if (start, end, carve) == (0, len(base), False)
+                   else _Indexed(base, indices[start:end]))
     if augment:
         x0, _ = base[0]
         return Augmented(ds, _augmentation(name, int(x0.shape[-1])))
