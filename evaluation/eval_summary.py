@@ -28,7 +28,7 @@ def summary(report) -> dict:
            "n": report.settings.n, "eps": report.settings.eps,
            "defense": report.settings.defense}
     if report.settings.start:
-        out["images"] = f"{report.settings.start + 1}-{report.settings.start + report.settings.n}"
+        out["images"] = report.settings.images
     if report.clean:
         out["clean_accuracy"] = report.clean.accuracy
     for a in report.attacks:

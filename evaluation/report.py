@@ -164,7 +164,7 @@ def render_markdown(report: EvalReport, plots: list[str], command: str | None = 
         lines += ["```", command, "```", ""]
     lines += [f"- checkpoint `{c.path}` ({c.arch}, sha256 {c.sha256[:12]})",
               f"- data {s.data} {s.split}, n={s.n}"
-              + (f" (images {s.start + 1}-{s.start + s.n})" if s.start else "")
+              + (f" (images {s.images})" if s.start else "")
               + f"; Linf eps={s.eps:.4g}; defense: {s.defense}",
               f"- deqguard {report.deqguard_version}, {report.created}, device {s.device}, "
               f"{report.seconds_total:.0f} s", ""]

@@ -118,6 +118,12 @@ class EvalSettings(_Model):
     seed: int = 0
     device: str = "cpu"
 
+    @property
+    def images(self) -> str:
+        """The images scored, numbered from 1 of the split as a reader counts them
+        ("1001-2000" for --start 1000 --n 1000)."""
+        return f"{self.start + 1}-{self.start + self.n}"
+
 
 class CheckpointInfo(_Model):
     path: str

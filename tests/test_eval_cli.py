@@ -227,7 +227,7 @@ def test_start_scores_later_images_that_compare_pairs_by_number(recorded_copy, p
     full, later = tmp_path / "full.json", tmp_path / "later.json"
     assert main(["eval", str(recorded_copy), "--n", "12", "--json", str(full), *common]) == 0
     assert main(["eval", str(recorded_copy), "--start", "5", "--n", "6", "--json", str(later),
-                 *common]) == 0
+                 "--report", str(tmp_path / "later"), *common]) == 0
     a = EvalReport.model_validate_json(full.read_text())
     b = EvalReport.model_validate_json(later.read_text())
     assert (a.settings.start, b.settings.start, b.settings.n, b.clean.n) == (0, 5, 6, 6)
@@ -239,6 +239,7 @@ def test_start_scores_later_images_that_compare_pairs_by_number(recorded_copy, p
     assert y.tolist() == [ds[i][1] for i in range(5, 11)] != [ds[i][1] for i in range(6)]
     assert unbits(b.clean.correct).tolist() == unbits(a.clean.correct)[5:11].tolist()
     assert capsys.readouterr().out.count('"images": "6-11"') == 1  # the second run's summary
+    assert "(images 6-11)" in (tmp_path / "later" / "report.md").read_text()
     assert main(["compare", str(full), str(later), "--reps", "100"]) == 0
     table = capsys.readouterr().out
     assert "images 6 to 11" in table and "| full / later | clean | 6 |" in table
