@@ -137,6 +137,8 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], *, reps: int = 10_000,
         lo, m = max(sa, sb), min(sa + xa.size, sb + xb.size)
         if (sa, xa.size) != (sb, xb.size):
             notes.append(_range_note(name, lo, m, (sa, xa.size), (sb, xb.size)))
+        if lo >= m:  # no image in common, which the range note just said
+            continue
         if first is not None:
             m = min(m, first)
         lo = max(lo, skip)

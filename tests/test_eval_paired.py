@@ -121,6 +121,8 @@ def test_compare_reports_pairs_shifted_ranges_by_image_number():
     assert (diffs["clean"].n, diffs["clean"].only_a, diffs["clean"].only_b) == (2, 0, 1)
     diffs, notes = compare_reports(a, _report("11", start=8), reps=100)
     assert diffs == {} and "clean: no image in common (images 1-8 and 9-10 scored)" in notes
+    assert [n for n in notes if n.startswith("clean:")] == [  # one note says it, not two
+        "clean: no image in common (images 1-8 and 9-10 scored)"]
 
 
 def test_compare_reports_refuses_other_images_and_leaves_out_another_threat():
