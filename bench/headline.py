@@ -22,12 +22,14 @@ the upper bound it is.
 
 An optional fourth line adds Square (gradient-free, 5,000 queries) after APGD-CE and APGD-T, the
 check that the gradient attacks did not leave adversarial points unfound (on every model
-measured they did, 0.5 to 2.4 points: docs/results.md). It reruns the third line's attacks (the
-same points: the seed is fixed) before Square, so on the 100-epoch DEQ it took about twice the
-third line's time; `--square` asks for it:
+measured they did, 0.5 to 2.4 points: docs/results.md). It takes the third line's per-image
+APGD outcomes as they are (`--aa-from`) and runs Square alone on the images they left, which is
+what one run of all three stages does (reports before `--aa-from` reran the two APGD stages
+first, about half of such a line's time); `--square` asks for it:
 
     deqguard eval CKPT --data fashion-mnist --threads 1 --n 1000 --attacks clean,aa \
-        --aa-attacks apgd-ce,apgd-t,square --batch-size 500 --json DIR/aa-square-n1000.json
+        --aa-attacks apgd-ce,apgd-t,square --aa-from DIR/aa-n1000.json --batch-size 500 \
+        --json DIR/aa-square-n1000.json
 
 `--evaluate` first runs the three lines for every model whose reports are missing, so a new
 checkpoint gets its row from one command (RUN: a run folder, whose best.safetensors is
@@ -120,6 +122,7 @@ def eval_lines(checkpoint: Path, folder: Path, n_clean: int = 10000, n_attack: i
     if square:
         parts.append((names["square"], ["--n", str(n_attack), "--attacks", "clean,aa",
                                         "--aa-attacks", "apgd-ce,apgd-t,square",
+                                        "--aa-from", str(folder / f"{names['aa']}.json"),
                                         "--batch-size", "500"]))
     return [(stem, ["deqguard", "eval", str(checkpoint), *common, *args,
                     "--json", str(folder / f"{stem}.json"), "--report", str(folder / stem),

@@ -47,6 +47,7 @@ def test_square_adds_a_fourth_line_and_its_column(headline, capsys, tmp_path):
     square = lines[3]
     assert square[square.index("--aa-attacks") + 1] == "apgd-ce,apgd-t,square"
     assert square[square.index("--json") + 1] == "out/m/aa-square-n1000.json"
+    assert square[square.index("--aa-from") + 1] == "out/m/aa-n1000.json"  # APGD not rerun
 
     folder = tmp_path / "m"
     folder.mkdir()
