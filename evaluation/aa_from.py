@@ -4,9 +4,10 @@ AutoAttack runs its attacks one after another, each from the clean images, on th
 earlier attack left robust, each with its own seed. So "APGD-CE + APGD-T, then Square" is the
 APGD report's per-image outcomes plus Square on the images they left: rerunning the two APGD
 stages (70 minutes on the wide DEQ's first 1,000 test images on this 2-core machine) would buy
-nothing. The earlier report must have scored the same checkpoint on the same images with the same
-AutoAttack settings, and its stages must begin the requested ones; anything else is refused
-before an image is attacked, because the stages would no longer compose.
+nothing. The earlier report must have scored the same checkpoint on these images (or on a range
+holding them, so that a long last stage can run in parts that `deqguard eval-merge` joins) with
+the same AutoAttack settings, and its stages must begin the requested ones; anything else is
+refused before an image is attacked, because the stages would no longer compose.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .per_sample import unbits
 from .schema import EvalReport, EvalSettings
 
 # settings that change what the earlier stages computed; each must match
-SAME_SETTINGS = ("data", "split", "start", "eps", "defense", "defense_config", "aa_version",
+SAME_SETTINGS = ("data", "split", "eps", "defense", "defense_config", "aa_version",
                  "aa_gradient", "seed")
 
 
@@ -45,8 +46,9 @@ class EarlierStages:
 
 
 def earlier_stages(path: str, settings: EvalSettings, sha256: str, n: int) -> EarlierStages:
-    """The stages of `path` that `settings` (scoring `n` images with AutoAttack on the checkpoint
-    of hash `sha256`) continues; a clear error for every reason they would not compose."""
+    """The stages of `path` that `settings` (scoring `n` images with AutoAttack from image
+    settings.start + 1, on the checkpoint of hash `sha256`) continues, cut to those images; a
+    clear error for every reason they would not compose."""
     try:
         earlier = EvalReport.model_validate_json(Path(path).read_text())
     except (OSError, ValueError, ValidationError) as exc:
@@ -64,17 +66,23 @@ def earlier_stages(path: str, settings: EvalSettings, sha256: str, n: int) -> Ea
     differ = [k for k in SAME_SETTINGS if theirs.get(k) != ours.get(k)]
     if differ:
         raise DeqguardError(f"--aa-from {path}: {', '.join(differ)} differ from this run's")
-    if aa.n != n:
-        raise DeqguardError(f"--aa-from {path}: AutoAttack scored {aa.n} images there, "
-                            f"{n} here")
+    lo = settings.start - earlier.settings.start  # this run's first image in the earlier range
+    if lo < 0 or lo + n > aa.n:
+        theirs_range = f"{earlier.settings.start + 1}-{earlier.settings.start + aa.n}"
+        raise DeqguardError(f"--aa-from {path}: AutoAttack scored images {theirs_range} there; "
+                            f"this run's {settings.start + 1}-{settings.start + n} are not "
+                            "among them")
     wanted = list(settings.aa_attacks or STANDARD_ATTACKS)
     done = [k for k in aa.correct_after if k != "clean"]
     if wanted[:len(done)] != done or len(wanted) <= len(done):
         raise DeqguardError(f"--aa-from {path}: it ran {','.join(done)}; --aa-attacks must begin "
                             f"with those and add at least one (got {','.join(wanted)})")
     flags = {k: torch.from_numpy(unbits(v).copy()) for k, v in aa.correct_after.items()}
-    if any(len(f) != n for f in flags.values()):
-        raise DeqguardError(f"--aa-from {path}: its per-image outcomes do not hold {n} images")
-    return EarlierStages(report=str(path), created=earlier.created, correct_after=flags,
-                         seconds={k: aa.seconds[k] for k in done if k in aa.seconds},
+    if any(len(f) != aa.n for f in flags.values()):
+        raise DeqguardError(f"--aa-from {path}: its per-image outcomes do not hold {aa.n} images")
+    # an earlier stage's time is known for its whole range only, so a part of it gets none
+    whole = (lo, n) == (0, aa.n)
+    return EarlierStages(report=str(path), created=earlier.created,
+                         correct_after={k: f[lo:lo + n] for k, f in flags.items()},
+                         seconds={k: aa.seconds[k] for k in done if k in aa.seconds and whole},
                          warnings=list(aa.warnings))

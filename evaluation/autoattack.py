@@ -85,7 +85,8 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_cl
         flags = done[attack].to(correct.device)
         after[attack] = flags.float().mean().item()
         correct_after[attack] = flags.clone()
-        seconds[attack] = (done_seconds or {}).get(attack, 0.0)
+        if attack in (done_seconds or {}):  # unknown for part of an earlier range
+            seconds[attack] = done_seconds[attack]  # type: ignore[index]
     if earlier:
         correct &= correct_after[earlier[-1]]
     try:

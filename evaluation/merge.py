@@ -14,7 +14,14 @@ from __future__ import annotations
 from itertools import pairwise
 
 from .per_sample import unbits
-from .schema import AutoAttackSection, CleanResult, EvalReport, MergedPart, WorstCase
+from .schema import (
+    AutoAttackSection,
+    CleanResult,
+    EarlierAutoAttack,
+    EvalReport,
+    MergedPart,
+    WorstCase,
+)
 
 MERGEABLE_PARTS = frozenset({"clean", "aa"})
 # every setting must match but the range itself
@@ -125,7 +132,22 @@ def _merge_autoattack(parts: list[AutoAttackSection | None]) -> AutoAttackSectio
     return first.model_copy(update={
         "n": sum(p.n for p in parts), "accuracy": list(accuracy_after.values())[-1],
         "accuracy_after": accuracy_after, "correct_after": after, "seconds": seconds,
-        "warnings": _union(w for p in parts for w in p.warnings)})
+        "warnings": _union(w for p in parts for w in p.warnings),
+        "earlier": _merge_earlier(parts)})
+
+
+def _merge_earlier(parts: list[AutoAttackSection]) -> EarlierAutoAttack | None:
+    """Parts that continued an earlier report (`--aa-from`) continued the same one, or none did."""
+    earlier = [p.earlier for p in parts if p.earlier is not None]
+    if not earlier:
+        return None
+    if len(earlier) < len(parts):
+        raise ValueError("some parts continued an earlier AutoAttack report (--aa-from) and "
+                         "some did not")
+    first = earlier[0]
+    if any((e.report, e.stages) != (first.report, first.stages) for e in earlier):
+        raise ValueError("the parts continued different earlier AutoAttack reports")
+    return first.model_copy(update={"clean_differs": sum(e.clean_differs for e in earlier)})
 
 
 def _merge_worst(parts: list[WorstCase | None]) -> WorstCase:

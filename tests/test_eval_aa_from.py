@@ -1,6 +1,7 @@
 """`deqguard eval --aa-from`: later AutoAttack stages on top of an earlier report's give the
-report one run of every stage would have written, and reports that would not compose are
-refused before anything is attacked."""
+report one run of every stage would have written, a range inside the earlier one continues its
+images and merges, and reports that would not compose are refused before anything is
+attacked."""
 
 from __future__ import annotations
 
@@ -82,6 +83,28 @@ def test_earlier_outcomes_are_taken_as_they_are(runs, tmp_path):
     assert aa.accuracy_after["apgd-ce"] == pytest.approx(flags.count("1") / len(flags))
 
 
+def test_parts_of_the_earlier_range_continue_its_images_and_merge(runs, tmp_path):
+    """Images 1-4 and 5-12, each continuing the 12-image report, take its outcomes for their own
+    images and join into a report of the 12 that names the same earlier report."""
+    ckpt, paths = runs
+    first = _read(paths["first"]).autoattack
+    head, tail, merged = tmp_path / "head.json", tmp_path / "tail.json", tmp_path / "all.json"
+    for out, span in ((head, ["--n", "4"]), (tail, ["--start", "4", "--n", "8"])):
+        assert main(["eval", str(ckpt), *COMMON, *span, "--aa-attacks", "apgd-ce,apgd-t",
+                     "--aa-from", str(paths["first"]), "--json", str(out)]) == 0
+    h, t = _read(head).autoattack, _read(tail).autoattack
+    assert h.correct_after["apgd-ce"] == first.correct_after["apgd-ce"][:4]
+    assert t.correct_after["apgd-ce"] == first.correct_after["apgd-ce"][4:]
+    assert "apgd-ce" not in t.seconds and "apgd-t" in t.seconds  # its time is the whole range's
+    for part in (h, t):  # the added stage only breaks images the earlier one left
+        assert all(a >= b for a, b in zip(part.correct_after["apgd-ce"],
+                                          part.correct_after["apgd-t"], strict=True))
+    assert main(["eval-merge", str(head), str(tail), "--json", str(merged)]) == 0
+    aa = _read(merged).autoattack
+    assert aa.n == 12 and aa.correct_after["apgd-ce"] == first.correct_after["apgd-ce"]
+    assert (aa.earlier.report, aa.earlier.stages) == (str(paths["first"]), ["apgd-ce"])
+
+
 def _refusal(runs, tmp_path, capsys, edit=None, extra=()) -> str:
     ckpt, paths = runs
     earlier = paths["first"]
@@ -101,11 +124,11 @@ def _refusal(runs, tmp_path, capsys, edit=None, extra=()) -> str:
 @pytest.mark.parametrize(("edit", "extra", "says"), [
     (lambda r: r["checkpoint"].update(sha256="0" * 64), (), "another checkpoint"),
     (lambda r: r["settings"].update(eps=0.2), (), "eps differ"),
-    (lambda r: r["settings"].update(start=3), (), "start differ"),
+    (lambda r: r["settings"].update(start=3), (), "images 4-15 there; this run's 1-12 are not"),
     (lambda r: r["settings"].update(aa_gradient="phantom"), (), "aa_gradient differ"),
     (lambda r: r.update(autoattack=None), (), "ran no AutoAttack"),
     (lambda r: r["autoattack"].update(correct_after=None), (), "per-image outcomes"),
-    (None, ("--aa-n", "8"), "scored 12 images there, 8 here"),
+    (None, ("--start", "6"), "images 1-12 there; this run's 7-18 are not among them"),
     (None, ("--aa-attacks", "apgd-t,apgd-ce"), "must begin"),
     (None, ("--aa-attacks", "apgd-ce"), "add at least one"),
     (None, ("--attacks", "clean"), "add aa to --attacks"),
