@@ -187,7 +187,8 @@ def autoattack(ev: EvalState) -> None:
                                    stages=earlier.stages, clean_differs=differs)
         if differs:
             ev.warn(f"--aa-from: {differs} images are classified otherwise clean than in "
-                    f"{earlier.report}; they count as broken where either run got them wrong")
+                    f"{earlier.report} (another machine's arithmetic?); the stages run here "
+                    "attacked only images both runs got right")
     ev.aa_correct, ev.aa_x_adv = res.correct, res.x_adv
     ev.report.autoattack = AutoAttackSection(
         version=ev.s.aa_version, attacks=res.attacks, eps=ev.s.eps, n=m,

@@ -72,12 +72,17 @@ def test_earlier_outcomes_are_taken_as_they_are(runs, tmp_path):
     i = kept[0]
     flags = flags[:i] + "0" + flags[i + 1:]
     report["autoattack"]["correct_after"]["apgd-ce"] = flags
+    clean = report["autoattack"]["correct_after"]["clean"]
+    report["autoattack"]["correct_after"]["clean"] = clean[:i] + "0" + clean[i + 1:]
     earlier = tmp_path / "edited.json"
     earlier.write_text(json.dumps(report))
     out = tmp_path / "added.json"
     assert main(["eval", str(ckpt), *COMMON, "--aa-attacks", "apgd-ce,apgd-t",
                  "--aa-from", str(earlier), "--json", str(out)]) == 0
-    aa = _read(out).autoattack
+    added = _read(out)
+    aa = added.autoattack
+    assert aa.earlier.clean_differs == 1  # the edited clean outcome is noticed and said
+    assert any("1 images are classified otherwise clean" in w for w in added.warnings)
     assert aa.correct_after["apgd-ce"] == flags
     assert aa.correct_after["apgd-t"][i] == "0"
     assert aa.accuracy_after["apgd-ce"] == pytest.approx(flags.count("1") / len(flags))
