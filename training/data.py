@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -329,6 +330,8 @@ def load_dataset(name: DatasetName, split: Split, *, data_dir: str | Path | None
     _check_name(name)
     if split not in ("train", "val", "test"):
         raise DataError(f"unknown split {split!r}; use train, val or test")
+    if start < 0:
+        raise DataError(f"start must be >= 0, got {start}")
     part = "test" if split == "test" else "train"
     carve = split != "test"
     if name == "fashion-mnist":
@@ -347,17 +350,15 @@ def load_dataset(name: DatasetName, split: Split, *, data_dir: str | Path | None
             base = _load_imagefolder(src, image_size)
     if carve:
         train_idx, val_idx = split_indices(len(base), val_size, seed)
-        indices = list(train_idx if split == "train" else val_idx)
+        indices: Sequence[int] = train_idx if split == "train" else val_idx
     else:
-        indices = list(range(len(base)))
-    if start < 0:
-        raise DataError(f"start must be >= 0, got {start}")
+        indices = range(len(base))
     if start and start >= len(indices):
         raise DataError(f"start {start} leaves no image: the {split} split of {name} has "
                         f"{len(indices)}")
     end = len(indices) if limit is None else min(start + limit, len(indices))
     ds: Dataset = (base if (start, end, carve) == (0, len(base), False)
-                   else _Indexed(base, indices[start:end]))
+                   else _Indexed(base, list(indices[start:end])))
     if augment:
         x0, _ = base[0]
         return Augmented(ds, _augmentation(name, int(x0.shape[-1])))
