@@ -167,6 +167,10 @@ GRIDS: dict[str, dict[str, tuple[str, list[str]]]] = {
         # weight average beside each (docs/eval/wk/width.md)
         "regulated-w2-e60": capacity_run("fashion-wk-regulated-w2"),
         "anchor-w2-e60": capacity_run("fashion-cnn-wk-w2"),
+        # the same two at the capacity plan's length (`--epochs 100 --root runs/long/e100`): the
+        # wide DEQ still fitted its training batches better every epoch at 60
+        "regulated-w2-e100": capacity_run("fashion-wk-regulated-w2"),
+        "anchor-w2-e100": capacity_run("fashion-cnn-wk-w2"),
     },
 }
 
