@@ -21,9 +21,9 @@ from torch import Tensor
 
 from deqguard.models.errors import DeqguardError
 
-from .autoattack import STANDARD_ATTACKS
+from .autoattack import STANDARD_ATTACKS, runs_first, stages_of
 from .per_sample import unbits
-from .schema import EvalReport, EvalSettings
+from .schema import EvalReport, EvalSettings, image_range
 
 # settings that change what the earlier stages computed; each must match
 SAME_SETTINGS = ("data", "split", "eps", "defense", "defense_config", "aa_version",
@@ -42,7 +42,7 @@ class EarlierStages:
 
     @property
     def stages(self) -> list[str]:
-        return [k for k in self.correct_after if k != "clean"]
+        return stages_of(self.correct_after)
 
 
 def earlier_stages(path: str, settings: EvalSettings, sha256: str, n: int) -> EarlierStages:
@@ -68,13 +68,12 @@ def earlier_stages(path: str, settings: EvalSettings, sha256: str, n: int) -> Ea
         raise DeqguardError(f"--aa-from {path}: {', '.join(differ)} differ from this run's")
     lo = settings.start - earlier.settings.start  # this run's first image in the earlier range
     if lo < 0 or lo + n > aa.n:
-        theirs_range = f"{earlier.settings.start + 1}-{earlier.settings.start + aa.n}"
-        raise DeqguardError(f"--aa-from {path}: AutoAttack scored images {theirs_range} there; "
-                            f"this run's {settings.start + 1}-{settings.start + n} are not "
-                            "among them")
+        raise DeqguardError(f"--aa-from {path}: AutoAttack scored images "
+                            f"{image_range(earlier.settings.start, aa.n)} there; this run's "
+                            f"{image_range(settings.start, n)} are not among them")
     wanted = list(settings.aa_attacks or STANDARD_ATTACKS)
-    done = [k for k in aa.correct_after if k != "clean"]
-    if wanted[:len(done)] != done or len(wanted) <= len(done):
+    done = stages_of(aa.correct_after)
+    if not runs_first(wanted, done) or len(wanted) <= len(done):
         raise DeqguardError(f"--aa-from {path}: it ran {','.join(done)}; --aa-attacks must begin "
                             f"with those and add at least one (got {','.join(wanted)})")
     flags = {k: torch.from_numpy(unbits(v).copy()) for k, v in aa.correct_after.items()}

@@ -12,13 +12,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def stages_of(outcomes: Mapping[str, Any]) -> list[str]:
+    """The attack stages of per-image outcomes keyed "clean", then each stage in run order."""
+    return [k for k in outcomes if k != "clean"]
+
+
+def runs_first(attacks: Sequence[str], stages: Sequence[str]) -> bool:
+    """Whether `attacks` run `stages` first, in their order: only then do the stages' earlier
+    outcomes stand for what this run would compute."""
+    return list(attacks[:len(stages)]) == list(stages)
 
 
 @dataclass
@@ -78,8 +90,8 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_cl
     after: dict[str, float] = {"clean": correct.float().mean().item()}
     correct_after: dict[str, Tensor] = {"clean": correct.clone()}
     seconds: dict[str, float] = {}
-    earlier = [k for k in (done or {}) if k != "clean"]
-    if chosen[:len(earlier)] != earlier:
+    earlier = stages_of(done or {})
+    if not runs_first(chosen, earlier):
         raise ValueError(f"the earlier stages {earlier} do not begin the attacks {chosen}")
     for attack in earlier:
         flags = done[attack].to(correct.device)

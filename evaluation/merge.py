@@ -85,7 +85,7 @@ def _check_mergeable(parts: list[EvalReport], names: list[str]) -> None:
     for (na, a), (nb, b) in pairwise(zip(names, parts, strict=True)):
         end = a.settings.start + a.settings.n
         if b.settings.start != end:
-            raise ValueError(f"{na} scores images {a.settings.start + 1}-{end} and {nb} "
+            raise ValueError(f"{na} scores images {a.settings.images} and {nb} "
                              f"starts at image {b.settings.start + 1}: the ranges must follow "
                              "one another without gap or overlap")
 

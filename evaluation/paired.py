@@ -19,6 +19,7 @@ import numpy as np
 
 from .bootstrap import interval
 from .per_sample import unbits
+from .schema import image_range
 
 AA_PREFIX = "aa:"
 
@@ -159,7 +160,7 @@ def _start(report: dict[str, Any]) -> int:
 def _range_note(name: str, lo: int, hi: int, a: tuple[int, int], b: tuple[int, int]) -> str:
     if a[0] == b[0] == 0:
         return f"{name}: on the first {hi} images ({a[1]} and {b[1]} scored)"
-    scored = " and ".join(f"{s + 1}-{s + k}" for s, k in (a, b))
+    scored = " and ".join(image_range(s, k) for s, k in (a, b))
     if lo >= hi:
         return f"{name}: no image in common (images {scored} scored)"
-    return f"{name}: on images {lo + 1}-{hi} (images {scored} scored)"
+    return f"{name}: on images {image_range(lo, hi - lo)} (images {scored} scored)"

@@ -29,6 +29,12 @@ ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detec
                               "slowdown", "adaptive-selective", "rectifier-aware")
 
 
+def image_range(start: int, n: int) -> str:
+    """Images `start` + 1 to `start` + `n` of a split, numbered from 1 as a reader counts them
+    ("1001-2000" for --start 1000 --n 1000)."""
+    return f"{start + 1}-{start + n}"
+
+
 class SelectiveSettings(_Model):
     """The selective part (`--attacks ...,selective`) and the selective calibration."""
 
@@ -120,9 +126,8 @@ class EvalSettings(_Model):
 
     @property
     def images(self) -> str:
-        """The images scored, numbered from 1 of the split as a reader counts them
-        ("1001-2000" for --start 1000 --n 1000)."""
-        return f"{self.start + 1}-{self.start + self.n}"
+        """The images scored, as `image_range` writes them."""
+        return image_range(self.start, self.n)
 
 
 class CheckpointInfo(_Model):
