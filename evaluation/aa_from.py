@@ -22,8 +22,8 @@ from torch import Tensor
 from deqguard.models.errors import DeqguardError
 
 from .autoattack import STANDARD_ATTACKS, runs_first, stages_of
-from .per_sample import unbits
-from .schema import EvalReport, EvalSettings, image_range
+from .per_sample import image_range, unbits
+from .schema import EvalReport, EvalSettings
 
 # settings that change what the earlier stages computed; each must match
 SAME_SETTINGS = ("data", "split", "eps", "defense", "defense_config", "aa_version",

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from .bootstrap import interval
-from .per_sample import unbits
-from .schema import image_range
+from .per_sample import image_range, unbits
 
 AA_PREFIX = "aa:"
 

@@ -13,6 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def image_range(start: int, n: int) -> str:
+    """Images `start` + 1 to `start` + `n` of a split, numbered from 1 as a reader counts them
+    ("1001-2000" for --start 1000 --n 1000)."""
+    return f"{start + 1}-{start + n}"
+
+
 def bits(flags: Sequence[bool] | np.ndarray | object) -> str:
     """'1' where a flag is true; takes a tensor, an array or a list (anything with tolist)."""
     values = flags.tolist() if hasattr(flags, "tolist") else list(flags)  # type: ignore[union-attr]

@@ -17,6 +17,7 @@ from deqguard.models.selective import DEFAULT_COVERAGES as SELECTIVE_COVERAGES
 from deqguard.solve_rules import DEFENSES
 
 from .adaptive_selective_schema import AdaptiveSelectiveSection, AdaptiveSelectiveSettings
+from .per_sample import image_range
 from .rectifier_eval_schema import RectifierEvalSection, RectifierEvalSettings
 from .schema_fields import BootstrapReps, DoubtScores, PerImage, SetsCache
 from .schema_fields import StrictModel as _Model
@@ -27,12 +28,6 @@ EvalPart = Literal["clean", "pgd", "aa", "adaptive", "detect", "budget", "select
                    "slowdown", "adaptive-selective", "rectifier-aware"]
 ALL_PARTS: tuple[str, ...] = ("clean", "budget", "pgd", "adaptive", "aa", "detect", "selective",
                               "slowdown", "adaptive-selective", "rectifier-aware")
-
-
-def image_range(start: int, n: int) -> str:
-    """Images `start` + 1 to `start` + `n` of a split, numbered from 1 as a reader counts them
-    ("1001-2000" for --start 1000 --n 1000)."""
-    return f"{start + 1}-{start + n}"
 
 
 class SelectiveSettings(_Model):
